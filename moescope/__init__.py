@@ -1,0 +1,47 @@
+"""moescope: router diagnostics and observability for Mixture-of-Experts models.
+
+Reading and analysing traces needs no torch; `record`, `snapshot_experts` and `register_router`
+import torch lazily on first use.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+__version__ = "0.1.0"
+
+from .trace import TraceError  # noqa: E402
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .analysis.trace import Trace
+    from .capture.recorder import Recorder
+
+__all__ = ["__version__", "TraceError", "open", "record", "register_router", "snapshot_experts"]
+
+
+def open(root: Any, **kwargs: Any) -> Trace:  # noqa: A001 - the public name of the design
+    """Open a trace root (or one run directory) for SQL and analyses."""
+    from .analysis.trace import Trace
+
+    return Trace(root, **kwargs)
+
+
+def record(model: Any, path: Any, **kwargs: Any) -> Recorder:
+    """Record the routing decisions of `model` into the run directory `path` (a context manager)."""
+    from .capture.recorder import Recorder
+
+    return Recorder(model, path, **kwargs)
+
+
+def register_router(cls: Any, **spec: Any) -> None:
+    """Register how to hook a user router class; takes the same fields as a hooks/*.toml spec."""
+    from .capture.adapters import register_router as _register
+
+    _register(cls, **spec)
+
+
+def snapshot_experts(model: Any, path: Any, step: int = 0, **kwargs: Any) -> Any:
+    """Write spectral snapshots and pairwise similarity of every MoE layer's experts."""
+    from .spectral import snapshot_experts as _snap
+
+    return _snap(model, path, step=step, **kwargs)
