@@ -1,0 +1,693 @@
+"""The recorder: attaches hooks to every router of a live model and streams routing into a trace.
+
+Hook bodies only copy and accumulate on the model's device (no host synchronisation per call); the
+device→host copy happens once per flush, and Arrow conversion + Parquet compression run on a background
+writer thread.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import math
+import os
+import time
+import warnings
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import torch
+from torch import nn
+
+from .. import __version__
+from ..trace import TraceWriter, write_manifest
+from . import adapters as A
+
+#: Router stats accumulated per layer, in this order (see schema.ROUTER_STATS).
+_STAT_NAMES = ("tokens", "entropy_sum", "lse_sq_sum", "lse_sum", "lse_max", "margin_sum", "nonfinite", "dropped")
+_I_LSE_MAX = _STAT_NAMES.index("lse_max")
+
+
+class RecordError(RuntimeError):
+    """Recording cannot start (e.g. no router found); the message says how to fix it."""
+
+
+class HookHandles:
+    """Every hook the recorder attached; removing it detaches all of them (RemovableHandle style)."""
+
+    def __init__(self) -> None:
+        self._handles: list[Any] = []
+
+    def add(self, handle: Any) -> None:
+        """Keep a torch hook handle for later removal."""
+        self._handles.append(handle)
+
+    def remove(self) -> None:
+        """Detach every hook; safe to call twice."""
+        while self._handles:
+            self._handles.pop().remove()
+
+    def __len__(self) -> int:
+        return len(self._handles)
+
+    def __enter__(self) -> HookHandles:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.remove()
+
+
+@dataclass
+class LayerInfo:
+    """One hooked router."""
+
+    layer: int
+    module: str
+    family: str
+    n_experts: int
+    top_k: int
+    router_kind: str
+    spec: A.RouterSpec
+    experts_module: str | None = None
+
+    def to_manifest(self) -> dict[str, Any]:
+        """The manifest's `layers` entry."""
+        return {
+            "layer": self.layer,
+            "module": self.module,
+            "family": self.family,
+            "n_experts": self.n_experts,
+            "top_k": self.top_k,
+            "router_kind": self.router_kind,
+            "experts_module": self.experts_module,
+        }
+
+
+def find_routers(model: nn.Module) -> list[LayerInfo]:
+    """Every module of `model` that a router spec resolves, in module order; layer = index in that order."""
+    named = dict(model.named_modules())
+    found: list[LayerInfo] = []
+    for name, mod in model.named_modules():
+        spec = A.resolve(mod)
+        if spec is None:
+            continue
+        parent_name = name.rsplit(".", 1)[0] if "." in name else ""
+        parent = named.get(parent_name)
+        n, k = A.router_shape(mod, spec, parent)
+        if n is None or k is None:
+            raise RecordError(
+                f"router {name} ({type(mod).__name__}): cannot read n_experts/top_k "
+                f"(spec fields n_experts={spec.n_experts!r}, top_k={spec.top_k!r})"
+            )
+        experts_path = f"{parent_name}.{spec.experts}" if parent_name else spec.experts
+        has_experts = A.get_submodule(model, experts_path) is not None
+        if spec.source == "experts_input" and not has_experts:
+            raise RecordError(f"router {name}: spec {spec.family!r} reads the experts input but {experts_path} is missing")
+        found.append(
+            LayerInfo(len(found), name, spec.family, int(n), int(k), spec.router_kind, spec,
+                      experts_path if has_experts else None)
+        )
+    return found
+
+
+def last_recorded_step(run_dir: Path, rank: int) -> int | None:
+    """Highest step this rank already wrote to `run_dir` (None for a new run), read from Parquet statistics."""
+    import pyarrow.parquet as pq
+
+    best: int | None = None
+    d = run_dir / "expert_load"
+    if not d.is_dir():
+        return None
+    for p in d.glob(f"part-{rank}-*.parquet"):
+        try:
+            md = pq.ParquetFile(p).metadata
+        except Exception:  # an unreadable part is reported by readers; it does not block recording
+            continue
+        col = md.schema.to_arrow_schema().get_field_index("step")
+        for g in range(md.num_row_groups):
+            st = md.row_group(g).column(col).statistics
+            if st is not None and st.has_min_max:
+                best = st.max if best is None else max(best, st.max)
+    return best
+
+
+def no_router_message(model: nn.Module) -> str:
+    """The error text for a model with no known router."""
+    return (
+        f"no MoE router found in {type(model).__name__}: moescope knows {len(A.all_specs())} router specs "
+        "(hooks/*.toml). Register yours, e.g. moescope.register_router(MyRouter, source='output', logits=0, "
+        "weights=1, ids=2, n_experts='num_experts', top_k='top_k') — see README 'Custom models'."
+    )
+
+
+def _keep_sequence(seed: int, step: int, seq: int, fraction: float) -> bool:
+    """Deterministic whole-sequence sampling from (seed, step, seq): every layer keeps the same tokens."""
+    if fraction >= 1.0:
+        return True
+    if fraction <= 0.0:
+        return False
+    h = hashlib.blake2b(f"{seed}:{step}:{seq}".encode(), digest_size=8).digest()
+    return int.from_bytes(h, "little") / 2**64 < fraction
+
+
+@dataclass
+class _Forward:
+    """What the top-level forward pre-hook saw: the token grid the routers will see flattened."""
+
+    step: int
+    tag: str
+    token_ids: torch.Tensor | None  # [B, S]
+    valid: torch.Tensor | None  # [B*S] float, 0 for padding
+    pos: torch.Tensor | None  # [B, S] absolute positions
+    keep_rows: torch.Tensor | None  # [n] flat token indices of the sampled sequences
+    keep_seq: torch.Tensor | None  # [n]
+    batch: int = 0
+    seqlen: int = 0
+
+
+@dataclass
+class _Acc:
+    """Device-side accumulators of one (step, tag): per layer load [E, 3] and stats [8]."""
+
+    load: dict[int, torch.Tensor] = field(default_factory=dict)
+    stats: dict[int, torch.Tensor] = field(default_factory=dict)
+    rows: list[tuple[int, dict[str, torch.Tensor]]] = field(default_factory=list)
+
+
+class Recorder:
+    """Context manager that records routing of `model` into the run directory `path` (see README)."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        path: str | os.PathLike[str],
+        tokens: float = 0.0,
+        flush_every: int = 50,
+        *,
+        run: str | None = None,
+        seed: int = 0,
+        max_queue_mb: float = 256.0,
+        on_full: str = "block",
+        max_rows_per_flush: int = 2_000_000,
+        rank: int | None = None,
+        meta: dict[str, Any] | None = None,
+        on_flush: Callable[[Recorder, dict[str, pa.Table]], None] | None = None,
+        on_alert: Callable[[Any], None] | None = None,
+        raise_on: str | None = None,
+        alert_rules: Any = None,
+        resume: bool = True,
+    ) -> None:
+        if not 0.0 <= float(tokens) <= 1.0:
+            raise ValueError(f"tokens must be a fraction in [0, 1], got {tokens}")
+        if int(flush_every) < 1:
+            raise ValueError(f"flush_every must be >= 1, got {flush_every}")
+        if on_full not in ("block", "drop"):
+            raise ValueError(f"on_full must be 'block' or 'drop', got {on_full!r}")
+        self.model = model
+        self.run_dir = Path(path)
+        self.run = run or self.run_dir.name
+        self.tokens = float(tokens)
+        self.flush_every = int(flush_every)
+        self.seed = int(seed)
+        self.max_queue_bytes = int(max_queue_mb * (1 << 20))
+        self.on_full = on_full
+        self.max_rows_per_flush = int(max_rows_per_flush)
+        self.meta = dict(meta or {})
+        self.on_flush = on_flush
+        # Online alerts (moescope.capture.alerts) run at each flush on the host copy of the counts.
+        self.on_alert = on_alert
+        if raise_on not in (None, "fail", "warn"):
+            raise ValueError(f"raise_on must be None, 'fail' or 'warn', got {raise_on!r}")
+        self.raise_on = raise_on
+        self.alert_rules = alert_rules
+        self.alerts: list[Any] = []
+        self.resume = resume
+        self._resume_step: int | None = None
+        self.skipped_forwards = 0
+        if rank is None:
+            rank = 0
+            if torch.distributed.is_available() and torch.distributed.is_initialized():
+                rank = torch.distributed.get_rank()
+        self.rank = int(rank)
+        self.world_size = (
+            torch.distributed.get_world_size()
+            if torch.distributed.is_available() and torch.distributed.is_initialized()
+            else 1
+        )
+        self.layers: list[LayerInfo] = []
+        self._handles = HookHandles()
+        self._writer: TraceWriter | None = None
+        self._user_step: int | None = None
+        self._forwards = 0
+        self._tag_stack: list[str] = []
+        self._cur: _Forward | None = None
+        self._pending: dict[tuple[int, str], _Acc] = {}
+        self._pending_rows = 0
+        self._last_step: int | None = None
+        self._open = False
+        self._created = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        self.flushes = 0
+
+    # -- public knobs -------------------------------------------------------------------------
+    @property
+    def step(self) -> int:
+        """The current step: set by the user, else the number of top-level forwards so far."""
+        return self._user_step if self._user_step is not None else max(self._forwards - 1, 0)
+
+    @step.setter
+    def step(self, value: int) -> None:
+        self.set_step(value)
+
+    def set_step(self, step: int) -> None:
+        """Set the step of the following forwards (e.g. the optimizer step)."""
+        self._user_step = int(step)
+
+    @contextlib.contextmanager
+    def tag(self, name: str) -> Iterator[None]:
+        """Label the forwards inside the block with a data-slice tag (domain, dataset, eval split)."""
+        self._tag_stack.append(str(name))
+        try:
+            yield
+        finally:
+            self._tag_stack.pop()
+
+    @property
+    def current_tag(self) -> str:
+        """The innermost active tag ('' when none)."""
+        return self._tag_stack[-1] if self._tag_stack else ""
+
+    # -- lifecycle ----------------------------------------------------------------------------
+    def __enter__(self) -> Recorder:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def start(self) -> Recorder:
+        """Find routers, attach hooks and write the manifest."""
+        if self._open:
+            return self
+        self.layers = find_routers(self.model)
+        if not self.layers:
+            raise RecordError(no_router_message(self.model))
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        if self.resume:
+            self._resume_step = last_recorded_step(self.run_dir, self.rank)
+            if self._resume_step is not None:
+                # Forward-counter steps continue after the last recorded one instead of restarting at 0.
+                self._forwards = self._resume_step + 1
+        self._writer = TraceWriter(self.run_dir, self.rank, self.max_queue_bytes, self.on_full)
+        try:
+            self._attach()
+            self._write_manifest(closed=False)
+        except BaseException:
+            self._handles.remove()
+            self._writer.close()
+            raise
+        self._open = True
+        return self
+
+    def close(self) -> None:
+        """Flush everything, detach every hook, wait for the writer and finalise the manifest."""
+        if not self._open:
+            return
+        self._open = False
+        try:
+            self._handles.remove()
+            self.flush()
+        finally:
+            assert self._writer is not None
+            self._writer.close()
+            self._write_manifest(closed=True)
+            errors = self._writer.stats.errors
+            if errors:
+                warnings.warn(f"moescope: {len(errors)} trace write(s) failed; first: {errors[0]}", stacklevel=2)
+
+    # -- hooks --------------------------------------------------------------------------------
+    def _attach(self) -> None:
+        h = self._handles
+        h.add(self.model.register_forward_pre_hook(self._on_model_forward, with_kwargs=True))
+        for info in self.layers:
+            router_hook, experts_hook = self._make_hooks(info)
+            h.add(self.model.get_submodule(info.module).register_forward_hook(router_hook))
+            if info.spec.source == "experts_input":
+                assert info.experts_module is not None
+                experts = self.model.get_submodule(info.experts_module)
+                h.add(experts.register_forward_pre_hook(experts_hook, with_kwargs=True))
+
+    def _on_model_forward(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        self._forwards += 1
+        step = self.step
+        if self._resume_step is not None and step <= self._resume_step:
+            # A run resumed from a checkpoint repeats steps the trace already holds: record them once.
+            self.skipped_forwards += 1
+            self._cur = None
+            return
+        if self._last_step is not None and step != self._last_step:
+            self._maybe_flush(step)
+        self._last_step = step
+        ids = kwargs.get("input_ids")
+        if ids is None and args and isinstance(args[0], torch.Tensor) and not args[0].is_floating_point():
+            ids = args[0]
+        if ids is None or ids.dim() != 2:
+            self._cur = _Forward(step, self.current_tag, None, None, None, None, None)
+            return
+        b, s = ids.shape
+        mask = kwargs.get("attention_mask")
+        valid = None
+        offset = 0
+        if isinstance(mask, torch.Tensor) and mask.dim() == 2 and mask.shape[0] == b:
+            # During cached decoding the mask covers past + new tokens; the routers see only the new ones.
+            offset = mask.shape[1] - s
+            valid = mask[:, -s:].reshape(-1).to(torch.float32)  # [B*S]
+        cache_pos = kwargs.get("cache_position")
+        pos_ids = kwargs.get("position_ids")
+        dev = ids.device
+        if isinstance(cache_pos, torch.Tensor) and cache_pos.numel() == s:
+            pos = cache_pos.reshape(1, s).expand(b, s)
+        elif isinstance(pos_ids, torch.Tensor) and pos_ids.shape[-1] == s:
+            pos = pos_ids.reshape(-1, s).expand(b, s)
+        else:
+            pos = (torch.arange(s, device=dev) + offset).reshape(1, s).expand(b, s)  # [B, S]
+        keep_rows = keep_seq = None
+        if self.tokens > 0:
+            seqs = [i for i in range(b) if _keep_sequence(self.seed, step, i, self.tokens)]
+            if seqs:
+                kept = torch.tensor(seqs, dtype=torch.long)
+                rows = (kept[:, None] * s + torch.arange(s)[None, :]).reshape(-1)  # [n]
+                keep_rows = rows.to(dev, non_blocking=True)
+                keep_seq = kept.repeat_interleave(s).to(dev, non_blocking=True)
+        self._cur = _Forward(step, self.current_tag, ids.detach(), valid, pos, keep_rows, keep_seq, b, s)
+
+    def _make_hooks(self, info: LayerInfo) -> tuple[Callable[..., None], Callable[..., None]]:
+        """The router forward hook and, for experts_input specs, the experts pre-hook of one layer."""
+        stash: dict[str, Any] = {}
+
+        def router_hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+            with torch.no_grad():
+                ev = A.extract_router_output(info.spec, output, info.n_experts, info.top_k)
+                if ev is None:
+                    return
+                if info.spec.source == "experts_input":
+                    stash["logits"] = ev.logits  # completed by the experts pre-hook
+                    return
+                self._accumulate(info, ev)
+
+        def experts_hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+            with torch.no_grad():
+                ids, w = A.extract_experts_input(info.spec, args, kwargs, info.n_experts)
+                self._accumulate(info, A.RouterEvent(stash.pop("logits", None), ids, w))
+
+        return router_hook, experts_hook
+
+    def _accumulate(self, info: LayerInfo, ev: A.RouterEvent) -> None:
+        """Fold one router call into the device-side accumulators (no host sync)."""
+        cur = self._cur
+        if cur is None:
+            if self._resume_step is not None and self.step <= self._resume_step:
+                return
+            cur = _Forward(self.step, self.current_tag, None, None, None, None, None)
+        ids, w = ev.ids, ev.weights  # [T, k]
+        t, k = ids.shape
+        e = info.n_experts
+        dev = ids.device
+        valid = cur.valid if cur.valid is not None and cur.valid.numel() == t else None
+        vt = valid if valid is not None else torch.ones(t, device=dev)  # [T]
+        logits = ev.logits
+        if logits is not None and logits.shape[0] != t:
+            logits = None
+        load = torch.zeros(e, 3, dtype=torch.float64, device=dev)  # [E, (tokens, prob_sum, weight_sum)]
+        flat_ids = ids.reshape(-1).clamp(0, e - 1)  # [T*k]
+        vk = vt.repeat_interleave(k).to(torch.float64)  # [T*k]
+        load[:, 0].index_add_(0, flat_ids, vk)
+        load[:, 2].index_add_(0, flat_ids, (w.reshape(-1).to(torch.float64) * vk))
+        zero = torch.zeros((), dtype=torch.float64, device=dev)
+        if logits is not None:
+            finite = torch.isfinite(logits).all(-1)  # [T]
+            lg = torch.where(finite[:, None], logits, torch.zeros_like(logits))  # [T, E]
+            p = torch.sigmoid(lg) if info.spec.probs == "sigmoid" else torch.softmax(lg, -1)  # [T, E]
+            vf = (vt * finite).to(torch.float32)  # [T]: tokens that count towards prob statistics
+            load[:, 1] = (p * vf[:, None]).sum(0, dtype=torch.float64)
+            pn = p / p.sum(-1, keepdim=True).clamp_min(1e-20)  # sigmoid routers: entropy of the normalised scores
+            ent = -(pn * pn.clamp_min(1e-20).log()).sum(-1)  # [T]
+            lse = torch.logsumexp(lg, -1)  # [T]
+            top2 = torch.topk(pn, min(2, e), -1).values  # [T, 2]
+            margin = top2[:, 0] - top2[:, 1] if e > 1 else top2[:, 0]
+            stats = torch.stack(
+                [
+                    vt.sum(dtype=torch.float64),
+                    (ent * vf).sum(dtype=torch.float64),
+                    (lse * lse * vf).sum(dtype=torch.float64),
+                    (lse * vf).sum(dtype=torch.float64),
+                    torch.where(vf > 0, lse, torch.full_like(lse, -math.inf)).max().to(torch.float64)
+                    if t
+                    else zero - math.inf,
+                    (margin * vf).sum(dtype=torch.float64),
+                    ((~finite).to(torch.float32) * vt).sum(dtype=torch.float64),
+                    (ev.dropped.to(torch.float32) * vt).sum(dtype=torch.float64) if ev.dropped is not None else zero,
+                ]
+            )
+        else:
+            ent = lse = margin = None
+            dropped = (ev.dropped.to(torch.float32) * vt).sum(dtype=torch.float64) if ev.dropped is not None else zero
+            stats = torch.stack([vt.sum(dtype=torch.float64), zero, zero, zero, zero - math.inf, zero, zero, dropped])
+        key = (cur.step, cur.tag)
+        acc = self._pending.get(key)
+        if acc is None:
+            acc = self._pending[key] = _Acc()
+        if info.layer in acc.load:
+            acc.load[info.layer] = acc.load[info.layer] + load
+            prev = acc.stats[info.layer]
+            summed = prev + stats
+            summed[_I_LSE_MAX] = torch.maximum(prev[_I_LSE_MAX], stats[_I_LSE_MAX])
+            acc.stats[info.layer] = summed
+        else:
+            acc.load[info.layer] = load
+            acc.stats[info.layer] = stats
+        if cur.keep_rows is not None and cur.batch * cur.seqlen == t:
+            r = cur.keep_rows  # [n]
+            row: dict[str, torch.Tensor] = {
+                "seq": cur.keep_seq,
+                "pos": cur.pos.reshape(-1)[r],
+                "token_id": cur.token_ids.reshape(-1)[r],
+                "experts": ids[r].to(torch.int16),
+                "weights": w[r].float(),
+            }
+            if valid is not None:
+                row["valid"] = valid[r]
+            if ent is not None:
+                row["entropy"] = ent[r]
+                row["lse"] = lse[r]
+                row["margin"] = margin[r]
+            acc.rows.append((info.layer, row))
+            self._pending_rows += int(r.shape[0])
+            if self._pending_rows >= self.max_rows_per_flush:
+                self.flush()
+
+    # -- flushing -----------------------------------------------------------------------------
+    def _maybe_flush(self, new_step: int) -> None:
+        steps = {s for s, _ in self._pending}
+        if len(steps) >= self.flush_every:
+            self.flush()
+
+    def flush(self) -> None:
+        """Copy the accumulators to the host (one sync) and hand them to the writer thread."""
+        if not self._pending:
+            return
+        pending, self._pending = self._pending, {}
+        self._pending_rows = 0
+        keys = list(pending)
+        # One host copy per tensor kind for the whole flush.
+        load_host: list[tuple[int, str, int, np.ndarray]] = []
+        stats_host: list[tuple[int, str, int, np.ndarray]] = []
+        loads, stats, meta = [], [], []
+        for step, tag in keys:
+            acc = pending[(step, tag)]
+            for layer in sorted(acc.load):
+                loads.append(acc.load[layer])
+                stats.append(acc.stats[layer])
+                meta.append((step, tag, layer))
+        if loads:
+            stat_mat = torch.stack(stats).cpu().numpy()  # [M, 8]
+            sizes = [lo.shape[0] for lo in loads]
+            flat = torch.cat(loads).cpu().numpy()  # [Σ E, 3]: one copy for every layer's load
+            starts = np.cumsum([0] + sizes)
+            for i, ((step, tag, layer), st) in enumerate(zip(meta, stat_mat)):
+                load_host.append((step, tag, layer, flat[starts[i] : starts[i + 1]]))
+                stats_host.append((step, tag, layer, st))
+        rows_host: list[tuple[int, str, int, dict[str, np.ndarray]]] = []
+        for step, tag in keys:
+            for layer, row in pending[(step, tag)].rows:
+                rows_host.append((step, tag, layer, {k: v.cpu().numpy() for k, v in row.items()}))
+        nbytes = sum(a.nbytes for *_, a in load_host) + sum(
+            sum(v.nbytes for v in r.values()) for *_, r in rows_host
+        )
+        nrows = sum(len(r["seq"]) for *_, r in rows_host)
+        self.flushes += 1
+        run, rank = self.run, self.rank
+
+        def make() -> dict[str, pa.Table]:
+            return _to_tables(run, rank, load_host, stats_host, rows_host)
+
+        assert self._writer is not None
+        if self.on_flush is not None:
+            tables = make()
+            self._writer.submit(lambda: tables, nbytes, nrows)
+            self.on_flush(self, tables)
+        else:
+            self._writer.submit(make, nbytes, nrows)
+        if self.on_alert is not None or self.raise_on is not None or self.alert_rules is not None:
+            from .alerts import evaluate_flush
+
+            evaluate_flush(self, load_host, stats_host)
+
+    def wait(self) -> None:
+        """Block until every flushed batch is on disk (tests, checkpoints)."""
+        if self._writer is not None:
+            self._writer.wait()
+
+    def _write_manifest(self, closed: bool) -> None:
+        stats = self._writer.stats if self._writer is not None else None
+        n_params = sum(p.numel() for p in self.model.parameters())
+        body: dict[str, Any] = {
+            "run": self.run,
+            "created": self._created,
+            "updated": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "closed": closed,
+            "moescope_version": __version__,
+            "model": {"class": type(self.model).__name__, "n_params": int(n_params)},
+            "layers": [li.to_manifest() for li in self.layers],
+            "capture": {
+                "tokens": self.tokens,
+                "flush_every": self.flush_every,
+                "seed": self.seed,
+                "on_full": self.on_full,
+                "max_queue_mb": self.max_queue_bytes / (1 << 20),
+            },
+            "rank": self.rank,
+            "world_size": self.world_size,
+            "counters": {
+                "forwards": self._forwards,
+                "flushes": self.flushes,
+                "parts_written": stats.parts_written if stats else 0,
+                "rows_written": dict(stats.rows_written) if stats else {},
+                "dropped_flushes": stats.dropped_flushes if stats else 0,
+                "dropped_records": stats.dropped_rows if stats else 0,
+                "skipped_resumed_forwards": self.skipped_forwards,
+                "resumed_after_step": self._resume_step,
+                "write_errors": list(stats.errors) if stats else [],
+            },
+            "meta": self.meta,
+        }
+        write_manifest(self.run_dir, body, self.rank)
+
+
+def _to_tables(
+    run: str,
+    rank: int,
+    load_host: list[tuple[int, str, int, np.ndarray]],
+    stats_host: list[tuple[int, str, int, np.ndarray]],
+    rows_host: list[tuple[int, str, int, dict[str, np.ndarray]]],
+) -> dict[str, pa.Table]:
+    """Build the Arrow tables of one flush (runs on the writer thread)."""
+    out: dict[str, pa.Table] = {}
+    if load_host:
+        steps, tags, layers, experts, cols = [], [], [], [], []
+        for step, tag, layer, arr in load_host:  # arr [E, 3]
+            e = arr.shape[0]
+            steps.append(np.full(e, step, np.int64))
+            tags.extend([tag] * e)
+            layers.append(np.full(e, layer, np.int16))
+            experts.append(np.arange(e, dtype=np.int16))
+            cols.append(arr)
+        mat = np.concatenate(cols)
+        n = mat.shape[0]
+        out["expert_load"] = pa.table(
+            {
+                "run": pa.array([run] * n, pa.string()),
+                "rank": np.full(n, rank, np.int16),
+                "step": np.concatenate(steps),
+                "tag": pa.array(tags, pa.string()),
+                "layer": np.concatenate(layers),
+                "expert": np.concatenate(experts),
+                "tokens": np.rint(mat[:, 0]).astype(np.int64),
+                "prob_sum": mat[:, 1],
+                "weight_sum": mat[:, 2],
+            }
+        )
+        st = np.stack([s for *_, s in stats_host])  # [M, 8]
+        m = st.shape[0]
+        d: dict[str, Any] = {
+            "run": pa.array([run] * m, pa.string()),
+            "rank": np.full(m, rank, np.int16),
+            "step": np.array([s for s, *_ in stats_host], np.int64),
+            "tag": pa.array([t for _, t, *_ in stats_host], pa.string()),
+            "layer": np.array([lay for _, _, lay, _ in stats_host], np.int16),
+        }
+        for i, name in enumerate(_STAT_NAMES):
+            col = st[:, i]
+            if name in ("tokens", "nonfinite", "dropped"):
+                d[name] = np.rint(col).astype(np.int64)
+            elif name == "lse_max":
+                d[name] = np.where(np.isfinite(col), col, np.nan)
+            else:
+                d[name] = col
+        out["router_stats"] = pa.table(d)
+    if rows_host:
+        parts: dict[str, list[np.ndarray]] = {
+            k: [] for k in ("step", "layer", "seq", "pos", "token_id", "entropy", "lse", "margin")
+        }
+        experts_l: list[np.ndarray] = []
+        weights_l: list[np.ndarray] = []
+        tags_l: list[str] = []
+        for step, tag, layer, r in rows_host:
+            keep = r["valid"] > 0 if "valid" in r else np.ones(len(r["seq"]), bool)
+            n = int(keep.sum())
+            parts["step"].append(np.full(n, step, np.int64))
+            parts["layer"].append(np.full(n, layer, np.int16))
+            parts["seq"].append(r["seq"][keep].astype(np.int32))
+            parts["pos"].append(r["pos"][keep].astype(np.int32))
+            parts["token_id"].append(r["token_id"][keep].astype(np.int32))
+            for name in ("entropy", "lse", "margin"):
+                parts[name].append(r[name][keep].astype(np.float32) if name in r else np.full(n, np.nan, np.float32))
+            experts_l.append(r["experts"][keep])
+            weights_l.append(r["weights"][keep].astype(np.float32))
+            tags_l.extend([tag] * n)
+        cols = {k: np.concatenate(v) for k, v in parts.items()}
+        # Sorting by (step, layer, seq, pos) gives long runs that Parquet's RLE/dictionary encodings compress.
+        order = np.lexsort((cols["pos"], cols["seq"], cols["layer"], cols["step"]))
+        n = len(order)
+        ex = _fixed_list(np.concatenate(experts_l) if experts_l else np.zeros((0, 1), np.int16), pa.int16(), order)
+        wt = _fixed_list(np.concatenate(weights_l) if weights_l else np.zeros((0, 1), np.float32), pa.float32(), order)
+        tags_arr = np.array(tags_l, dtype=object)[order] if n else np.array([], dtype=object)
+        out["routing"] = pa.table(
+            {
+                "run": pa.array([run] * n, pa.string()),
+                "rank": np.full(n, rank, np.int16),
+                "step": cols["step"][order],
+                "tag": pa.array(tags_arr, pa.string()),
+                "layer": cols["layer"][order],
+                "seq": cols["seq"][order],
+                "pos": cols["pos"][order],
+                "token_id": cols["token_id"][order],
+                "experts": ex,
+                "weights": wt,
+                "entropy": cols["entropy"][order],
+                "lse": cols["lse"][order],
+                "margin": cols["margin"][order],
+            }
+        )
+    return out
+
+
+def _fixed_list(mat: np.ndarray, typ: pa.DataType, order: np.ndarray) -> pa.Array:
+    """A [n, k] matrix as an Arrow list column (k values per row) without a Python loop."""
+    mat = np.ascontiguousarray(mat[order])
+    n, k = mat.shape if mat.ndim == 2 else (len(mat), 1)
+    offsets = np.arange(0, n * k + 1, k, dtype=np.int32)
+    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(mat.reshape(-1), typ))
