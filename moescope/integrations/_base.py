@@ -1,0 +1,182 @@
+"""What the Lightning and HF callbacks share: owning a Recorder, stepping it, flushing windows, and turning flushes into scalars.
+
+Framework-free on purpose (torch is imported lazily by the recorder), so both integrations stay thin.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from ._scalars import metrics_from_tables, window_counts, window_steps
+
+logger = logging.getLogger("moescope")
+
+
+class RecordingSession:
+    """One recorder driven by a trainer's global step: flushes every `flush_every` steps and keeps per-flush scalars."""
+
+    def __init__(
+        self,
+        run_dir: str | os.PathLike[str],
+        *,
+        tokens: float = 0.0,
+        flush_every: int = 50,
+        run: str | None = None,
+        seed: int = 0,
+        meta: Mapping[str, Any] | None = None,
+        on_alert: Callable[[Any], None] | None = None,
+        raise_on: str | None = None,
+        alert_rules: Any = None,
+        alerts: bool = True,
+        eval_tag: str = "eval",
+        resume: bool = True,
+        recorder_kwargs: Mapping[str, Any] | None = None,
+    ) -> None:
+        if raise_on not in (None, "fail", "warn"):
+            raise ValueError(f"raise_on must be None, 'fail' or 'warn', got {raise_on!r}")
+        self.run_dir = run_dir
+        self.tokens = tokens
+        self.flush_every = int(flush_every)
+        self.run = run
+        self.seed = seed
+        self.meta = dict(meta or {})
+        self.on_alert = on_alert
+        self.raise_on = raise_on
+        self.alert_rules = alert_rules
+        self.alerts_enabled = alerts
+        self.eval_tag = eval_tag
+        self.resume = resume
+        self.recorder_kwargs = dict(recorder_kwargs or {})
+        self.recorder: Any = None
+        #: (step_end, metrics) of every flush so far, in order.
+        self.history: list[tuple[int, dict[str, float]]] = []
+        #: (step_end, {layer: counts [E]}) of every flush, for histograms.
+        self.histograms: list[tuple[int, dict[int, np.ndarray]]] = []
+        self._sink: Callable[[int, dict[str, float], dict[int, np.ndarray]], None] | None = None
+        self._last_step: int | None = None
+        self._steps_in_window = 0
+        self._tag_cm: contextlib.ExitStack | None = None
+
+    # -- lifecycle ----------------------------------------------------------------------------
+    def start(
+        self, model: Any, rank: int, sink: Callable[[int, dict[str, float], dict[int, np.ndarray]], None] | None
+    ) -> Any:
+        """Attach a recorder to `model` writing this rank's parts; `sink` receives each flush's scalars."""
+        from ..capture.recorder import Recorder
+
+        rules = self.alert_rules
+        if rules is None and self.alerts_enabled:
+            from ..capture.alerts import default_rules
+
+            # Passing rules (not None) is what makes the recorder evaluate alerts at each flush.
+            rules = default_rules()
+        self._sink = sink
+        self._last_step = None
+        self._steps_in_window = 0
+        self.recorder = Recorder(
+            model,
+            self.run_dir,
+            tokens=self.tokens,
+            flush_every=self.flush_every,
+            run=self.run,
+            seed=self.seed,
+            rank=rank,
+            meta=self.meta,
+            on_flush=self._on_flush,
+            on_alert=self.on_alert,
+            raise_on=self.raise_on,
+            alert_rules=rules,
+            resume=self.resume,
+            **self.recorder_kwargs,
+        )
+        self.recorder.start()
+        return self.recorder
+
+    def close(self) -> None:
+        """Leave any eval tag, flush the last window and detach every hook (idempotent)."""
+        self.leave_eval()
+        rec, self.recorder = self.recorder, None
+        if rec is not None:
+            rec.close()
+
+    @property
+    def active(self) -> bool:
+        """Whether a recorder is attached and open."""
+        return self.recorder is not None and bool(getattr(self.recorder, "_open", False))
+
+    # -- stepping -----------------------------------------------------------------------------
+    def set_step(self, step: int) -> None:
+        """Set the step of the following forwards; flush when a new step starts a full window's successor."""
+        if self.recorder is None:
+            return
+        step = int(step)
+        if self._last_step is not None and step != self._last_step:
+            self._steps_in_window += 1
+            # The recorder flushes on its own only when the hooked module's forward itself runs; a Lightning
+            # module's training_step usually calls a submodule, so the session flushes at step boundaries too.
+            if self._steps_in_window >= self.flush_every:
+                self._steps_in_window = 0
+                self.recorder.flush()
+        self._last_step = step
+        self.recorder.step = step
+
+    def enter_eval(self, step: int | None = None) -> None:
+        """Tag the following forwards as evaluation (kept apart from training load and scalars)."""
+        if self.recorder is None or self._tag_cm is not None or not self.eval_tag:
+            return
+        if step is not None:
+            self.recorder.step = int(step)
+        self._tag_cm = contextlib.ExitStack()
+        self._tag_cm.enter_context(self.recorder.tag(self.eval_tag))
+
+    def leave_eval(self) -> None:
+        """Stop tagging forwards as evaluation."""
+        cm, self._tag_cm = self._tag_cm, None
+        if cm is not None:
+            cm.close()
+
+    # -- flushes ------------------------------------------------------------------------------
+    def _on_flush(self, recorder: Any, tables: dict[str, pa.Table]) -> None:
+        load = tables.get("expert_load")
+        if load is None or load.num_rows == 0:
+            return
+        self._steps_in_window = 0
+        tags = set(load.column("tag").to_pylist()) - {self.eval_tag}
+        span = window_steps(load)
+        assert span is not None
+        step_end = span[1]
+        metrics = metrics_from_tables(tables, tags)
+        counts = {layer: c for layer, c in window_counts(load, tags).items() if c.sum() > 0}
+        if not metrics:
+            return
+        self.history.append((step_end, metrics))
+        self.histograms.append((step_end, counts))
+        if self._sink is not None:
+            try:
+                self._sink(step_end, metrics, counts)
+            except Exception:  # a logger failure must not lose the trace or stop training
+                logger.exception("moescope: logging flushed scalars failed")
+
+
+def add_expert_histogram(writer: Any, layer: int, step: int, counts: np.ndarray) -> None:
+    """Write one layer's load as a TensorBoard histogram with one bin per expert (bin e holds expert e)."""
+    e = np.arange(len(counts), dtype=np.float64)
+    cf = np.asarray(counts, dtype=np.float64)
+    writer.add_histogram_raw(
+        f"moescope/layer{layer}/expert_load",
+        min=0.0,
+        max=float(len(cf) - 1),
+        num=int(cf.sum()),
+        sum=float((e * cf).sum()),
+        sum_squares=float((e * e * cf).sum()),
+        bucket_limits=(e + 0.5).tolist(),  # right edges, so expert e falls in (e − 0.5, e + 0.5]
+        bucket_counts=cf.tolist(),
+        global_step=step,
+    )
