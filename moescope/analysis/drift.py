@@ -1,0 +1,178 @@
+"""Drift: per layer, how far the current expert-load distribution moved from a baseline's.
+
+Statistics per layer on the assignment counts (expert_load): Jensen–Shannon distance (base 2, in [0, 1]),
+total variation, PSI with +1 smoothing, and the chi-square statistic of the 2 × N table. A layer is
+flagged (WARN) only when JS > max(js_min, bootstrap threshold) and TV > tv_min. The bootstrap threshold is
+the `quantile` of the JS distance between two samples drawn, with replacement, from the baseline's units
+at the baseline's and the current's sizes (the `bootstrap` column; `threshold` is the limit actually applied): whole sequences from token-level routing (tokens that share a
+sequence are correlated, so resampling tokens would understate the noise), or whole steps from
+expert_load where the baseline has no token-level routing. Seeded, so a CI run is reproducible.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pandas as pd
+
+from ..config import DriftConfig, HealthConfig, load_config
+from .engine import run_analysis
+from .selection import Selection
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .trace import Trace
+
+COLUMNS = [
+    "layer", "js", "tv", "psi", "chi2", "threshold", "flagged", "status", "message", "bootstrap",
+    "n_baseline", "n_current", "n_units", "unit",
+]
+
+
+def _js(p: np.ndarray, q: np.ndarray) -> np.ndarray:
+    """Jensen–Shannon distance base 2 between rows of p and q (each normalised to sum 1)."""
+    p = p / np.maximum(p.sum(axis=-1, keepdims=True), 1e-300)
+    q = q / np.maximum(q.sum(axis=-1, keepdims=True), 1e-300)
+    m = 0.5 * (p + q)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        kp = np.where(p > 0, p * np.log2(p / m), 0.0).sum(axis=-1)
+        kq = np.where(q > 0, q * np.log2(q / m), 0.0).sum(axis=-1)
+    return np.sqrt(np.clip(0.5 * (kp + kq), 0.0, 1.0))
+
+
+def drift_stats(baseline: np.ndarray, current: np.ndarray) -> dict[str, float]:
+    """JS distance (base 2), TV, PSI (+1 smoothing) and chi-square between two count vectors."""
+    b = np.asarray(baseline, dtype=float)
+    c = np.asarray(current, dtype=float)
+    p, q = b / b.sum(), c / c.sum()
+    ps, qs = (b + 1) / (b + 1).sum(), (c + 1) / (c + 1).sum()
+    keep = (b + c) > 0
+    table = np.vstack([b[keep], c[keep]])
+    expected = table.sum(axis=1, keepdims=True) * table.sum(axis=0, keepdims=True) / table.sum()
+    with np.errstate(divide="ignore", invalid="ignore"):
+        chi2 = float(np.nansum((table - expected) ** 2 / expected))
+    return {
+        "js": float(_js(p, q)),
+        "tv": float(0.5 * np.abs(p - q).sum()),
+        "psi": float(((qs - ps) * np.log(qs / ps)).sum()),
+        "chi2": chi2,
+    }
+
+
+def _resolve(tr: Trace, spec: Mapping[str, Any]) -> tuple[Trace, Selection, bool]:
+    from .trace import Trace
+
+    root = spec.get("root")
+    if root is None:
+        return tr, Selection.of({k: v for k, v in spec.items() if k != "root"}), False
+    if isinstance(root, Trace):
+        return root, Selection.of({k: v for k, v in spec.items() if k != "root"}), False
+    return Trace(root), Selection.of({k: v for k, v in spec.items() if k != "root"}), True
+
+
+def _counts(tr: Trace, sel: Selection) -> pd.DataFrame:
+    return run_analysis(tr.con, "drift_load", {"filter": sel.filter()})
+
+
+def _top_k(tr: Trace, sel: Selection) -> dict[int, int]:
+    f = Selection(run=sel.run, layer=sel.layer).filter(tag=False).sql  # layer_info has no step or tag
+    df = tr.con.execute(f"SELECT layer, MAX(top_k) AS k FROM layer_info WHERE {f} GROUP BY layer").df()
+    return {int(r.layer): int(r.k) for r in df.itertuples()}
+
+
+def _units(tr: Trace, sel: Selection) -> tuple[pd.DataFrame, str]:
+    """Bootstrap units of the baseline: (unit id, layer, expert, c) rows and the unit kind."""
+    df = run_analysis(tr.con, "drift_units", {"filter": sel.filter()})
+    if len(df):
+        key = ["run", "rank", "step", "tag", "seq"]
+        df["unit"] = df.groupby(key, sort=False, dropna=False).ngroup()
+        return df[["unit", "layer", "expert", "c"]], "sequence"
+    df = run_analysis(tr.con, "drift_step_units", {"filter": sel.filter()})
+    df["unit"] = df.groupby(["run", "step"], sort=False).ngroup()
+    return df[["unit", "layer", "expert", "c"]], "step"
+
+
+def drift(
+    tr: Trace,
+    baseline: Mapping[str, Any],
+    current: Mapping[str, Any],
+    *,
+    config: HealthConfig | DriftConfig | str | os.PathLike[str] | None = None,
+    n_boot: int | None = None,
+    seed: int | None = None,
+) -> pd.DataFrame:
+    """Per layer drift of `current` against `baseline` (selections: run, tag, steps, layer, root); see COLUMNS."""
+    if isinstance(config, DriftConfig):
+        dc = config
+    else:
+        dc = (config if isinstance(config, HealthConfig) else load_config(config)).drift
+    n_boot = dc.n_boot if n_boot is None else int(n_boot)
+    seed = dc.seed if seed is None else int(seed)
+    btr, bsel, bclose = _resolve(tr, baseline)
+    ctr, csel, cclose = _resolve(tr, current)
+    try:
+        bcounts, ccounts = _counts(btr, bsel), _counts(ctr, csel)
+        ks = _top_k(btr, bsel)
+        units, unit_kind = _units(btr, bsel)
+    finally:
+        for t, close in ((btr, bclose), (ctr, cclose)):
+            if close:
+                t.close()
+    layers = sorted(set(bcounts["layer"].astype(int)) | set(ccounts["layer"].astype(int)))
+    n_exp = 1 + int(max(bcounts["expert"].max() if len(bcounts) else 0, ccounts["expert"].max() if len(ccounts) else 0))
+    rng = np.random.default_rng(seed)
+
+    # One unit × layer × expert cube, so a resampled sequence brings all its layers along.
+    n_units = int(units["unit"].max()) + 1 if len(units) else 0
+    cube = np.zeros((n_units, len(layers), n_exp))
+    if n_units:
+        li = {layer: i for i, layer in enumerate(layers)}
+        u = units[units["layer"].astype(int).isin(li)]
+        cube[u["unit"].to_numpy(), u["layer"].astype(int).map(li).to_numpy(), u["expert"].astype(int).to_numpy()] = u["c"].to_numpy()
+    if n_units > dc.max_units:  # cap the bootstrap's cost; a random subset keeps the per-unit variability
+        cube = cube[rng.choice(n_units, dc.max_units, replace=False)]
+        n_units = dc.max_units
+
+    rows = []
+    for i, layer in enumerate(layers):
+        b = np.zeros(n_exp)
+        c = np.zeros(n_exp)
+        bl = bcounts[bcounts["layer"] == layer]
+        cl = ccounts[ccounts["layer"] == layer]
+        b[bl["expert"].astype(int).to_numpy()] = bl["c"].to_numpy()
+        c[cl["expert"].astype(int).to_numpy()] = cl["c"].to_numpy()
+        k = max(1, ks.get(layer, 1))
+        base = {"layer": layer, "n_baseline": b.sum() / k, "n_current": c.sum() / k, "n_units": n_units, "unit": unit_kind}
+        if b.sum() == 0 or c.sum() == 0:
+            side = "baseline" if b.sum() == 0 else "current"
+            rows.append({**base, "js": None, "tv": None, "psi": None, "chi2": None, "threshold": None, "bootstrap": None, "flagged": False,
+                         "status": "SKIP", "message": f"layer {layer}: no {side} tokens in the selection"})
+            continue
+        st = drift_stats(b, c)
+        thr = float("nan")
+        per_unit = cube[:, i, :] if n_units else np.zeros((0, n_exp))
+        unit_tokens = per_unit.sum(axis=1) / k
+        live = unit_tokens > 0
+        if live.sum() >= 2 and n_boot > 0:
+            pu = per_unit[live]
+            mean_tok = unit_tokens[live].mean()
+            nb = max(1, int(round(b.sum() / k / mean_tok)))
+            nc = max(1, int(round(c.sum() / k / mean_tok)))
+            U = len(pu)
+            wb = rng.multinomial(nb, np.full(U, 1.0 / U), size=n_boot)
+            wc = rng.multinomial(nc, np.full(U, 1.0 / U), size=n_boot)
+            null = _js(wb @ pu, wc @ pu)
+            thr = float(np.quantile(null, dc.quantile))
+        limit = dc.js_min if np.isnan(thr) else max(dc.js_min, thr)
+        flagged = bool(st["js"] > limit and st["tv"] > dc.tv_min)
+        thr_txt = f"max({dc.js_min:g}, bootstrap {thr:.3f})" if not np.isnan(thr) else f"{dc.js_min:g} (no bootstrap units)"
+        if flagged:
+            msg = (f"layer {layer}: expert load drifted: JS {st['js']:.3f} > {thr_txt} and TV {st['tv']:.3f} > "
+                   f"{dc.tv_min:g}")
+        else:
+            msg = f"layer {layer}: no significant drift (JS {st['js']:.3f}, limit {limit:.3f}; TV {st['tv']:.3f})"
+        rows.append({**base, **st, "threshold": limit, "bootstrap": None if np.isnan(thr) else thr, "flagged": flagged, "status": "WARN" if flagged else "PASS",
+                     "message": msg})
+    return pd.DataFrame(rows, columns=COLUMNS)

@@ -1,0 +1,67 @@
+"""Running rendered analyses on a DuckDB connection: helper tables, error translation, DataFrame out."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import duckdb
+import pandas as pd
+
+from ..trace import TraceError
+from .sqlkit import render
+
+#: Largest expert id + 1 that `expert_ids` covers (expert ids are SMALLINT in the trace format).
+_MAX_EXPERTS = 1 << 15
+
+
+def _has_table(con: duckdb.DuckDBPyConnection, name: str) -> bool:
+    row = con.execute(
+        "SELECT COUNT(*) FROM information_schema.tables WHERE table_name = ?", [name]
+    ).fetchone()
+    return bool(row and row[0])
+
+
+def ensure_layer_info(con: duckdb.DuckDBPyConnection) -> None:
+    """Materialize `layer_info` (N and k per run × layer) and `layer_experts` (one row per expert id) once."""
+    if _has_table(con, "layer_info"):
+        return
+    if not _has_table(con, "manifest_layers"):
+        con.execute(
+            "CREATE TEMP TABLE manifest_layers (run VARCHAR, layer SMALLINT, n_experts INTEGER, top_k INTEGER, "
+            "router_kind VARCHAR, module VARCHAR)"
+        )
+    try:
+        con.execute(f"CREATE TEMP TABLE layer_info AS {render('view_layer_info')}")
+        row = con.execute("SELECT COALESCE(MAX(n_experts), 0) FROM layer_info").fetchone()
+        n = min(int(row[0] if row else 0), _MAX_EXPERTS)
+        # A numbers table is the portable way to densify expert ids (no generate_series in the analyses).
+        con.execute("CREATE TEMP TABLE expert_ids AS SELECT CAST(i AS SMALLINT) AS i FROM range(?) t(i)", [max(n, 1)])
+        con.execute(
+            "CREATE TEMP TABLE layer_experts AS SELECT li.run, li.layer, x.i AS expert "
+            "FROM layer_info li JOIN expert_ids x ON x.i < li.n_experts"
+        )
+    except duckdb.Error as e:
+        raise translate(e) from None
+
+
+def translate(e: Exception) -> Exception:
+    """Turn a DuckDB error while reading trace files into a one-line TraceError; pass others through."""
+    msg = str(e).strip().splitlines()[0] if str(e).strip() else e.__class__.__name__
+    if isinstance(e, (duckdb.IOException, duckdb.InvalidInputException)) and (
+        ".parquet" in msg or "Parquet" in msg or "parquet" in msg
+    ):
+        return TraceError(f"unreadable trace data: {msg}")
+    return e
+
+
+def run_analysis(con: duckdb.DuckDBPyConnection, name: str, params: dict[str, Any], final: str | None = None) -> pd.DataFrame:
+    """Render analyses/`name`.sql with `params`, run it on `con` and return a DataFrame (`win` renamed `window`)."""
+    ensure_layer_info(con)
+    sql = render(name, params, final=final)
+    try:
+        df = con.execute(sql).df()
+    except duckdb.Error as e:
+        raise translate(e) from None
+    if "win" in df.columns:
+        df = df.rename(columns={"win": "window"})
+    return df

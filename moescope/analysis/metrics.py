@@ -1,0 +1,110 @@
+"""The metric catalogue as pure functions of (DuckDB connection, selection, parameters) -> DataFrame.
+
+Each function renders one analyses/*.sql file; Python only adds what SQL has no portable form for
+(binomial chance levels). Every result is per run × layer × step window unless its docstring says
+otherwise; `window`, `window_start`, `window_end` name the window (see `selection.window_params`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from math import comb
+
+import duckdb
+import numpy as np
+import pandas as pd
+
+from .engine import run_analysis
+from .selection import Selection, Window, window_params
+from .sqlkit import Raw, literal
+
+#: Columns a saturation match may use besides layer and token_id.
+_SATURATION_KEYS = ("run", "step", "tag", "seq", "pos")
+
+
+def utilization(con: duckdb.DuckDBPyConnection, sel: Selection, window: Window = None) -> pd.DataFrame:
+    """Per expert: assignments, tokens, load_share f_e = c_e/(kT), utilization N·f_e, mean_prob P_e."""
+    return run_analysis(con, "utilization", {"filter": sel.filter(), **window_params(window)})
+
+
+def load_metrics(con: duckdb.DuckDBPyConnection, sel: Selection, window: Window = None) -> pd.DataFrame:
+    """Per layer: cv, maxvio, load_entropy, gini, aux_loss, z_loss, router_entropy/margin, nonfinite, collapse shares."""
+    return run_analysis(con, "load_metrics", {"filter": sel.filter(), **window_params(window)})
+
+
+def coactivation(con: duckdb.DuckDBPyConnection, sel: Selection, window: Window = "all") -> pd.DataFrame:
+    """Per ordered expert pair (needs routing): n_a, n_b, n_ab, p_b_given_a = N(a,b)/N(a), lift."""
+    return run_analysis(con, "coactivation", {"filter": sel.filter(), **window_params(window)})
+
+
+def locality_chance(n_experts: int, top_k: int) -> tuple[float, float]:
+    """Chance levels of temporal locality for independent uniform routing: same first choice, any shared expert."""
+    n, k = int(n_experts), int(top_k)
+    first = 1.0 / n if n > 0 else float("nan")
+    if n <= 0 or k <= 0 or k > n:
+        return first, float("nan")
+    return first, 1.0 - comb(n - k, k) / comb(n, k)
+
+
+def temporal_locality(con: duckdb.DuckDBPyConnection, sel: Selection, window: Window = "all") -> pd.DataFrame:
+    """Per layer (needs routing): first_choice and any_expert shares of consecutive tokens, with their chance levels."""
+    df = run_analysis(con, "temporal_locality", {"filter": sel.filter(), **window_params(window)})
+    chances = [locality_chance(n, k) for n, k in zip(df["n_experts"], df["top_k"])]
+    df["first_choice_chance"] = [c[0] for c in chances]
+    df["any_expert_chance"] = [c[1] for c in chances]
+    return df
+
+
+def domain_specialization(con: duckdb.DuckDBPyConnection, sel: Selection, window: Window = "all") -> pd.DataFrame:
+    """Per tag × expert: share of the tag's tokens routed to the expert, chance k/N, specialization = share/chance."""
+    return run_analysis(con, "domain_specialization", {"filter": sel.filter(), **window_params(window)})
+
+
+def vocab_specialization(
+    con: duckdb.DuckDBPyConnection,
+    sel: Selection,
+    window: Window = "all",
+    min_count: int = 5,
+    by_token: bool = False,
+) -> pd.DataFrame:
+    """Per layer (needs routing): mean over token ids of the top expert's share of its occurrences; by_token: per id."""
+    params = {"filter": sel.filter(), "min_count": int(min_count), **window_params(window)}
+    return run_analysis(con, "vocab_specialization", params, final="per_token" if by_token else None)
+
+
+def saturation(
+    con: duckdb.DuckDBPyConnection,
+    checkpoint: Selection,
+    final: Selection,
+    on: Sequence[str] = ("tag", "seq", "pos"),
+) -> pd.DataFrame:
+    """Per checkpoint run × step × layer: mean |TopK_checkpoint ∩ TopK_final| / k over the tokens both routed."""
+    bad = [c for c in on if c not in _SATURATION_KEYS]
+    if bad:
+        raise ValueError(f"saturation: cannot match tokens on {bad}; use some of {list(_SATURATION_KEYS)}")
+    join_on = " AND ".join(f"a.{c} = b.{c}" for c in on) or "1 = 1"
+    params = {"filter_a": checkpoint.filter(), "filter_b": final.filter(), "join_on": Raw(join_on)}
+    return run_analysis(con, "saturation", params)
+
+
+def similarity(con: duckdb.DuckDBPyConnection, sel: Selection, metric: str | Sequence[str] | None = None) -> pd.DataFrame:
+    """Expert × expert similarity rows (run, step, layer, expert_a, expert_b, metric, value) of the snapshots."""
+    f = sel.filter(tag=False).sql
+    if metric is not None:
+        metrics = [metric] if isinstance(metric, str) else list(metric)
+        f += f" AND metric IN ({', '.join(literal(m) for m in metrics) or 'NULL'})"
+    return run_analysis(con, "similarity", {"filter": Raw(f)})
+
+
+def clones(con: duckdb.DuckDBPyConnection, sel: Selection, metrics: Sequence[str]) -> pd.DataFrame:
+    """Unordered expert pairs at each run × layer's latest snapshot with their similarity per metric."""
+    m = ", ".join(literal(x) for x in metrics) or "NULL"
+    return run_analysis(con, "clones", {"filter": sel.filter(tag=False), "metrics": Raw(m)})
+
+
+def gini(counts: Sequence[float] | np.ndarray) -> float:
+    """Gini of a count vector by the catalogue's definition Σ_i Σ_j |c_i − c_j| / (2 N² mean(c)) (reference)."""
+    c = np.asarray(counts, dtype=float)
+    if c.size == 0 or c.sum() == 0:
+        return float("nan")
+    return float(np.abs(c[:, None] - c[None, :]).sum() / (2 * c.size**2 * c.mean()))

@@ -1,0 +1,496 @@
+"""`Trace`: every run and rank below one or more trace roots as DuckDB views, plus the metric methods.
+
+    tr = moescope.open("traces")
+    tr.sql("SELECT layer, expert, sum(tokens) FROM expert_load GROUP BY ALL").df()
+    tr.health(run="run-a")
+
+Views: expert_load, router_stats, routing, assignments (routing unnested), expert_similarity,
+expert_spectra, runs (one row per manifest file), layer_info (N and k per run × layer).
+A table no run wrote is an empty view with the format's column types, so queries never depend on
+what a run happened to capture.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Union
+
+import duckdb
+import pandas as pd
+import pyarrow.parquet as pq
+
+from ..schema import FORMAT, FORMAT_VERSION, META_KEY, TABLES, duckdb_columns
+from ..trace import TraceError, read_manifest
+from . import metrics as M
+from .engine import ensure_layer_info, translate
+from .selection import Selection, Window
+from .sqlkit import literal, render
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..config import HealthConfig
+
+PathLike = Union[str, "os.PathLike[str]"]
+#: Views a Trace always defines (besides `layer_info`).
+VIEWS = ("expert_load", "router_stats", "routing", "assignments", "expert_similarity", "expert_spectra", "runs")
+
+
+class QueryError(ValueError):
+    """A query was refused or stopped (locked mode) or failed; the message is one line for a person."""
+
+
+@dataclass
+class RunInfo:
+    """One run directory found below a trace root."""
+
+    run: str
+    path: Path
+    manifests: dict[int, dict[str, Any]]
+    files: dict[str, list[Path]] = field(default_factory=dict)
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else e.__class__.__name__
+
+
+def _rank_of(manifest: Path) -> int:
+    if manifest.name == "manifest.json":
+        return 0
+    try:
+        return int(manifest.name[len("manifest.rank-") : -len(".json")])
+    except ValueError:
+        return -1
+
+
+def _load_manifest_file(p: Path) -> dict[str, Any]:
+    try:
+        m = json.loads(p.read_text())
+    except (OSError, ValueError) as e:
+        raise TraceError(f"{p}: unreadable manifest ({e.__class__.__name__}: {_first_line(e)})") from None
+    if not isinstance(m, dict) or m.get("format") != FORMAT:
+        raise TraceError(f"{p}: not a moescope trace manifest")
+    try:
+        version = int(m.get("version", -1))
+    except (TypeError, ValueError):
+        raise TraceError(f"{p}: manifest version {m.get('version')!r} is not a number") from None
+    if version > FORMAT_VERSION:
+        raise TraceError(f"{p}: trace format v{version} is newer than this moescope (v{FORMAT_VERSION})")
+    if "layers" in m and not isinstance(m["layers"], list):
+        raise TraceError(f"{p}: manifest 'layers' must be a list")
+    return m
+
+
+def discover(roots: Sequence[PathLike]) -> list[RunInfo]:
+    """Find every run (a directory holding manifest.json or manifest.rank-R.json) below `roots`, validated."""
+    runs: dict[str, RunInfo] = {}
+    for root in roots:
+        base = Path(root).expanduser()
+        if not base.exists():
+            raise TraceError(f"{root}: no such trace root")
+        if not base.is_dir():
+            raise TraceError(f"{root}: a trace root must be a directory")
+        base = base.resolve()
+        manifests = sorted(set(base.rglob("manifest.json")) | set(base.rglob("manifest.rank-*.json")))
+        if not manifests:
+            raise TraceError(f"{root}: no moescope runs found (no manifest.json below it)")
+        for run_dir in sorted({m.parent for m in manifests}):
+            read_manifest(run_dir)  # the format's own validation of the run's primary manifest
+            by_rank = {_rank_of(p): _load_manifest_file(p) for p in manifests if p.parent == run_dir}
+            primary = by_rank.get(0) or by_rank[min(by_rank)]
+            name = str(primary.get("run") or run_dir.name)
+            if name in runs and runs[name].path != run_dir:
+                raise TraceError(
+                    f"run name {name!r} appears twice ({runs[name].path} and {run_dir}); open the roots separately"
+                )
+            info = RunInfo(name, run_dir, by_rank)
+            for table in TABLES:
+                info.files[table] = sorted((run_dir / table).glob("part-*.parquet"))
+            runs[name] = info
+    return list(runs.values())
+
+
+def _check_file(path: Path) -> list[str]:
+    """Read a part's footer: its column names; a truncated or foreign file raises TraceError naming it."""
+    try:
+        md = pq.read_metadata(path)
+        schema = md.schema.to_arrow_schema()
+    except Exception as e:  # pyarrow raises several types for broken files
+        raise TraceError(f"{path}: corrupt or truncated Parquet file ({_first_line(e)})") from None
+    meta = schema.metadata or {}
+    if META_KEY in meta:
+        try:
+            version = int(meta[META_KEY])
+        except ValueError:
+            raise TraceError(f"{path}: bad format version in Parquet metadata") from None
+        if version > FORMAT_VERSION:
+            raise TraceError(f"{path}: trace format v{version} is newer than this moescope (v{FORMAT_VERSION})")
+    return list(schema.names)
+
+
+def _table_view_sql(table: str, files: list[Path], present: set[str]) -> str:
+    cols = duckdb_columns(table)
+    if not files:
+        sel = ", ".join(f"CAST(NULL AS {t}) AS {c}" for c, t in cols)
+        return f"SELECT {sel} WHERE 1 = 0"
+    # Columns absent from every file (an older writer) become typed NULLs; union_by_name handles the rest.
+    sel = ", ".join(c if c in present else f"CAST(NULL AS {t}) AS {c}" for c, t in cols)
+    paths = ", ".join(literal(str(p)) for p in files)
+    return f"SELECT {sel} FROM read_parquet([{paths}], union_by_name = true)"
+
+
+def _runs_frame(runs: list[RunInfo]) -> pd.DataFrame:
+    rows = []
+    for info in runs:
+        for rank, m in sorted(info.manifests.items()):
+            model = m.get("model") if isinstance(m.get("model"), dict) else {}
+            capture = m.get("capture") if isinstance(m.get("capture"), dict) else {}
+            counters = m.get("counters") if isinstance(m.get("counters"), dict) else {}
+            layers = m.get("layers") or []
+
+            def pick(d: dict[str, Any], *keys: str) -> Any:
+                return next((d[k] for k in keys if k in d), None)
+
+            rows.append(
+                {
+                    "run": info.run,
+                    "rank": rank,
+                    "path": str(info.path),
+                    "created": str(m.get("created", "")) or None,
+                    "moescope_version": m.get("moescope_version"),
+                    "model_class": model.get("class"),
+                    "n_params": model.get("n_params"),
+                    "n_layers": len(layers),
+                    "token_fraction": pick(capture, "tokens", "token_fraction"),
+                    "flush_interval": pick(capture, "flush_interval", "flush_every", "flush_steps"),
+                    "dropped_records": pick(counters, "dropped_records", "dropped_rows", "dropped"),
+                    "capture": json.dumps(capture, default=str, sort_keys=True),
+                    "counters": json.dumps(counters, default=str, sort_keys=True),
+                }
+            )
+    df = pd.DataFrame(rows)
+    for col in ("token_fraction",):
+        df[col] = pd.to_numeric(df[col], errors="coerce").astype("float64")
+    for col in ("n_params", "dropped_records"):
+        df[col] = pd.to_numeric(df[col], errors="coerce").astype("Int64")
+    for col in ("flush_interval",):
+        df[col] = df[col].map(lambda v: None if v is None else str(v)).astype("object")
+    return df
+
+
+def _layers_frame(runs: list[RunInfo]) -> pd.DataFrame:
+    rows: dict[tuple[str, int], dict[str, Any]] = {}
+    for info in runs:
+        for _, m in sorted(info.manifests.items()):
+            for entry in m.get("layers") or []:
+                if not isinstance(entry, dict) or "layer" not in entry:
+                    raise TraceError(f"{info.path}: manifest 'layers' entries need a 'layer' field")
+                key = (info.run, int(entry["layer"]))
+                rows.setdefault(
+                    key,
+                    {
+                        "run": info.run,
+                        "layer": int(entry["layer"]),
+                        "n_experts": entry.get("n_experts"),
+                        "top_k": entry.get("top_k"),
+                        "router_kind": entry.get("router_kind"),
+                        "module": entry.get("module"),
+                    },
+                )
+    df = pd.DataFrame(list(rows.values()), columns=["run", "layer", "n_experts", "top_k", "router_kind", "module"])
+    df["layer"] = df["layer"].astype("int16")
+    for col in ("n_experts", "top_k"):
+        df[col] = pd.to_numeric(df[col], errors="coerce").astype("Int32")
+    for col in ("run", "router_kind", "module"):
+        df[col] = df[col].astype("object")
+    return df
+
+
+class Trace:
+    """Every run and rank below one or more trace roots, as DuckDB views and metric methods.
+
+    `root` is a trace root, a run directory, or a list of them (runs must have distinct names).
+    `locked=True` makes `sql()` safe for untrusted input (the dashboard's SQL console): one SELECT at a
+    time, no file access outside the trace roots, no extensions, no settings, at most `max_rows` rows
+    (the rest cut off; `last_truncated` says so) and `timeout` seconds per query.
+    """
+
+    def __init__(
+        self,
+        root: PathLike | Sequence[PathLike],
+        locked: bool = False,
+        *,
+        max_rows: int = 10_000,
+        timeout: float = 30.0,
+        memory_limit: str | None = None,
+        threads: int | None = None,
+    ) -> None:
+        roots = [root] if isinstance(root, (str, os.PathLike)) else list(root)
+        if not roots:
+            raise TraceError("no trace root given")
+        self.roots: list[Path] = [Path(r).expanduser().resolve() for r in roots]
+        self.locked = locked
+        self.max_rows = int(max_rows)
+        self.timeout = float(timeout)
+        self.last_truncated = False
+        self._runs = discover(roots)
+        if not any(f for info in self._runs for f in info.files.values()):
+            raise TraceError(f"{', '.join(str(r) for r in roots)}: the trace holds no data files (empty trace)")
+        config: dict[str, Any] = {}
+        if memory_limit:
+            config["memory_limit"] = memory_limit
+        if threads:
+            config["threads"] = int(threads)
+        self.con: duckdb.DuckDBPyConnection = duckdb.connect(":memory:", config=config)
+        self._lock = threading.Lock()
+        self._create_views()
+        if locked:
+            self._lock_down()
+
+    # -- set-up ---------------------------------------------------------------------------------
+
+    def _create_views(self) -> None:
+        con = self.con
+        for table in TABLES:
+            files = [f for info in self._runs for f in info.files[table]]
+            present: set[str] = set()
+            for f in files:
+                present.update(_check_file(f))
+            con.execute(f"CREATE VIEW {table} AS {_table_view_sql(table, files, present)}")
+        con.execute(f"CREATE VIEW assignments AS {render('view_assignments')}")
+        runs_df = _runs_frame(self._runs)
+        layers_df = _layers_frame(self._runs)
+        con.register("_runs_df", runs_df)
+        con.register("_layers_df", layers_df)
+        con.execute("CREATE TEMP TABLE runs AS SELECT * FROM _runs_df")
+        con.execute("CREATE TEMP TABLE manifest_layers AS SELECT * FROM _layers_df")
+        con.unregister("_runs_df")
+        con.unregister("_layers_df")
+        ensure_layer_info(con)
+
+    def _lock_down(self) -> None:
+        # Order matters: the views above already point at the files; from here on only the trace roots
+        # are readable, nothing is writable through SQL (statement allow-list), and settings are frozen.
+        dirs = ", ".join(literal(str(r) + os.sep) for r in self.roots)
+        for stmt in (
+            f"SET allowed_directories = [{dirs}]",
+            "SET enable_external_access = false",
+            "SET autoinstall_known_extensions = false",
+            "SET autoload_known_extensions = false",
+            "SET lock_configuration = true",
+        ):
+            self.con.execute(stmt)
+
+    # -- public data access -----------------------------------------------------------------------
+
+    @property
+    def runs(self) -> list[str]:
+        """Names of the runs found, in discovery order."""
+        return [r.run for r in self._runs]
+
+    @property
+    def run_dirs(self) -> dict[str, Path]:
+        """Run name -> run directory."""
+        return {r.run: r.path for r in self._runs}
+
+    def manifest(self, run: str) -> dict[str, Any]:
+        """The (rank 0 where present) manifest of `run`."""
+        for r in self._runs:
+            if r.run == run:
+                return r.manifests.get(0) or r.manifests[min(r.manifests)]
+        raise KeyError(f"no run {run!r} in this trace (runs: {', '.join(self.runs)})")
+
+    def views(self) -> dict[str, list[tuple[str, str]]]:
+        """Each view's (column, type) pairs, the views a user queries."""
+        out: dict[str, list[tuple[str, str]]] = {}
+        for name in (*VIEWS, "layer_info"):
+            rows = self.con.execute(f"DESCRIBE {name}").fetchall()
+            out[name] = [(r[0], r[1]) for r in rows]
+        return out
+
+    def sql(self, query: str) -> duckdb.DuckDBPyRelation:
+        """Run SQL over the views and return a DuckDB relation (locked: checked, limited, already executed)."""
+        if not self.locked:
+            try:
+                return self.con.sql(query)
+            except duckdb.Error as e:
+                raise translate(e) from None
+        return self._locked_sql(query)
+
+    def query(self, query: str) -> pd.DataFrame:
+        """Run SQL and return a DataFrame; in locked mode `df.attrs['truncated']` says whether rows were cut."""
+        rel = self.sql(query)
+        if rel is None:
+            return pd.DataFrame()
+        df = rel.df()
+        df.attrs["truncated"] = self.last_truncated if self.locked else False
+        return df
+
+    def _locked_sql(self, query: str) -> duckdb.DuckDBPyRelation:
+        try:
+            stmts = duckdb.extract_statements(query)
+        except duckdb.Error as e:
+            raise QueryError(f"SQL error: {_first_line(e)}") from None
+        if len(stmts) != 1:
+            raise QueryError(f"one statement at a time, please (got {len(stmts)})")
+        kind = stmts[0].type
+        if kind != duckdb.StatementType.SELECT:
+            name = str(kind).rsplit(".", 1)[-1]
+            raise QueryError(f"refused: {name} statements are not allowed here (read-only console: SELECT only)")
+        with self._lock:
+            state = {"done": False, "fired": False}
+
+            def stop() -> None:
+                if not state["done"]:
+                    state["fired"] = True
+                    self.con.interrupt()
+
+            timer = threading.Timer(self.timeout, stop)
+            timer.daemon = True
+            timer.start()
+            try:
+                table = self.con.sql(query).limit(self.max_rows + 1).to_arrow_table()
+            except duckdb.InterruptException:
+                raise QueryError(f"query stopped: it ran past the {self.timeout:g} s time limit") from None
+            except duckdb.PermissionException as e:
+                raise QueryError(f"refused: {_first_line(e)}") from None
+            except duckdb.Error as e:
+                if state["fired"]:
+                    raise QueryError(f"query stopped: it ran past the {self.timeout:g} s time limit") from None
+                raise QueryError(f"SQL error: {_first_line(e)}") from None
+            finally:
+                state["done"] = True
+                timer.cancel()
+        self.last_truncated = table.num_rows > self.max_rows
+        if self.last_truncated:
+            table = table.slice(0, self.max_rows)
+        return self.con.from_arrow(table)
+
+    def close(self) -> None:
+        """Close the DuckDB connection."""
+        self.con.close()
+
+    def __enter__(self) -> Trace:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"Trace({', '.join(str(r) for r in self.roots)}, runs={self.runs}{', locked' if self.locked else ''})"
+
+    # -- metrics ---------------------------------------------------------------------------------
+
+    @staticmethod
+    def _sel(run: Any = None, tag: Any = None, steps: tuple[int, int] | None = None, layer: Any = None) -> Selection:
+        return Selection.of({"run": run, "tag": tag, "steps": steps, "layer": layer})
+
+    def utilization(
+        self, run: Any = None, window: Window = None, *, tag: Any = None, steps: tuple[int, int] | None = None,
+        layer: Any = None,
+    ) -> pd.DataFrame:
+        """Per run × layer × window × expert: assignments, tokens, load_share, utilization (N·f_e), mean_prob.
+
+        window: None = thirds of each run's steps, "all", or a width in steps.
+        """
+        return M.utilization(self.con, self._sel(run, tag, steps, layer), window)
+
+    def load_metrics(
+        self, run: Any = None, window: Window = None, *, tag: Any = None, steps: tuple[int, int] | None = None,
+        layer: Any = None,
+    ) -> pd.DataFrame:
+        """Per run × layer × window: cv, maxvio, load_entropy, gini, aux_loss, z_loss, router_entropy, router_margin,
+        nonfinite, dropped, drop_rate, min/max_utilization, m90, collapse_m, top_m_share, expected_per_expert."""
+        return M.load_metrics(self.con, self._sel(run, tag, steps, layer), window)
+
+    def coactivation(
+        self, run: Any = None, window: Window = "all", *, tag: Any = None, steps: tuple[int, int] | None = None,
+        layer: Any = None,
+    ) -> pd.DataFrame:
+        """Per run × layer × window × ordered pair (expert_a, expert_b): n_a, n_b, n_ab, p_b_given_a, lift."""
+        return M.coactivation(self.con, self._sel(run, tag, steps, layer), window)
+
+    def temporal_locality(
+        self, run: Any = None, window: Window = "all", *, tag: Any = None, steps: tuple[int, int] | None = None,
+        layer: Any = None,
+    ) -> pd.DataFrame:
+        """Per run × layer × window: pairs, first_choice, any_expert and their chance levels."""
+        return M.temporal_locality(self.con, self._sel(run, tag, steps, layer), window)
+
+    def domain_specialization(
+        self, run: Any = None, window: Window = "all", *, tag: Any = None, steps: tuple[int, int] | None = None,
+        layer: Any = None,
+    ) -> pd.DataFrame:
+        """Per run × layer × window × tag × expert: share, chance (k/N), specialization, expert_tag_share."""
+        return M.domain_specialization(self.con, self._sel(run, tag, steps, layer), window)
+
+    def vocab_specialization(
+        self, run: Any = None, window: Window = "all", *, tag: Any = None, steps: tuple[int, int] | None = None,
+        layer: Any = None, min_count: int = 5, by_token: bool = False,
+    ) -> pd.DataFrame:
+        """Per run × layer × window: token_ids, tokens, specialization, weighted_specialization, chance (k/N)."""
+        return M.vocab_specialization(self.con, self._sel(run, tag, steps, layer), window, min_count, by_token)
+
+    def saturation(
+        self,
+        checkpoint: Mapping[str, Any] | None = None,
+        final: Mapping[str, Any] | None = None,
+        *,
+        run: str | None = None,
+        on: Sequence[str] = ("tag", "seq", "pos"),
+    ) -> pd.DataFrame:
+        """Router saturation per checkpoint (run, step) × layer: tokens, saturation, chance (k/N).
+
+        Either two selections (e.g. {"run": "ckpt-1000"} vs {"run": "final"}), or `run=` alone: every step of
+        the run against its last step (an eval batch replayed at each checkpoint). Tokens match on layer,
+        token_id and `on`.
+        """
+        if checkpoint is None and final is None:
+            if run is None:
+                raise ValueError("saturation needs checkpoint= and final= selections, or run=")
+            row = self.con.execute("SELECT MAX(step) FROM routing WHERE run = ?", [run]).fetchone()
+            if not row or row[0] is None:
+                raise ValueError(f"saturation: run {run!r} has no token-level routing")
+            last = int(row[0])
+            checkpoint = {"run": run}
+            final = {"run": run, "steps": (last, last)}
+        if checkpoint is None or final is None:
+            raise ValueError("saturation needs both checkpoint= and final=")
+        return M.saturation(self.con, Selection.of(checkpoint), Selection.of(final), on)
+
+    def similarity(
+        self, run: Any = None, *, metric: str | Sequence[str] | None = None, steps: tuple[int, int] | None = None,
+        layer: Any = None,
+    ) -> pd.DataFrame:
+        """Expert × expert similarity: run, step, layer, expert_a, expert_b, metric, value (from snapshot_experts)."""
+        return M.similarity(self.con, self._sel(run, None, steps, layer), metric)
+
+    def health(self, run: Any = None, config: HealthConfig | PathLike | None = None) -> pd.DataFrame:
+        """Findings of the health rules, one row per rule × run × layer × window.
+
+        Columns: rule, status (PASS/WARN/FAIL/SKIP/ERROR), run, layer, expert, window, window_start, window_end,
+        metric, value, threshold, message. `config`: a HealthConfig, a moescope.toml path, or None (defaults).
+        """
+        from .health import health
+
+        return health(self, run=run, config=config)
+
+    def drift(
+        self,
+        baseline: Mapping[str, Any] | None = None,
+        current: Mapping[str, Any] | None = None,
+        *,
+        config: HealthConfig | PathLike | None = None,
+        n_boot: int | None = None,
+        seed: int | None = None,
+    ) -> pd.DataFrame:
+        """Per layer drift of current vs baseline expert load: layer, js, tv, psi, chi2, threshold, flagged, status,
+        message (+ n_baseline, n_current, n_units, unit). Selections: {"run", "tag", "steps": (a, b), "layer",
+        "root": another Trace or path}."""
+        from .drift import drift
+
+        return drift(self, baseline or {}, current or {}, config=config, n_boot=n_boot, seed=seed)
