@@ -1,0 +1,87 @@
+"""Under torch.distributed each rank writes its own parts; their union equals a one-process recording."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import duckdb
+import pytest
+
+pytest.importorskip("torch")
+
+WORKER = textwrap.dedent(
+    """
+    import os, sys, torch, torch.distributed as dist, moescope
+    sys.path.insert(0, {tests!r})
+    from toy_moe import ToyMoE
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    if world > 1:
+        dist.init_process_group("gloo", rank=rank, world_size=world)
+    torch.manual_seed(0)
+    m = ToyMoE()
+    g = torch.Generator().manual_seed(1)
+    batches = [torch.randint(0, 64, (4, 6), generator=g) for _ in range(5)]
+    with moescope.record(m, {out!r}, tokens=1.0, flush_every=2) as rec:
+        for step, x in enumerate(batches):
+            rec.step = step
+            m(x[rank::world])  # data parallel: each rank sees its shard of the global batch
+    if world > 1:
+        dist.barrier()
+        dist.destroy_process_group()
+    """
+)
+
+
+def _run(out: Path, world: int, port: int) -> None:
+    script = WORKER.format(tests=str(Path(__file__).parent), out=str(out))
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": str(world)}
+    procs = [
+        subprocess.Popen([sys.executable, "-c", script], env={**env, "RANK": str(r)}, stderr=subprocess.PIPE, text=True)
+        for r in range(world)
+    ]
+    for p in procs:
+        _, err = p.communicate(timeout=120)
+        assert p.returncode == 0, err[-2000:]
+
+
+@pytest.mark.dist
+def test_two_ranks_union_equals_one_process(tmp_path: Path) -> None:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    _run(tmp_path / "single" / "run", 1, port)
+    _run(tmp_path / "ddp" / "run", 2, port)
+    parts = sorted(p.name for p in (tmp_path / "ddp" / "run" / "expert_load").glob("*.parquet"))
+    assert {p.split("-")[1] for p in parts} == {"0", "1"}
+    assert (tmp_path / "ddp" / "run" / "manifest.json").exists()
+    assert (tmp_path / "ddp" / "run" / "manifest.rank-1.json").exists()
+
+    def load(root: Path) -> list[tuple]:
+        return duckdb.sql(
+            f"SELECT step, layer, expert, sum(tokens), sum(prob_sum) FROM '{root}/run/expert_load/*.parquet' "
+            "GROUP BY ALL ORDER BY ALL"
+        ).fetchall()
+
+    def rows(root: Path) -> list[tuple]:
+        return duckdb.sql(
+            f"SELECT step, layer, pos, token_id, experts, weights "
+            f"FROM '{root}/run/routing/*.parquet' ORDER BY ALL"
+        ).fetchall()
+
+    a, b = load(tmp_path / "ddp"), load(tmp_path / "single")
+    assert [r[:4] for r in a] == [r[:4] for r in b]  # assignments are exact
+    # router-prob sums differ only by float32 summation order across the two batch shapes
+    assert all(abs(x[4] - y[4]) < 1e-5 for x, y in zip(a, b))
+    ra, rb = rows(tmp_path / "ddp"), rows(tmp_path / "single")
+    assert [r[:5] for r in ra] == [r[:5] for r in rb]
+    assert all(abs(u - v) < 1e-5 for x, y in zip(ra, rb) for u, v in zip(x[5], y[5]))
+    assert duckdb.sql(f"SELECT DISTINCT rank FROM '{tmp_path}/ddp/run/routing/*.parquet' ORDER BY 1").fetchall() == [
+        (0,),
+        (1,),
+    ]
