@@ -1,0 +1,259 @@
+"""Online routing alerts: known-answer rules on hand-built windows, and a planted collapse on a live tiny Mixtral."""
+
+from __future__ import annotations
+
+import logging
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from moescope.capture.alerts import (
+    Alert,
+    AlertRules,
+    MoEAlertWarning,
+    RoutingCollapseError,
+    evaluate_flush,
+    evaluate_window,
+)
+from moescope.integrations._scalars import load_scalars, metrics_from_tables, window_counts
+
+RULES = AlertRules()
+
+
+def _rules(alerts: list[Alert]) -> dict[str, str]:
+    return {a.rule: a.status for a in alerts}
+
+
+# -- known answers --------------------------------------------------------------------------------
+
+
+def test_balanced_window_raises_nothing() -> None:
+    assert evaluate_window({0: np.full(8, 100.0)}, {0: 0}, {0: 2}, 0, 9, RULES) == []
+
+
+def test_two_of_four_experts_collapse() -> None:
+    # Top-2 of 4, every token on experts 0 and 1: dead 2, 3; CV = 1; MaxVio = 1 (not > 1); collapse m = 2 ≤ max(2, 1).
+    alerts = evaluate_window({3: np.array([500.0, 500.0, 0.0, 0.0])}, {}, {3: 2}, 10, 19, RULES, run="r", rank=1)
+    got = _rules(alerts)
+    assert got == {"dead_expert": "FAIL", "collapse": "FAIL", "load_cv": "WARN"}
+    dead = next(a for a in alerts if a.rule == "dead_expert")
+    assert dead.experts == (2, 3) and dead.layer == 3 and (dead.step_start, dead.step_end) == (10, 19)
+    assert "layer 3" in dead.message and "[2, 3]" in dead.message and "steps 10–19" in dead.message
+    assert next(a for a in alerts if a.rule == "collapse").experts == (0, 1)
+    assert next(a for a in alerts if a.rule == "load_cv").value == pytest.approx(1.0)
+
+
+def test_maxvio_warn_and_fail_thresholds() -> None:
+    # c = [x, 1, 1, 1, ...] over 8 experts: MaxVio = x/mean − 1.
+    base = np.full(8, 100.0)
+    warn = base.copy()
+    warn[0] = 300.0  # mean 125 → MaxVio 1.4
+    fail = base.copy()
+    fail[0] = 2000.0  # mean 337.5 → MaxVio 4.93
+    w = [a for a in evaluate_window({0: warn}, {}, {0: 2}, 0, 0, RULES) if a.rule == "maxvio"]
+    f = [a for a in evaluate_window({0: fail}, {}, {0: 2}, 0, 0, RULES) if a.rule == "maxvio"]
+    assert w[0].status == "WARN" and w[0].value == pytest.approx(300 / 125 - 1) and w[0].experts == (0,)
+    assert f[0].status == "FAIL" and f[0].value == pytest.approx(2000 / 337.5 - 1) and f[0].threshold == 3.0
+
+
+def test_dead_expert_is_five_percent_of_fair_share() -> None:
+    c = np.full(4, 1000.0)
+    c[2] = 0.04 * 1000 * 3 / (4 - 0.04)  # N·f_2 just below 0.05 after renormalisation
+    alerts = evaluate_window({0: c}, {}, {0: 1}, 0, 0, RULES)
+    assert [a.experts for a in alerts if a.rule == "dead_expert"] == [(2,)]
+    c[2] = 60.0  # N·f_2 ≈ 0.078: alive
+    assert not [a for a in evaluate_window({0: c}, {}, {0: 1}, 0, 0, RULES) if a.rule == "dead_expert"]
+
+
+def test_too_little_data_skips_load_rules_but_not_nonfinite() -> None:
+    # kT/N = Σc/N = 40 < 50: a fully collapsed window is still too small to judge.
+    small = {0: np.array([80.0, 80.0, 0.0, 0.0])}
+    assert evaluate_window(small, {}, {0: 2}, 0, 0, RULES) == []
+    alerts = evaluate_window(small, {0: 3}, {0: 2}, 0, 0, RULES)
+    assert _rules(alerts) == {"nonfinite": "FAIL"} and alerts[0].value == 3
+
+
+def test_rules_from_mapping_and_disabled() -> None:
+    r = AlertRules.from_any({"min_expected": 1, "disabled": ["load_cv"]})
+    got = _rules(evaluate_window({0: np.array([80.0, 80.0, 0.0, 0.0])}, {}, {0: 2}, 0, 0, r))
+    assert got == {"dead_expert": "FAIL", "collapse": "FAIL"}
+    with pytest.raises(ValueError, match="unknown field"):
+        AlertRules.from_any({"nope": 1})
+    cfg = SimpleNamespace(maxvio_fail=9.0, min_expected_assignments=7)
+    assert AlertRules.from_any(cfg).maxvio_fail == 9.0 and AlertRules.from_any(cfg).min_expected == 7.0
+
+
+def test_scalars_known_answer() -> None:
+    s = load_scalars(2, np.array([3, 1, 0, 0]))
+    assert s.load_cv == pytest.approx(np.std([3, 1, 0, 0]) / 1.0)
+    assert s.maxvio == pytest.approx(2.0)
+    assert s.entropy_norm == pytest.approx(-(0.75 * np.log(0.75) + 0.25 * np.log(0.25)) / np.log(4))
+    assert s.dead_experts == 2
+    table = pa.table(
+        {
+            "step": [0, 0, 1, 1, 1, 1],
+            "tag": ["", "", "", "", "val", "val"],
+            "layer": pa.array([0, 0, 0, 0, 0, 0], pa.int16()),
+            "expert": pa.array([0, 1, 0, 1, 0, 1], pa.int16()),
+            "tokens": [1, 3, 2, 2, 100, 0],
+        }
+    )
+    assert window_counts(table, [""])[0].tolist() == [3, 5]
+    assert window_counts(table)[0].tolist() == [103, 5]
+    m = metrics_from_tables({"expert_load": table}, [""])
+    assert set(m) == {f"moescope/layer0/{k}" for k in ("load_cv", "maxvio", "entropy_norm", "dead_experts")}
+    assert m["moescope/layer0/maxvio"] == pytest.approx(5 / 4 - 1)
+
+
+# -- evaluate_flush reporting ---------------------------------------------------------------------
+
+
+class _FakeRecorder:
+    """The attributes evaluate_flush reads from a Recorder."""
+
+    def __init__(self, raise_on: str | None = None, on_alert: Any = None) -> None:
+        self.layers = [SimpleNamespace(layer=0, module="m.layers.0.gate", n_experts=4, top_k=2)]
+        self.alerts: list[Alert] = []
+        self.on_alert = on_alert
+        self.raise_on = raise_on
+        self.alert_rules = None
+        self.run, self.rank, self.run_dir = "r", 0, Path("x")
+        self.closed = 0
+
+    def close(self) -> None:
+        self.closed += 1
+
+
+def _collapsed_flush() -> tuple[list[Any], list[Any]]:
+    load = [(s, "", 0, np.array([[100.0, 50, 50], [100, 50, 50], [0, 0, 0], [0, 0, 0]])) for s in (4, 5)]
+    stats = [(s, "", 0, np.array([100.0, 0, 0, 0, 0, 0, 0, 0])) for s in (4, 5)]
+    return load, stats
+
+
+def test_evaluate_flush_reports_four_ways(caplog: pytest.LogCaptureFixture) -> None:
+    seen: list[Alert] = []
+    rec = _FakeRecorder(on_alert=seen.append)
+    with caplog.at_level(logging.WARNING, logger="moescope"), pytest.warns(MoEAlertWarning, match="layer 0"):
+        out = evaluate_flush(rec, *_collapsed_flush())  # type: ignore[arg-type]
+    assert {a.rule for a in out} == {"dead_expert", "collapse", "load_cv"}
+    assert seen == out == rec.alerts and rec.closed == 0
+    assert all(a.step_start == 4 and a.step_end == 5 and a.module == "m.layers.0.gate" for a in out)
+    assert any(r.levelno == logging.ERROR and "[2, 3]" in r.getMessage() for r in caplog.records)
+
+
+def test_evaluate_flush_raise_on_fail_closes_first() -> None:
+    rec = _FakeRecorder(raise_on="fail")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", MoEAlertWarning)
+        with pytest.raises(RoutingCollapseError, match=r"layer 0 .*recording stopped") as ei:
+            evaluate_flush(rec, *_collapsed_flush())  # type: ignore[arg-type]
+    assert rec.closed == 1 and {a.status for a in ei.value.alerts} == {"FAIL"}
+
+
+# -- live recorder --------------------------------------------------------------------------------
+
+
+def _tiny_mixtral(seed: int = 0) -> Any:
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(seed)
+    cfg = transformers.MixtralConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        num_local_experts=4,
+        num_experts_per_tok=2,
+        vocab_size=100,
+    )
+    return transformers.AutoModelForCausalLM.from_config(cfg)
+
+
+def plant_collapse(model: Any) -> None:
+    """Route every token of every layer to experts 0 and 1: a constant residual channel the routers read."""
+    import torch
+
+    with torch.no_grad():
+        # Channel 0 of every embedding is large, so after RMSNorm it dominates each router's input.
+        model.get_input_embeddings().weight[:, 0] += 50.0
+        for mod in model.modules():
+            if type(mod).__name__ == "MixtralTopKRouter":
+                mod.weight.zero_()
+                mod.weight[:, 0] = torch.tensor([5.0, 5.0, -5.0, -5.0])
+
+
+def test_planted_collapse_alerts_within_one_flush(tmp_path: Path) -> None:
+    import torch
+
+    import moescope
+
+    model = _tiny_mixtral()
+    plant_collapse(model)
+    seen: list[Alert] = []
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with moescope.record(model, tmp_path / "run", flush_every=2, on_alert=seen.append) as rec:
+            for step in range(2):
+                rec.step = step
+                model(input_ids=torch.randint(0, 100, (2, 32)))
+            assert seen == []  # nothing flushed yet
+            rec.step = 2
+            model(input_ids=torch.randint(0, 100, (2, 32)))  # starts step 2: the window 0–1 flushes
+            assert {(a.rule, a.layer) for a in seen} >= {("collapse", 0), ("collapse", 1), ("dead_expert", 0)}
+            assert all((a.step_start, a.step_end) == (0, 1) for a in seen)
+    assert any(issubclass(w.category, MoEAlertWarning) for w in caught)
+    assert next(a for a in seen if a.rule == "dead_expert").experts == (2, 3)
+
+
+def test_raise_on_fail_stops_and_detaches(tmp_path: Path) -> None:
+    import pyarrow.parquet as pq
+    import torch
+
+    import moescope
+
+    model = _tiny_mixtral()
+    plant_collapse(model)
+    steps_run = 0
+    with pytest.raises(RoutingCollapseError, match="layer 0"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", MoEAlertWarning)
+        with moescope.record(model, tmp_path / "run", flush_every=2, raise_on="fail") as rec:
+            for step in range(10):
+                rec.step = step
+                model(input_ids=torch.randint(0, 100, (2, 32)))
+                steps_run += 1
+    assert steps_run == 2  # the first forward of step 2 flushed window 0–1 and raised
+    assert not rec._open and len(rec._handles) == 0
+    hooks = sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
+    assert hooks == 0
+    steps = pq.read_table(tmp_path / "run" / "expert_load").column("step").to_pylist()
+    assert sorted(set(steps)) == [0, 1]  # the window that raised is on disk
+
+
+def test_rank_names_parts(tmp_path: Path) -> None:
+    import torch
+
+    import moescope
+
+    model = _tiny_mixtral()
+    with moescope.record(model, tmp_path / "run", rank=3) as rec:
+        rec.step = 0
+        model(input_ids=torch.randint(0, 100, (1, 8)))
+    parts = sorted(p.name for p in (tmp_path / "run" / "expert_load").iterdir())
+    assert parts and all(p.startswith("part-3-") for p in parts)
+
+
+def test_import_moescope_imports_no_framework() -> None:
+    code = (
+        "import moescope, moescope.capture.alerts, moescope.integrations._scalars, sys; "
+        "bad = [m for m in ('lightning', 'pytorch_lightning', 'transformers') if m in sys.modules]; "
+        "assert not bad, bad"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
