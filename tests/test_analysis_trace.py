@@ -1,0 +1,136 @@
+"""Trace discovery, views, typed empty views, multi-root, and one-line errors for broken traces."""
+
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from conftest import layer_spec, load_frame, routing_frame, stats_frame
+
+import moescope
+from moescope.analysis.trace import VIEWS, Trace
+from moescope.schema import duckdb_columns
+from moescope.trace import TraceError
+
+
+@pytest.fixture
+def two_runs(make_run, trace_root):
+    make_run("a", layers=[layer_spec(0, 4, 2)], expert_load=load_frame([(0, 0, [1, 2, 3, 4])]),
+             router_stats=stats_frame([{"step": 0, "layer": 0, "tokens": 5}]),
+             routing=routing_frame([{"experts": [0, 1], "weights": [0.75, 0.25]}, {"pos": 1, "experts": [3, 2]}]))
+    # rank 1 of run a writes its own parts and manifest
+    make_run("a", rank=1, expert_load=load_frame([(0, 0, [10, 0, 0, 0])]))
+    make_run("nested/b", layers=[layer_spec(0, 4, 2)], expert_load=load_frame([(5, 0, [4, 4, 4, 4])]))
+    return trace_root
+
+
+def test_views_runs_and_ranks(two_runs):
+    tr = moescope.open(two_runs)
+    assert sorted(tr.runs) == ["a", "nested/b"]
+    assert set(VIEWS) <= set(tr.views())
+    el = tr.sql("SELECT run, rank, sum(tokens) FROM expert_load GROUP BY ALL ORDER BY ALL").fetchall()
+    assert el == [("a", 0, 10), ("a", 1, 10), ("nested/b", 0, 16)]
+    runs = tr.sql("SELECT run, rank, n_layers, model_class FROM runs ORDER BY run, rank").fetchall()
+    assert runs == [("a", 0, 1, "hand-built"), ("a", 1, 0, "hand-built"), ("nested/b", 0, 1, "hand-built")]
+    # a run directory opens on its own
+    assert Trace(two_runs / "a").runs == ["a"]
+
+
+def test_assignments_view_unnests_slots(two_runs):
+    tr = moescope.open(two_runs)
+    rows = tr.sql("SELECT pos, slot, expert, weight FROM assignments ORDER BY pos, slot").fetchall()
+    assert rows == [(0, 0, 0, 0.75), (0, 1, 1, 0.25), (1, 0, 3, 0.5), (1, 1, 2, 0.5)]
+
+
+def test_empty_tables_are_typed_views(make_run, trace_root):
+    make_run("only_load", expert_load=load_frame([(0, 0, [1, 1])]))
+    tr = moescope.open(trace_root)
+    for table in ("routing", "expert_similarity", "expert_spectra", "router_stats"):
+        cols = [(c, t) for c, t in tr.views()[table]]
+        assert cols == duckdb_columns(table)
+        assert tr.sql(f"SELECT count(*) FROM {table}").fetchall() == [(0,)]
+    assert tr.sql("SELECT count(*) FROM assignments").fetchall() == [(0,)]
+
+
+def test_missing_column_in_older_file_is_null(trace_root):
+    run = trace_root / "old"
+    moescope.trace.write_run(run, {"router_stats": stats_frame([{"step": 0, "layer": 0, "tokens": 3}])}, run="old")
+    # rewrite the part without lse_max, as an older writer might have
+    part = next((run / "router_stats").glob("*.parquet"))
+    t = pq.read_table(part).drop_columns(["lse_max"])
+    pq.write_table(t, part)
+    tr = moescope.open(trace_root)
+    assert tr.sql("SELECT tokens, lse_max FROM router_stats").fetchall() == [(3, None)]
+
+
+def test_several_roots_and_name_clash(tmp_path, make_run):
+    make_run("x", root=tmp_path / "r1", expert_load=load_frame([(0, 0, [1])]))
+    make_run("y", root=tmp_path / "r2", expert_load=load_frame([(0, 0, [2])]))
+    tr = Trace([tmp_path / "r1", tmp_path / "r2"])
+    assert sorted(tr.runs) == ["x", "y"]
+    make_run("x", root=tmp_path / "r3", expert_load=load_frame([(0, 0, [3])]))
+    with pytest.raises(TraceError, match="appears twice"):
+        Trace([tmp_path / "r1", tmp_path / "r3"])
+
+
+def test_empty_root_and_missing_root(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(TraceError, match="no moescope runs"):
+        Trace(tmp_path / "empty")
+    with pytest.raises(TraceError, match="no such trace root"):
+        Trace(tmp_path / "nope")
+
+
+def test_manifest_without_data_is_empty_trace(tmp_path):
+    moescope.trace.write_manifest(tmp_path / "r" / "run", {"run": "run"})
+    with pytest.raises(TraceError, match="empty trace"):
+        Trace(tmp_path / "r")
+
+
+def test_truncated_parquet_names_the_file(two_runs):
+    part = next((two_runs / "a" / "expert_load").glob("part-0-*.parquet"))
+    data = part.read_bytes()
+    part.write_bytes(data[: len(data) // 2])
+    with pytest.raises(TraceError) as e:
+        Trace(two_runs)
+    msg = str(e.value)
+    assert str(part) in msg and "\n" not in msg
+
+
+def test_garbage_parquet_names_the_file(two_runs):
+    part = two_runs / "nested" / "b" / "routing" / "part-0-000009.parquet"
+    part.parent.mkdir(parents=True)
+    part.write_bytes(b"not parquet at all")
+    with pytest.raises(TraceError, match="part-0-000009.parquet"):
+        Trace(two_runs)
+
+
+def test_bad_manifest_names_the_file(two_runs):
+    m = two_runs / "a" / "manifest.rank-1.json"
+    m.write_text("{ broken")
+    with pytest.raises(TraceError, match="manifest.rank-1.json"):
+        Trace(two_runs)
+    m.write_text(json.dumps({"format": "something-else"}))
+    with pytest.raises(TraceError, match="not a moescope trace manifest"):
+        Trace(two_runs)
+
+
+def test_newer_format_version_in_file_is_refused(trace_root):
+    run = trace_root / "future"
+    moescope.trace.write_run(run, {"expert_load": load_frame([(0, 0, [1])])}, run="future")
+    part = next((run / "expert_load").glob("*.parquet"))
+    t = pq.read_table(part)
+    pq.write_table(t.replace_schema_metadata({b"moescope.format_version": b"99"}), part)
+    with pytest.raises(TraceError, match="newer"):
+        Trace(trace_root)
+
+
+def test_selection_filters(two_runs):
+    tr = moescope.open(two_runs)
+    u = tr.utilization(run="nested/b")
+    assert set(u["run"]) == {"nested/b"} and pd.api.types.is_float_dtype(u["utilization"])
+    assert tr.utilization(run="a", steps=(100, 200)).empty
+    assert isinstance(pa.Table, type)
