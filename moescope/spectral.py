@@ -221,12 +221,14 @@ def _expert_layer(path: str, m: nn.Module) -> ExpertLayer | None:
 
 def _top_k(model: nn.Module, path: str) -> int | None:
     """Best-effort top-k of the MoE block that owns the experts at `path` (for the manifest)."""
-    parent = model.get_submodule(path.rsplit(".", 1)[0]) if "." in path else model
-    for obj in (parent, getattr(parent, "router", None), getattr(parent, "gate", None), getattr(model, "config", None)):
-        for name in ("top_k", "num_experts_per_tok", "moe_top_k"):
-            v = getattr(obj, name, None) if obj is not None else None
-            if isinstance(v, int) and not isinstance(v, bool):
-                return v
+    parts = path.split(".")
+    owners = [model.get_submodule(".".join(parts[:i])) for i in range(len(parts) - 1, 0, -1)]  # nearest first
+    for obj in owners + [getattr(model, "config", None)]:
+        for cand in (obj, getattr(obj, "router", None), getattr(obj, "gate", None)):
+            for name in ("top_k", "num_experts_per_tok", "moe_top_k"):
+                v = getattr(cand, name, None) if cand is not None else None
+                if isinstance(v, int) and not isinstance(v, bool):
+                    return v
     return None
 
 
