@@ -1,0 +1,761 @@
+"""`moescope check`: run the health rules (and regressions against a reference) and format the findings for CI.
+
+The logic lives here, apart from the CLI, so `moescope.testing.assert_healthy` and the CLI share it:
+`run_check(...)` returns a `CheckResult` and the `format_*` functions turn one into text, JSON, JUnit XML
+or GitHub Actions annotations. Exit codes are decided by `CheckResult.exit_code` (0 pass, 1 fail); usage and
+config errors (2) and unreadable traces (3) are raised as exceptions for the caller to map.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+from xml.etree import ElementTree as ET
+
+import pandas as pd
+
+from .trace import TraceError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .analysis.trace import Trace
+
+#: Statuses in the order a person reads them: what broke first, what passed last.
+STATUS_ORDER: tuple[str, ...] = ("FAIL", "ERROR", "WARN", "SKIP", "PASS")
+#: Columns of a findings frame (what `Trace.health` returns and what `run_check` adds).
+COLUMNS: list[str] = [
+    "rule",
+    "status",
+    "run",
+    "layer",
+    "expert",
+    "window",
+    "window_start",
+    "window_end",
+    "metric",
+    "value",
+    "threshold",
+    "message",
+]
+#: Keys of one entry of the JSON report's "checks" list.
+JSON_KEYS: list[str] = ["rule", "status", "run", "layer", "expert", "window", "metric", "value", "threshold", "message"]
+FORMATS: tuple[str, ...] = ("text", "json", "junit", "github")
+FAIL_ON: tuple[str, ...] = ("fail", "warn")
+#: Rule names of the findings that a comparison against a reference adds.
+REFERENCE_RULES: tuple[str, ...] = ("drift", "regression_dead_expert", "regression_load_cv", "regression_nonfinite")
+#: GitHub caps a step summary at 1 MiB; this many rows keeps the table far below it.
+MAX_SUMMARY_ROWS = 200
+
+
+# --------------------------------------------------------------------------------------------- result
+
+
+@dataclass
+class CheckResult:
+    """The outcome of one check: every finding, its counts, and what was checked (trace, config, reference)."""
+
+    findings: pd.DataFrame
+    meta: dict[str, Any] = field(default_factory=dict)
+    fail_on: str = "fail"
+
+    def __post_init__(self) -> None:
+        if self.fail_on not in FAIL_ON:
+            raise ValueError(f"fail_on must be one of {', '.join(FAIL_ON)}, got {self.fail_on!r}")
+        self.findings = normalize_findings(self.findings)
+
+    @property
+    def failing_statuses(self) -> tuple[str, ...]:
+        """Statuses that make the check fail: ERROR counts, since a rule that could not run proves nothing."""
+        return ("FAIL", "ERROR", "WARN") if self.fail_on == "warn" else ("FAIL", "ERROR")
+
+    @property
+    def summary(self) -> dict[str, Any]:
+        """Counts by status, the total and the overall result ("pass" or "fail")."""
+        counts = self.findings["status"].value_counts()
+        out: dict[str, Any] = {s.lower(): int(counts.get(s, 0)) for s in STATUS_ORDER}
+        out["total"] = len(self.findings)
+        out["result"] = "fail" if self.exit_code else "pass"
+        out["fail_on"] = self.fail_on
+        return out
+
+    @property
+    def failures(self) -> pd.DataFrame:
+        """The findings that fail the check under `fail_on`."""
+        return self.findings[self.findings["status"].isin(self.failing_statuses)]
+
+    @property
+    def ok(self) -> bool:
+        """True when nothing fails the check."""
+        return self.failures.empty
+
+    @property
+    def exit_code(self) -> int:
+        """0 when the check passes, 1 when a finding fails it (usage/trace errors are exceptions, not results)."""
+        return 0 if self.ok else 1
+
+
+def normalize_findings(df: pd.DataFrame | None) -> pd.DataFrame:
+    """Return a copy with every column of `COLUMNS`, upper-case statuses, sorted failures first."""
+    df = pd.DataFrame(columns=COLUMNS) if df is None else df.copy()
+    for col in COLUMNS:
+        if col not in df.columns:
+            df[col] = None
+    df["status"] = df["status"].fillna("ERROR").astype(str).str.upper()
+    rank = {s: i for i, s in enumerate(STATUS_ORDER)}
+    df["_rank"] = df["status"].map(rank).fillna(len(rank))
+    # A stable sort keeps the order the rules produced within one status (rule order, then layer, ...).
+    df = df.sort_values("_rank", kind="stable").drop(columns="_rank").reset_index(drop=True)
+    extra = [c for c in df.columns if c not in COLUMNS]
+    return df[COLUMNS + extra]
+
+
+# --------------------------------------------------------------------------------------------- running
+
+
+def _open(trace: str | os.PathLike[str] | Trace) -> Trace:
+    """Open a trace root (or run directory), turning a missing path into a TraceError."""
+    import moescope
+
+    if not isinstance(trace, (str, os.PathLike)):
+        return trace
+    path = Path(trace)
+    if not path.exists():
+        raise TraceError(f"{path}: no such trace (path does not exist)")
+    return moescope.open(path)
+
+
+def _guard(what: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
+    """Call an analysis; a DuckDB or Arrow read failure means the trace is unreadable (exit 3), so say so."""
+    import duckdb
+    import pyarrow as pa
+
+    try:
+        return fn(*args, **kwargs)
+    except (duckdb.IOException, duckdb.InvalidInputException, pa.ArrowInvalid, OSError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else e.__class__.__name__
+        raise TraceError(f"{what}: unreadable trace ({first})") from None
+
+
+def _runs(tr: Trace, label: str) -> list[str]:
+    """The runs of a trace that hold routing data; an empty trace is an unreadable one (exit 3)."""
+    # Not just `tr.runs`: a run whose files hold no rows has nothing to check either.
+    df = _guard(label, lambda: tr.sql("SELECT DISTINCT run FROM expert_load ORDER BY run").df())
+    runs = [str(r) for r in df["run"].tolist()]
+    if not runs:
+        raise TraceError(f"{label}: empty trace (no expert_load rows)")
+    return runs
+
+
+def resolve_config(config: Any, min_tokens: int | None = None) -> Any:
+    """Load a config path (ConfigError on a bad file), or pass a HealthConfig through; apply `min_tokens`."""
+    from .config import HealthConfig, load_config
+
+    if config is None:
+        cfg = HealthConfig()
+    elif isinstance(config, (str, os.PathLike)):
+        if not Path(config).is_file():
+            from .config import ConfigError
+
+            raise ConfigError(f"{config}: config file not found")
+        cfg = load_config(config)
+    else:
+        cfg = config
+    if min_tokens is not None:
+        cfg = _with_min_tokens(cfg, int(min_tokens))
+    return cfg
+
+
+def _with_min_tokens(cfg: Any, n: int) -> Any:
+    """A copy of `cfg` whose minimum expected assignments per expert is `n` (the SKIP threshold)."""
+    import dataclasses
+
+    from .config import ConfigError
+
+    if n < 0:
+        raise ConfigError(f"min_tokens must be >= 0, got {n}")
+    for name in ("min_expected", "min_tokens", "min_expected_per_expert"):
+        if dataclasses.is_dataclass(cfg) and any(f.name == name for f in dataclasses.fields(cfg)):
+            return dataclasses.replace(cfg, **{name: n})
+        if hasattr(cfg, name):
+            setattr(cfg, name, n)
+            return cfg
+    raise ConfigError("this config has no minimum-data setting to override with --min-tokens")
+
+
+def run_check(
+    trace: str | os.PathLike[str] | Trace,
+    *,
+    config: Any = None,
+    reference: str | os.PathLike[str] | None = None,
+    fail_on: str | None = None,
+    min_tokens: int | None = None,
+    run: str | None = None,
+) -> CheckResult:
+    """Run the health rules on `trace` (and drift/regressions against `reference`) and collect the findings.
+
+    `fail_on` and `reference` default to the config's [check] table (reference paths there are relative to
+    the config file). Raises TraceError for a missing, empty or unreadable trace, ConfigError for a bad config.
+    """
+    from . import __version__
+    from .config import ConfigError
+
+    t0 = time.monotonic()
+    cfg = resolve_config(config, min_tokens)
+    check_cfg = getattr(cfg, "check", None)
+    if fail_on is None:
+        fail_on = getattr(check_cfg, "fail_on", None) or "fail"
+    if fail_on not in FAIL_ON:
+        raise ConfigError(f"fail_on must be one of {', '.join(FAIL_ON)}, got {fail_on!r}")
+    if reference is None and getattr(check_cfg, "reference", None):
+        reference = Path(check_cfg.reference)
+        if isinstance(config, (str, os.PathLike)) and not reference.is_absolute():
+            reference = Path(config).parent / reference
+    label = str(trace) if isinstance(trace, (str, os.PathLike)) else ", ".join(map(str, getattr(trace, "roots", [])))
+    tr = _open(trace)
+    runs = _runs(tr, label)
+    if run is not None and run not in runs:
+        raise TraceError(f"{label}: no run {run!r} with routing data (runs: {', '.join(runs)})")
+    checked = [run] if run is not None else runs
+    health = normalize_findings(_guard(label, tr.health, run=run, config=cfg))
+    frames = [health]
+
+    ref_label = None
+    if reference is not None:
+        ref_label = str(reference)
+        if not Path(reference).exists():
+            raise TraceError(f"{ref_label}: no such reference trace (path does not exist)")
+        ref = _open(reference)
+        _runs(ref, ref_label)  # an empty reference is as unreadable as an empty trace
+        ref_health = normalize_findings(_guard(ref_label, ref.health, config=cfg))
+        frames.append(_drift_findings(tr, label, reference, checked, cfg))
+        frames.append(regression_findings(ref_health, health))
+
+    nonempty = [f for f in frames if not f.empty]
+    findings = pd.concat(nonempty, ignore_index=True) if nonempty else pd.DataFrame(columns=COLUMNS)
+    meta = {
+        "trace": label,
+        "runs": checked,
+        "reference": ref_label,
+        "config": _config_meta(config, cfg),
+        "fail_on": fail_on,
+        "min_tokens": min_tokens,
+        "moescope_version": __version__,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "elapsed_s": round(time.monotonic() - t0, 3),
+    }
+    return CheckResult(findings, meta, fail_on)
+
+
+def _config_meta(config: Any, cfg: Any) -> dict[str, Any]:
+    """What the JSON meta says about the config: its path (if any) and its values."""
+    import dataclasses
+
+    values: Any = None
+    if hasattr(cfg, "to_dict"):
+        values = cfg.to_dict()
+    elif dataclasses.is_dataclass(cfg) and not isinstance(cfg, type):
+        values = dataclasses.asdict(cfg)
+    path = str(config) if isinstance(config, (str, os.PathLike)) else None
+    return {"path": path, "values": _jsonable(values)}
+
+
+# --------------------------------------------------------------------------------------------- reference
+
+
+def _drift_findings(tr: Trace, label: str, reference: Any, runs: Iterable[str], cfg: Any) -> pd.DataFrame:
+    """Per current run and layer, drift of the expert-load distribution from the reference trace."""
+    rows: list[dict[str, Any]] = []
+    for r in runs:
+        df = _guard(label, tr.drift, baseline={"root": str(reference)}, current={"run": r}, config=cfg)
+        for rec in df.to_dict("records"):
+            status = rec.get("status")
+            if status is None or (isinstance(status, float) and math.isnan(status)):
+                status = "WARN" if rec.get("flagged") else "PASS"
+            rows.append(
+                {
+                    "rule": "drift",
+                    "status": str(status).upper(),
+                    "run": r,
+                    "layer": rec.get("layer"),
+                    "metric": "js",
+                    "value": rec.get("js"),
+                    "threshold": rec.get("threshold"),
+                    "message": rec.get("message") or _drift_message(rec),
+                }
+            )
+    return normalize_findings(pd.DataFrame(rows, columns=COLUMNS) if rows else None)
+
+
+def _drift_message(rec: Mapping[str, Any]) -> str:
+    """A one-line drift message when the analysis gave none."""
+    return f"layer {rec.get('layer')}: JS distance {_fmt(rec.get('js'))} vs threshold {_fmt(rec.get('threshold'))}"
+
+
+def regression_findings(baseline: pd.DataFrame, current: pd.DataFrame, cfg: Any = None) -> pd.DataFrame:
+    """Findings for what got worse since the baseline: experts that died, load CV past its threshold, non-finite routing.
+
+    Both inputs are health findings; runs are pooled per side (a baseline is usually one run), layers and
+    experts are matched by index.
+    """
+    rows: list[dict[str, Any]] = []
+    rows += _regress_dead(baseline, current)
+    rows += _regress_threshold(baseline, current, "load_cv", "regression_load_cv", "load CV")
+    rows += _regress_threshold(baseline, current, "nonfinite", "regression_nonfinite", "non-finite routing")
+    return normalize_findings(pd.DataFrame(rows, columns=COLUMNS) if rows else None)
+
+
+def _rule_rows(df: pd.DataFrame, rule: str) -> pd.DataFrame:
+    """Rows of one health rule that were evaluated (PASS/WARN/FAIL; SKIP and ERROR say nothing about health)."""
+    return df[(df["rule"] == rule) & df["status"].isin(["PASS", "WARN", "FAIL"])]
+
+
+def _dead_sets(df: pd.DataFrame) -> dict[tuple[str, int], set[int]]:
+    """(run, layer) -> experts a dead_expert FAIL named in any window, for every evaluated run × layer."""
+    out: dict[tuple[str, int], set[int]] = {}
+    for r in _rule_rows(df, "dead_expert").itertuples():
+        if _int_or_none(r.layer) is None:
+            continue
+        dead = out.setdefault((str(r.run), int(r.layer)), set())
+        if r.status == "FAIL":
+            ids = _clean(r.expert)
+            for e in ids if isinstance(ids, list) else [ids]:
+                if _int_or_none(e) is not None:
+                    dead.add(int(e))
+    return out
+
+
+def _regress_dead(baseline: pd.DataFrame, current: pd.DataFrame) -> list[dict[str, Any]]:
+    """Per run × layer, experts alive in every baseline window (of every baseline run) and dead in some window now."""
+    base = _dead_sets(baseline)
+    base_layers = {layer for _, layer in base}
+    dead_before: set[tuple[int, int]] = {(layer, e) for (_, layer), ids in base.items() for e in ids}
+    cur_rows = _rule_rows(current, "dead_expert")
+    rows = []
+    for (run, layer), ids in _dead_sets(current).items():
+        if layer not in base_layers:
+            continue  # a layer the baseline never evaluated: nothing to regress from
+        new = sorted(e for e in ids if (layer, e) not in dead_before)
+        if not new:
+            continue
+        # The window where the lowest utilization shows is the one to point at.
+        fails = cur_rows[(cur_rows["run"] == run) & (cur_rows["layer"] == layer) & (cur_rows["status"] == "FAIL")]
+        worst = fails.sort_values("value", kind="stable").iloc[0]
+        rows.append(
+            {
+                "rule": "regression_dead_expert",
+                "status": "FAIL",
+                "run": run,
+                "layer": layer,
+                "expert": new,
+                "window": worst["window"],
+                "window_start": worst["window_start"],
+                "window_end": worst["window_end"],
+                "metric": worst["metric"],
+                "value": worst["value"],
+                "threshold": worst["threshold"],
+                "message": f"layer {layer}: expert{'s' if len(new) > 1 else ''} {', '.join(map(str, new))} "
+                f"alive in the reference, dead now (utilization down to {_fmt(worst['value'])} "
+                f"< {_fmt(worst['threshold'])})",
+            }
+        )
+    return rows
+
+
+def _regress_threshold(
+    baseline: pd.DataFrame, current: pd.DataFrame, rule: str, new_rule: str, what: str
+) -> list[dict[str, Any]]:
+    """A layer whose rule passed in every baseline window and is WARN/FAIL now."""
+    base = _rule_rows(baseline, rule)
+    cur = _rule_rows(current, rule)
+    if cur.empty:
+        return []
+    bad_before = {_int_or_none(r.layer) for r in base.itertuples() if r.status != "PASS"}
+    base_layers = {_int_or_none(r.layer) for r in base.itertuples()}
+    rows = []
+    done: set[tuple[str, int]] = set()
+    # Worst window first, so the finding points at the highest value of each layer.
+    for r in cur.sort_values("value", ascending=False, kind="stable").itertuples():
+        layer = _int_or_none(r.layer)
+        if r.status == "PASS" or layer is None:
+            continue
+        # Only a layer the baseline evaluated and found healthy can regress.
+        if layer not in base_layers or layer in bad_before or (r.run, layer) in done:
+            continue
+        done.add((r.run, layer))
+        base_vals = base[base["layer"] == layer]["value"]
+        before = _fmt(base_vals.max()) if not base_vals.empty else "n/a"
+        rows.append(
+            {
+                "rule": new_rule,
+                "status": r.status,
+                "run": r.run,
+                "layer": layer,
+                "window": r.window,
+                "window_start": r.window_start,
+                "window_end": r.window_end,
+                "metric": r.metric,
+                "value": r.value,
+                "threshold": r.threshold,
+                "message": f"layer {layer}: {what} {_fmt(r.value)} past {_fmt(r.threshold)} (reference: {before})",
+            }
+        )
+    return rows
+
+
+# --------------------------------------------------------------------------------------------- values
+
+
+def _clean(value: Any) -> Any:
+    """A JSON-safe Python scalar: NaN/Inf/NA become None, numpy scalars become int/float/str."""
+    if value is None:
+        return None
+    if isinstance(value, (list, tuple)) or type(value).__name__ == "ndarray":
+        # Health rules put several experts in one finding (e.g. every dead expert of a layer).
+        return [_clean(v) for v in list(value)]
+    try:
+        if pd.isna(value):
+            return None
+    except (TypeError, ValueError):
+        pass
+    if hasattr(value, "item") and not isinstance(value, (list, dict, str)):
+        try:
+            value = value.item()
+        except (ValueError, AttributeError):
+            pass
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, (pd.Timestamp,)):
+        return value.isoformat()
+    return value
+
+
+def _jsonable(obj: Any) -> Any:
+    """Recursively make a structure JSON-safe (no NaN, no numpy, paths as strings)."""
+    if isinstance(obj, Mapping):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple, set)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, os.PathLike):
+        return str(obj)
+    return _clean(obj)
+
+
+def _int_or_none(value: Any) -> int | None:
+    v = _clean(value)
+    if v is None:
+        return None
+    try:
+        return int(v)
+    except (TypeError, ValueError):
+        return None
+
+
+def _fmt(value: Any) -> str:
+    """A short human rendering of a metric value."""
+    v = _clean(value)
+    if v is None:
+        return "-"
+    if isinstance(v, bool):
+        return str(v).lower()
+    if isinstance(v, int):
+        return str(v)
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return str(v)
+
+
+def _window(rec: Mapping[str, Any]) -> str:
+    """The window label of a finding, from `window` or its start/end steps."""
+    w = _clean(rec.get("window"))
+    if isinstance(w, str) and w:
+        return w
+    # Step bounds say more to a person than a window index, so they win over a bare number.
+    s, e = _int_or_none(rec.get("window_start")), _int_or_none(rec.get("window_end"))
+    if s is not None and e is not None:
+        return f"step {s}" if s == e else f"steps {s}–{e}"
+    return "" if w is None else str(w)
+
+
+def _expert_text(value: Any) -> str:
+    """An expert id, or a comma-separated list of them (findings about several experts)."""
+    v = _clean(value)
+    if v is None:
+        return ""
+    if isinstance(v, list):
+        return ",".join(str(_int_or_none(x) if _int_or_none(x) is not None else x) for x in v)
+    n = _int_or_none(v)
+    return str(n) if n is not None else str(v)
+
+
+def _expert_json(value: Any) -> Any:
+    """An expert for JSON: an int, a list (ints where they are ints), or null."""
+    v = _clean(value)
+    if isinstance(v, list):
+        return [x if _int_or_none(x) is None or isinstance(x, str) else _int_or_none(x) for x in v]
+    if isinstance(v, str):
+        return v
+    return _int_or_none(v)
+
+
+def _where(rec: Mapping[str, Any]) -> str:
+    """'run r, layer 3, expert 5' for a finding (the parts it has)."""
+    parts = []
+    if _clean(rec.get("run")) is not None:
+        parts.append(f"run {rec['run']}")
+    if (layer := _int_or_none(rec.get("layer"))) is not None:
+        parts.append(f"layer {layer}")
+    experts = _expert_text(rec.get("expert"))
+    if experts:
+        parts.append(f"expert{'s' if ',' in experts else ''} {experts}")
+    return ", ".join(parts)
+
+
+def _records(result: CheckResult) -> list[dict[str, Any]]:
+    return result.findings.to_dict("records")
+
+
+# --------------------------------------------------------------------------------------------- formats
+
+
+def summary_line(result: CheckResult) -> str:
+    """One line: overall result, counts by status and what was checked."""
+    s = result.summary
+    counts = ", ".join(f"{s[k.lower()]} {k.lower()}" for k in STATUS_ORDER)
+    ref = f" against {result.meta['reference']}" if result.meta.get("reference") else ""
+    return f"moescope check: {s['result'].upper()} ({counts}) for {result.meta.get('trace', 'trace')}{ref}"
+
+
+def format_text(result: CheckResult, *, verbose: bool = False) -> str:
+    """A table a person reads: every non-PASS finding (failures first), passing rules folded, a summary line."""
+    df = result.findings
+    shown = df if verbose else df[df["status"] != "PASS"]
+    header = ["STATUS", "RULE", "RUN", "LAYER", "EXPERT", "WINDOW", "VALUE", "THRESHOLD", "MESSAGE"]
+    rows = []
+    for rec in shown.to_dict("records"):
+        status = rec["status"]
+        if status == "WARN" and result.fail_on == "warn":
+            status = "WARN*"  # marks a warning that fails this check
+        rows.append(
+            [
+                status,
+                str(_clean(rec["rule"]) or ""),
+                str(_clean(rec["run"]) or ""),
+                "" if _int_or_none(rec["layer"]) is None else str(_int_or_none(rec["layer"])),
+                _expert_text(rec["expert"]),
+                _window(rec),
+                _fmt(rec["value"]),
+                _fmt(rec["threshold"]),
+                " ".join(str(_clean(rec["message"]) or "").split()),
+            ]
+        )
+    lines: list[str] = []
+    if rows:
+        widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
+        widths[-1] = 0  # the message is last and not padded
+        fmt = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()  # noqa: E731
+        lines.append(fmt(header))
+        lines.extend(fmt(r) for r in rows)
+        lines.append("")
+    passed = df[df["status"] == "PASS"]
+    if not verbose and not passed.empty:
+        rules = sorted({str(r) for r in passed["rule"]})
+        lines.append(f"{len(passed)} checks passed ({', '.join(rules)})")
+    if result.fail_on == "warn" and (df["status"] == "WARN").any():
+        lines.append("WARN* fails this check (--fail-on warn)")
+    lines.append(summary_line(result))
+    return "\n".join(lines) + "\n"
+
+
+def to_dict(result: CheckResult) -> dict[str, Any]:
+    """The JSON report as a dict: summary, checks, meta."""
+    checks = []
+    for rec in _records(result):
+        item = {k: _clean(rec.get(k)) for k in JSON_KEYS}
+        item["layer"] = _int_or_none(item["layer"])
+        item["expert"] = _expert_json(rec.get("expert"))
+        item["window"] = _window(rec) or None
+        checks.append(item)
+    return {"summary": result.summary, "checks": checks, "meta": _jsonable(result.meta)}
+
+
+def format_json(result: CheckResult) -> str:
+    """The JSON report (strict JSON: NaN and Inf are null)."""
+    return json.dumps(to_dict(result), indent=2, allow_nan=False) + "\n"
+
+
+#: Which status wins when one JUnit testcase holds several findings (windows, experts).
+_CASE_RANK = {"ERROR": 0, "FAIL": 1, "WARN": 2, "PASS": 3, "SKIP": 4}
+
+
+def _cases(result: CheckResult) -> list[tuple[str, str, str, list[dict[str, Any]]]]:
+    """Group findings into JUnit testcases: one per rule × run × layer, in first-seen order."""
+    groups: dict[tuple[str, str, Any], list[dict[str, Any]]] = {}
+    for rec in _records(result):
+        key = (str(_clean(rec["rule"]) or "?"), str(_clean(rec["run"]) or ""), _int_or_none(rec["layer"]))
+        groups.setdefault(key, []).append(rec)
+    out = []
+    for (rule, run, layer), recs in groups.items():
+        status = min((r["status"] for r in recs), key=lambda s: _CASE_RANK.get(s, 0))
+        classname = f"moescope.{run}" if run else "moescope"
+        name = rule if layer is None else f"{rule}[layer {layer}]"
+        out.append((classname, name, status, recs))
+    return out
+
+
+def format_junit(result: CheckResult) -> str:
+    """JUnit XML for GitLab, Jenkins and other CI: one testcase per rule × run × layer.
+
+    FAIL → <failure>, ERROR → <error>, SKIP → <skipped>, WARN → passes with <system-out>
+    (or <failure> with fail_on="warn").
+    """
+    cases = _cases(result)
+    counts = {"tests": len(cases), "failures": 0, "errors": 0, "skipped": 0}
+    elapsed = f"{float(result.meta.get('elapsed_s') or 0.0):.3f}"
+    suites = ET.Element("testsuites", name="moescope check")
+    suite = ET.SubElement(
+        suites,
+        "testsuite",
+        name=f"moescope check {result.meta.get('trace', '')}".strip(),
+        timestamp=str(result.meta.get("created", "")),
+        time=elapsed,
+    )
+    props = ET.SubElement(suite, "properties")
+    for k in ("trace", "reference", "fail_on", "moescope_version"):
+        if result.meta.get(k) is not None:
+            ET.SubElement(props, "property", name=k, value=str(result.meta[k]))
+    for classname, name, status, recs in cases:
+        case = ET.SubElement(suite, "testcase", classname=classname, name=name, time="0")
+        details = "\n".join(_detail(r) for r in recs if r["status"] != "PASS" or status == "PASS")
+        bad = [r for r in recs if r["status"] == status]
+        first = " ".join(str(_clean(bad[0]["message"]) or status).split()) if bad else status
+        if status == "ERROR":
+            counts["errors"] += 1
+            ET.SubElement(case, "error", message=first, type="ERROR").text = details
+        elif status == "FAIL" or (status == "WARN" and result.fail_on == "warn"):
+            counts["failures"] += 1
+            ET.SubElement(case, "failure", message=first, type=status).text = details
+        elif status == "SKIP":
+            counts["skipped"] += 1
+            ET.SubElement(case, "skipped", message=first)
+        elif status == "WARN":
+            ET.SubElement(case, "system-out").text = details
+    for k, v in counts.items():
+        suite.set(k, str(v))
+        suites.set(k, str(v))
+    suites.set("time", elapsed)
+    ET.indent(suites)
+    return '<?xml version="1.0" encoding="UTF-8"?>\n' + ET.tostring(suites, encoding="unicode") + "\n"
+
+
+def _detail(rec: Mapping[str, Any]) -> str:
+    """One line per finding in JUnit bodies and annotations."""
+    where = _where(rec)
+    win = _window(rec)
+    extra = f" [{win}]" if win else ""
+    msg = " ".join(str(_clean(rec.get("message")) or "").split())
+    return f"{rec['status']} {rec['rule']} ({where}){extra}: {msg} (value {_fmt(rec.get('value'))}, threshold {_fmt(rec.get('threshold'))})"
+
+
+def _gh_escape_data(s: str) -> str:
+    """Escape an annotation message the way the GitHub Actions toolkit does."""
+    return s.replace("%", "%25").replace("\r", "%0D").replace("\n", "%0A")
+
+
+def _gh_escape_prop(s: str) -> str:
+    """Escape an annotation property (file, title): also ':' and ','."""
+    return _gh_escape_data(s).replace(":", "%3A").replace(",", "%2C")
+
+
+def format_github(result: CheckResult) -> str:
+    """GitHub Actions workflow commands: `::error` for failing findings, `::warning` for warnings, then a summary line."""
+    lines = []
+    trace = str(result.meta.get("trace", ""))
+    for rec in _records(result):
+        status = rec["status"]
+        if status in result.failing_statuses:
+            level = "error"
+        elif status == "WARN":
+            level = "warning"
+        else:
+            continue
+        where = _where(rec)
+        title = f"moescope {rec['rule']}" + (f" ({where})" if where else "")
+        msg = " ".join(str(_clean(rec.get("message")) or "").split())
+        msg = f"{status}: {msg} (value {_fmt(rec.get('value'))}, threshold {_fmt(rec.get('threshold'))})"
+        win = _window(rec)
+        if win:
+            msg += f" [{win}]"
+        lines.append(f"::{level} file={_gh_escape_prop(trace)},title={_gh_escape_prop(title)}::{_gh_escape_data(msg)}")
+    lines.append(summary_line(result))
+    return "\n".join(lines) + "\n"
+
+
+def _md_cell(value: Any) -> str:
+    return " ".join(str(value).split()).replace("|", "\\|")
+
+
+def format_markdown(result: CheckResult, max_rows: int = MAX_SUMMARY_ROWS) -> str:
+    """A markdown report for `$GITHUB_STEP_SUMMARY`: result, counts, and a table of the non-PASS findings."""
+    s = result.summary
+    icon = {"FAIL": "❌", "ERROR": "💥", "WARN": "⚠️", "SKIP": "⏭️", "PASS": "✅"}
+    lines = [
+        f"## moescope check: {'✅ pass' if s['result'] == 'pass' else '❌ fail'}",
+        "",
+        f"Trace `{result.meta.get('trace', '')}`"
+        + (f" against reference `{result.meta['reference']}`" if result.meta.get("reference") else "")
+        + f" · fail on: {result.fail_on}",
+        "",
+        "| " + " | ".join(k for k in STATUS_ORDER) + " |",
+        "|" + "---:|" * len(STATUS_ORDER),
+        "| " + " | ".join(str(s[k.lower()]) for k in STATUS_ORDER) + " |",
+        "",
+    ]
+    shown = result.findings[result.findings["status"] != "PASS"]
+    if not shown.empty:
+        lines += [
+            "| status | rule | run | layer | expert | window | value | threshold | message |",
+            "|---|---|---|---:|---:|---|---:|---:|---|",
+        ]
+        for rec in shown.head(max_rows).to_dict("records"):
+            cells = [
+                f"{icon.get(rec['status'], '')} {rec['status']}",
+                rec["rule"],
+                _clean(rec["run"]) or "",
+                "" if _int_or_none(rec["layer"]) is None else _int_or_none(rec["layer"]),
+                _expert_text(rec["expert"]),
+                _window(rec),
+                _fmt(rec["value"]),
+                _fmt(rec["threshold"]),
+                _clean(rec["message"]) or "",
+            ]
+            lines.append("| " + " | ".join(_md_cell(c) for c in cells) + " |")
+        if len(shown) > max_rows:
+            lines.append(f"\n… and {len(shown) - max_rows} more (see the job log or the JSON report)")
+    lines.append("")
+    return "\n".join(lines) + "\n"
+
+
+def write_step_summary(result: CheckResult, path: str | os.PathLike[str] | None = None) -> Path | None:
+    """Append the markdown report to `path` or `$GITHUB_STEP_SUMMARY`; returns the file, or None when unset."""
+    target = path or os.environ.get("GITHUB_STEP_SUMMARY")
+    if not target:
+        return None
+    with open(target, "a", encoding="utf-8") as fh:
+        fh.write(format_markdown(result))
+    return Path(target)
+
+
+FORMATTERS = {"text": format_text, "json": format_json, "junit": format_junit, "github": format_github}
+
+
+def render(result: CheckResult, fmt: str = "text") -> str:
+    """Render a result in one of `FORMATS`."""
+    try:
+        return FORMATTERS[fmt](result)
+    except KeyError:
+        raise ValueError(f"unknown format {fmt!r}; use one of {', '.join(FORMATS)}") from None

@@ -1,0 +1,126 @@
+"""`moescope check TRACE`: fail CI when routing is unhealthy (exit 0 pass, 1 fail, 2 usage/config, 3 unreadable trace)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+DEFAULT_CONFIG = "moescope.toml"
+
+EPILOG = """\
+exit codes:
+  0  every check passed (warnings allowed unless --fail-on warn)
+  1  a check failed (FAIL or ERROR; also WARN with --fail-on warn)
+  2  usage or config error
+  3  unreadable or empty trace (or reference)
+
+examples:
+  moescope check traces/run-a
+  moescope check traces --reference traces-main/run-a --format junit -o moescope.xml
+  moescope check traces --format github          # annotations + $GITHUB_STEP_SUMMARY
+"""
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add the `check` command to the CLI."""
+    p = subparsers.add_parser(
+        "check",
+        help="run the health rules on a trace and exit non-zero on failure (for CI)",
+        description="Run the router health rules on a trace (and drift/regressions against a reference trace); "
+        "print the findings and exit non-zero when a check fails.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("trace", metavar="TRACE", help="trace root or run directory")
+    p.add_argument(
+        "--config",
+        metavar="PATH",
+        help=f"rule thresholds (TOML); default: ./{DEFAULT_CONFIG} when it exists, else the built-in defaults",
+    )
+    p.add_argument(
+        "--reference",
+        metavar="REF",
+        help="baseline trace (root or run directory): adds drift and regression checks "
+        "(default: [check].reference of the config, if set)",
+    )
+    p.add_argument("--format", choices=("text", "json", "junit", "github"), default="text", help="output format")
+    p.add_argument("-o", "--output", metavar="FILE", help="write the report to FILE instead of stdout")
+    p.add_argument(
+        "--fail-on",
+        choices=("fail", "warn"),
+        default=None,
+        help="lowest status that fails the check (default: [check].fail_on of the config, else fail)",
+    )
+    p.add_argument(
+        "--min-tokens",
+        type=int,
+        metavar="N",
+        help="minimum expected assignments per expert (kT/N) before a load rule is evaluated, else SKIP",
+    )
+    p.add_argument("--run", metavar="RUN", help="check only this run of the trace")
+    p.add_argument("-v", "--verbose", action="store_true", help="text format: list passing findings too")
+    p.set_defaults(func=cmd_check)
+
+
+def _config_path(arg: str | None) -> str | None:
+    """The config to use: --config, else ./moescope.toml when it exists, else None (built-in defaults)."""
+    if arg is not None:
+        return arg
+    return DEFAULT_CONFIG if Path(DEFAULT_CONFIG).is_file() else None
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    """Run the check and print or write the report; returns the exit code."""
+    from ..check import format_text, render, run_check, write_step_summary
+    from ..cli import CLIError
+
+    if args.min_tokens is not None and args.min_tokens < 0:
+        raise CLIError(f"--min-tokens must be >= 0, got {args.min_tokens}", 2)
+    config = _config_path(args.config)
+    try:
+        from ..config import ConfigError
+    except ImportError:  # pragma: no cover - config module ships with the analysis layer
+        ConfigError = ValueError  # type: ignore[misc,assignment]  # noqa: N806
+    try:
+        result = run_check(
+            args.trace,
+            config=config,
+            reference=args.reference,
+            fail_on=args.fail_on,
+            min_tokens=args.min_tokens,
+            run=args.run,
+        )
+    except ConfigError as e:
+        raise CLIError(_one_line(e), 2) from None  # the message names the file and key
+    text = format_text(result, verbose=args.verbose) if args.format == "text" else render(result, args.format)
+    if args.output:
+        try:
+            Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.output).write_text(text, encoding="utf-8")
+        except OSError as e:
+            raise CLIError(f"cannot write {args.output}: {e.strerror or e}", 2) from None
+        # The person or CI log still sees the verdict when the report goes to a file.
+        if args.format != "github":
+            sys.stderr.write(_summary(result) + "\n")
+    else:
+        sys.stdout.write(text)
+    if args.format == "github" and os.environ.get("GITHUB_STEP_SUMMARY"):
+        try:
+            write_step_summary(result)
+        except OSError as e:
+            raise CLIError(f"cannot append to $GITHUB_STEP_SUMMARY: {e.strerror or e}", 2) from None
+    return result.exit_code
+
+
+def _summary(result: object) -> str:
+    from ..check import summary_line
+
+    return summary_line(result)  # type: ignore[arg-type]
+
+
+def _one_line(e: BaseException) -> str:
+    """The first line of an exception message (errors are one line)."""
+    s = str(e).strip()
+    return s.splitlines()[0] if s else e.__class__.__name__
