@@ -175,17 +175,33 @@ def _act_of(m: Any) -> Callable[[Any], Any] | None:
 
 
 def _mlp_names(m: nn.Module) -> tuple[str | None, str, str]:
-    """The (gate, up, down) Linear names of an expert MLP module; raises when it has none."""
+    """The (gate, up, down) Linear names of an expert MLP module; raises when it has none.
+
+    An expert holds its projections and nothing else with parameters; a decoder layer holding fc1/fc2 next to
+    its attention is not an expert.
+    """
+    holders = {n for n, c in m.named_children() if any(True for _ in c.parameters())}
     for g, u, d in MLP_NAMES:
         names = [n for n in (g, u, d) if n is not None]
-        if all(_is_linear(getattr(m, n, None)) for n in names):
-            return g, u, d
+        if all(_is_linear(getattr(m, n, None)) for n in names) and holders <= set(names):
+            if not any(True for _ in m.parameters(recurse=False)):
+                return g, u, d
     raise SpectralError(f"{type(m).__name__}: not an expert MLP")
+
+
+_FLOATS = ("float32", "float16", "bfloat16", "float64")
 
 
 def _is_linear(m: Any) -> bool:
     w = getattr(m, "weight", None)
     return w is not None and getattr(w, "ndim", 0) == 2
+
+
+def _check_dtype(path: str, t: Any) -> None:
+    """Refuse quantized expert storage: its raw values are not the weights (int packs, FP8 with scales)."""
+    name = str(t.dtype).removeprefix("torch.")
+    if name not in _FLOATS:
+        raise SpectralError(f"{path}: expert weights are {name}; only float experts are supported (dequantize first)")
 
 
 def _expert_layer(path: str, m: nn.Module) -> ExpertLayer | None:
@@ -245,6 +261,7 @@ def find_expert_layers(model: nn.Module, run_dir: str | Path | None = None) -> l
             continue  # the MLPs inside an expert list are not layers of their own
         ly = _expert_layer(path, m)
         if ly is not None:
+            _check_dtype(path, next(ly.module.parameters()))
             ly.top_k = _top_k(model, path)
             found.append(ly)
             skip = (*skip, path + ".")
@@ -265,8 +282,9 @@ def cka_matrix(outputs: Sequence[torch.Tensor] | torch.Tensor) -> np.ndarray:
     """Pairwise linear CKA of E representations [E, n, d] → [E, E] (float64 on the host)."""
     import torch
 
-    kf = torch.stack([_gram_flat(o) for o in outputs])  # [E, n²]
-    return (kf @ kf.T).cpu().numpy()
+    with torch.no_grad():
+        kf = torch.stack([_gram_flat(o.detach()) for o in outputs])  # [E, n²]
+        return (kf @ kf.T).cpu().numpy()
 
 
 def _gram_flat(y: torch.Tensor) -> torch.Tensor:

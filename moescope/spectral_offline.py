@@ -326,13 +326,7 @@ _ST_DTYPES = {
     "F32": np.float32,
     "F16": np.float16,
     "BF16": np.uint16,  # numpy has no bfloat16: read the bits, widen to float32 on the fly
-    "I64": np.int64,
-    "I32": np.int32,
-    "I16": np.int16,
-    "I8": np.int8,
-    "U8": np.uint8,
-    "BOOL": np.bool_,
-}
+}  # quantized experts (int8/uint8 packs, FP8 + scales) would need their dequantisation first: refused
 
 
 class _Safetensors:
@@ -358,7 +352,10 @@ class _Safetensors:
     def get(self, name: str) -> np.ndarray:
         info = self.meta[name]
         if info["dtype"] not in _ST_DTYPES:
-            raise SpectralError(f"{self.path.name}: tensor {name} has unsupported dtype {info['dtype']}")
+            raise SpectralError(
+                f"{self.path.name}: tensor {name} has dtype {info['dtype']}; only float experts are supported"
+                " (dequantize quantized checkpoints first)"
+            )
         start, end = info["data_offsets"]
         raw = self._mm[self.base + start : self.base + end]
         return raw.view(_ST_DTYPES[info["dtype"]]).reshape(info["shape"])
@@ -474,10 +471,15 @@ def find_offline_layers(shapes: dict[str, tuple[int, ...]], interleaved: bool = 
                     names[b] = key
             layers.append(_OfflineLayer(prefix, "fused", shape[0], names, tr, interleaved and gated, gated))
     groups: dict[str, dict[str, dict[int, str]]] = {}
+    below: dict[str, set[str]] = {}  # "prefix.e." → every key suffix under that expert
     for name in shapes:
         m = _LIST_RE.match(name)
         if m:
             groups.setdefault(m["prefix"], {}).setdefault(m["mat"], {})[int(m["e"])] = name
+        parts = name.split(".")
+        for i, p in enumerate(parts[:-1]):
+            if p.isdigit():
+                below.setdefault(".".join(parts[: i + 1]) + ".", set()).add(".".join(parts[i + 1 :]))
     for prefix, mats in groups.items():
         for g, u, d in MLP_NAMES:
             if u not in mats or d not in mats or (g is not None and g not in mats):
@@ -486,6 +488,10 @@ def find_offline_layers(shapes: dict[str, tuple[int, ...]], interleaved: bool = 
             if len(ids) < 2 or ids != set(range(len(ids))) or set(mats[d]) != ids or (g and set(mats[g]) != ids):
                 continue
             n = len(ids)
+            # an expert holds its projections and nothing else; a decoder layer with fc1/fc2 also holds attention
+            allowed = {f"{x}.{k}" for x in (g, u, d) if x is not None for k in ("weight", "bias")}
+            if any(not below.get(f"{prefix}.{e}.", set()) <= allowed for e in range(n)):
+                continue
             names = {"up": [mats[u][e] for e in range(n)], "down": [mats[d][e] for e in range(n)]}
             if g is not None:
                 names["gate"] = [mats[g][e] for e in range(n)]

@@ -333,6 +333,37 @@ def test_non_gated_fused_experts(tmp_path):
     assert sorted(sp.matrix.unique()) == ["down", "up"]
 
 
+@pytest.mark.hf
+def test_dense_decoder_layers_are_not_experts():
+    transformers = pytest.importorskip("transformers")
+    from moescope.spectral_offline import find_offline_layers
+
+    cfg = transformers.OPTConfig(
+        hidden_size=16, ffn_dim=32, num_hidden_layers=3, num_attention_heads=2, vocab_size=50, word_embed_proj_dim=16
+    )
+    model = transformers.AutoModelForCausalLM.from_config(cfg)  # decoder layers hold fc1/fc2 next to attention
+    assert find_expert_layers(model) == []
+    assert find_offline_layers({k: tuple(v.shape) for k, v in model.state_dict().items()}) == []
+
+
+def test_quantized_experts_refused(tmp_path):
+    gu, dn = random_experts(3, 4, 8)
+    model = fused_model(gu, dn)
+    ex = model.layers[0].mlp.experts
+    ex.gate_up_proj = nn.Parameter(gu.to(torch.int8), requires_grad=False)
+    with pytest.raises(SpectralError, match="only float experts"):
+        moescope.snapshot_experts(model, tmp_path / "run")
+
+
+def test_spectra_options(tmp_path):
+    model = fused_model(*random_experts(3, 8, 16))
+    moescope.snapshot_experts(model, tmp_path / "a", max_sigma=3, metrics=("subspace_overlap",))
+    sp = pq.read_table(tmp_path / "a" / "expert_spectra").to_pandas()
+    assert len(sp) == 3 * 3 * 3 and sp.idx.max() == 2  # experts × matrices × kept σ
+    moescope.snapshot_experts(model, tmp_path / "b", spectra=False)
+    assert not (tmp_path / "b" / "expert_spectra").exists()
+
+
 def test_no_experts_is_one_clear_error(tmp_path):
     with pytest.raises(SpectralError, match="no MoE experts"):
         moescope.snapshot_experts(nn.Sequential(nn.Linear(4, 4)), tmp_path / "run")
@@ -483,6 +514,8 @@ def test_reference_model_and_upcycling(tmp_path):
     fresh = moescope.snapshot_experts(model, tmp_path / "fresh")
     assert (fresh.value < 0.8).all()
     dense = ref.MoEModel(ref.MoEConfig(d_model=32, n_layers=2, n_heads=2, n_experts=1, top_k=1, d_expert=64))
+    assert len(moescope.snapshot_experts(dense, tmp_path / "dense")) == 0  # one expert: spectra, no pairs
+    assert (tmp_path / "dense" / "expert_spectra").is_dir()
     up = ref.upcycle(dense, n_experts=6, top_k=2, noise=0.05)
     df = moescope.snapshot_experts(up, tmp_path / "upcycled")
     by = df.groupby("metric").value
