@@ -8,6 +8,7 @@ config errors (2) and unreadable traces (3) are raised as exceptions for the cal
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -216,24 +217,28 @@ def run_check(
         if isinstance(config, (str, os.PathLike)) and not reference.is_absolute():
             reference = Path(config).parent / reference
     label = str(trace) if isinstance(trace, (str, os.PathLike)) else ", ".join(map(str, getattr(trace, "roots", [])))
-    tr = _open(trace)
-    runs = _runs(tr, label)
-    if run is not None and run not in runs:
-        raise TraceError(f"{label}: no run {run!r} with routing data (runs: {', '.join(runs)})")
-    checked = [run] if run is not None else runs
-    health = normalize_findings(_guard(label, tr.health, run=run, config=cfg))
-    frames = [health]
+    with contextlib.ExitStack() as stack:
+        tr = _open(trace)
+        if tr is not trace:  # close what we opened (assert_healthy may run many times in one test session)
+            stack.callback(tr.close)
+        runs = _runs(tr, label)
+        if run is not None and run not in runs:
+            raise TraceError(f"{label}: no run {run!r} with routing data (runs: {', '.join(runs)})")
+        checked = [run] if run is not None else runs
+        health = normalize_findings(_guard(label, tr.health, run=run, config=cfg))
+        frames = [health]
 
-    ref_label = None
-    if reference is not None:
-        ref_label = str(reference)
-        if not Path(reference).exists():
-            raise TraceError(f"{ref_label}: no such reference trace (path does not exist)")
-        ref = _open(reference)
-        _runs(ref, ref_label)  # an empty reference is as unreadable as an empty trace
-        ref_health = normalize_findings(_guard(ref_label, ref.health, config=cfg))
-        frames.append(_drift_findings(tr, label, reference, checked, cfg))
-        frames.append(regression_findings(ref_health, health))
+        ref_label = None
+        if reference is not None:
+            ref_label = str(reference)
+            if not Path(reference).exists():
+                raise TraceError(f"{ref_label}: no such reference trace (path does not exist)")
+            ref = _open(reference)
+            stack.callback(ref.close)
+            _runs(ref, ref_label)  # an empty reference is as unreadable as an empty trace
+            ref_health = normalize_findings(_guard(ref_label, ref.health, config=cfg))
+            frames.append(_drift_findings(tr, label, ref, checked, cfg))
+            frames.append(regression_findings(ref_health, health))
 
     nonempty = [f for f in frames if not f.empty]
     findings = pd.concat(nonempty, ignore_index=True) if nonempty else pd.DataFrame(columns=COLUMNS)
@@ -271,7 +276,8 @@ def _drift_findings(tr: Trace, label: str, reference: Any, runs: Iterable[str], 
     """Per current run and layer, drift of the expert-load distribution from the reference trace."""
     rows: list[dict[str, Any]] = []
     for r in runs:
-        df = _guard(label, tr.drift, baseline={"root": str(reference)}, current={"run": r}, config=cfg)
+        # The open reference Trace is passed as the root, so drift does not discover and validate it again.
+        df = _guard(label, tr.drift, baseline={"root": reference}, current={"run": r}, config=cfg)
         for rec in df.to_dict("records"):
             status = rec.get("status")
             if status is None or (isinstance(status, float) and math.isnan(status)):
@@ -621,7 +627,8 @@ def format_junit(result: CheckResult) -> str:
         suites,
         "testsuite",
         name=f"moescope check {result.meta.get('trace', '')}".strip(),
-        timestamp=str(result.meta.get("created", "")),
+        # JUnit's schema wants an ISO 8601 timestamp without a zone designator (Jenkins parses it strictly).
+        timestamp=str(result.meta.get("created", "")).rstrip("Z"),
         time=elapsed,
     )
     props = ET.SubElement(suite, "properties")

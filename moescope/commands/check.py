@@ -46,7 +46,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "(default: [check].reference of the config, if set)",
     )
     p.add_argument("--format", choices=("text", "json", "junit", "github"), default="text", help="output format")
-    p.add_argument("-o", "--output", metavar="FILE", help="write the report to FILE instead of stdout")
+    p.add_argument(
+        "-o",
+        "--output",
+        metavar="FILE",
+        help="write the report to FILE; stdout then gets the text table (like pytest --junitxml)",
+    )
     p.add_argument(
         "--fail-on",
         choices=("fail", "warn"),
@@ -101,9 +106,11 @@ def cmd_check(args: argparse.Namespace) -> int:
             Path(args.output).write_text(text, encoding="utf-8")
         except OSError as e:
             raise CLIError(f"cannot write {args.output}: {e.strerror or e}", 2) from None
-        # The person or CI log still sees the verdict when the report goes to a file.
-        if args.format != "github":
-            sys.stderr.write(_summary(result) + "\n")
+        # Like pytest --junitxml: the job log still shows the findings a person reads, the file feeds the CI.
+        if args.format == "text":
+            sys.stdout.write(_summary(result) + "\n")
+        else:
+            sys.stdout.write(format_text(result, verbose=args.verbose))
     else:
         sys.stdout.write(text)
     if args.format == "github" and os.environ.get("GITHUB_STEP_SUMMARY"):
