@@ -1,0 +1,165 @@
+"""The Dash app: a nav bar over Dash's page container, and the callbacks that keep the selection in the URL.
+
+Pages live in pages/ and register themselves with `dash.register_page` (Dash's pages_folder mechanism);
+the nav bar lists whatever pages registered, ordered by their `order`, so pages added later (e.g. a
+systems what-if page) appear without touching this file. Every control with the id
+`{"type": "ms-sel", "key": K}` writes `K=value` into the URL query string; the page then re-renders from
+the URL, so every view is a shareable link and the back button works.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import dash
+from dash import ALL, Dash, Input, Output, State, dcc, html, no_update
+from dash import _callback as _dash_callback
+from dash import _pages as _dash_pages
+
+from .components import SEL
+from .data import DashboardData
+from .state import KEYS, from_query, merge_controls, resolve, to_query
+
+HERE = Path(__file__).resolve().parent
+#: Dash's own id of the page container's dcc.Location.
+LOCATION = "_pages_location"
+
+log = logging.getLogger("moescope.dashboard")
+
+
+def _reset_dash_globals() -> None:
+    """Forget pages and `dash.callback`s left by an earlier app in this process (tests build many apps).
+
+    Dash keeps both in module globals and hands them to whichever app serves first; our pages are
+    re-imported for every app, so stale copies would otherwise be registered twice.
+    """
+    _dash_pages.PAGE_REGISTRY.clear()
+    _dash_callback.GLOBAL_CALLBACK_LIST.clear()
+    _dash_callback.GLOBAL_CALLBACK_MAP.clear()
+
+
+def _adopt_page_callbacks(app: Dash) -> None:
+    """Bind the pages' `dash.callback`s to this app now, so a second app built in the process cannot take them."""
+    cb_map = getattr(app, "callback_map", None)
+    cb_list = getattr(app, "_callback_list", None)
+    if cb_map is None or cb_list is None:  # another Dash version: it binds them at the first request instead
+        return
+    for key in list(_dash_callback.GLOBAL_CALLBACK_MAP):
+        cb_map[key] = _dash_callback.GLOBAL_CALLBACK_MAP.pop(key)
+    cb_list.extend(_dash_callback.GLOBAL_CALLBACK_LIST)
+    _dash_callback.GLOBAL_CALLBACK_LIST.clear()
+
+
+def nav_pages() -> list[dict[str, Any]]:
+    """Registered pages in nav order (by `order`, then name); pages registered with nav=False are left out."""
+    pages = [p for p in dash.page_registry.values() if p.get("nav", True) is not False]
+    return sorted(pages, key=lambda p: (p.get("order") if p.get("order") is not None else 1_000, p["name"]))
+
+
+def _nav_id(page: dict[str, Any]) -> str:
+    return "ms-nav-" + page["module"].rsplit(".", 1)[-1].replace("_", "-")
+
+
+def _shell(data: DashboardData) -> html.Div:
+    """The page frame: nav bar (brand, page links, trace name) and Dash's page container."""
+    links = [
+        dcc.Link(p["name"], href=p["relative_path"], id=_nav_id(p), className="ms-nav-link")
+        for p in nav_pages()
+    ]
+    root = data.root.resolve()
+    return html.Div(
+        [
+            html.Header(
+                [
+                    html.A(
+                        [html.Span("◆", className="ms-logo"), html.Span("moescope", className="ms-brand-name")],
+                        href="/", className="ms-brand",
+                    ),
+                    html.Nav(links, className="ms-nav"),
+                    html.Div(
+                        [html.Span("trace ", className="ms-muted"), html.Code(root.name or str(root))],
+                        className="ms-trace", title=str(root),
+                    ),
+                ],
+                className="ms-topbar",
+            ),
+            html.Main(dash.page_container, className="ms-main"),
+        ],
+        className="ms-app",
+    )
+
+
+def _register_callbacks(app: Dash) -> None:
+    pages = nav_pages()
+
+    @app.callback(
+        [Output(_nav_id(p), "href") for p in pages] + [Output(_nav_id(p), "className") for p in pages],
+        Input(LOCATION, "pathname"),
+        Input(LOCATION, "search"),
+    )
+    def _nav(pathname: str | None, search: str | None) -> list[str]:
+        """Nav links keep the selection; the current page's link is highlighted."""
+        state = from_query(search)
+        path = app.strip_relative_path(pathname or "/") or ""
+        hrefs = [p["relative_path"] + to_query(state) for p in pages]
+        classes = [
+            "ms-nav-link active" if (app.strip_relative_path(p["relative_path"]) or "") == path else "ms-nav-link"
+            for p in pages
+        ]
+        return hrefs + classes
+
+    @app.callback(
+        Output(LOCATION, "search"),
+        Input({"type": SEL, "key": ALL}, "value"),
+        State({"type": SEL, "key": ALL}, "id"),
+        State(LOCATION, "search"),
+        prevent_initial_call=True,
+    )
+    def _selection_to_url(values: list[Any], ids: list[dict[str, Any]], search: str | None) -> Any:
+        """Write the controls' values into the query string (the page re-renders from it)."""
+        from urllib.parse import parse_qsl
+
+        data: DashboardData = app.moescope_data  # type: ignore[attr-defined]
+        controls = {i["key"]: v for i, v in zip(ids, values)}
+        current = from_query(search)
+        chosen = merge_controls(current, {k: v for k, v in controls.items() if k in KEYS})
+        state = resolve(chosen, *data.context())
+        extra = {k: v for k, v in parse_qsl((search or "").lstrip("?")) if k not in KEYS}
+        for k, v in controls.items():
+            if k not in KEYS:
+                extra[k] = v if not isinstance(v, (list, tuple)) else "-".join(str(x) for x in v)
+        new = to_query(state, extra)
+        return new if new != (search or "") else no_update
+
+
+def create_app(
+    trace_root: str | os.PathLike[str],
+    *,
+    title: str = "moescope",
+    sql_timeout: float = 10.0,
+    sql_max_rows: int = 1000,
+    cache_size: int = 512,
+    **dash_kwargs: Any,
+) -> Dash:
+    """Build the dashboard for the trace at `trace_root` (opened read-only, locked SQL)."""
+    data = DashboardData(trace_root, sql_timeout=sql_timeout, sql_max_rows=sql_max_rows, cache_size=cache_size)
+    _reset_dash_globals()
+    app = Dash(
+        "moescope_dashboard",
+        use_pages=True,
+        pages_folder=str(HERE / "pages"),
+        assets_folder=str(HERE / "assets"),
+        title=title,
+        update_title=None,
+        # Page layouts are built on demand; validating them all up front would compute every page at start-up.
+        suppress_callback_exceptions=True,
+        **dash_kwargs,
+    )
+    app.moescope_data = data  # type: ignore[attr-defined]
+    app.layout = _shell(data)
+    _adopt_page_callbacks(app)
+    _register_callbacks(app)
+    return app

@@ -1,0 +1,545 @@
+"""Data functions of the dashboard: read-only, cached queries over one trace (no plotting here).
+
+Every page reads through one `DashboardData`. It opens the trace twice, both times in locked mode (read-only
+SQL, no file access outside the trace root): one connection for the dashboard's own queries, one for the
+SQL console, so a user's slow query never blocks the charts. Results are cached by selection (an LRU of
+DataFrames): the first open of a view pays for the query, every later open is a dictionary look-up.
+Aggregates over the big token-level table are computed once per run and kept.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Hashable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pandas as pd
+
+import moescope
+from moescope.analysis.selection import Selection
+
+T = TypeVar("T")
+
+#: Status order, best to worst; the worst status of a cell is the one shown for it.
+STATUS_ORDER = ("PASS", "SKIP", "WARN", "FAIL", "ERROR")
+
+#: The most points a step axis gets; longer runs are bucketed into windows of a round width.
+MAX_STEP_POINTS = 120
+
+
+def bucket_width(lo: int, hi: int, max_points: int = MAX_STEP_POINTS) -> int:
+    """A round window width (1, 2, 5, 10, 20, 50, ...) giving at most `max_points` windows over steps lo..hi."""
+    span = max(1, int(hi) - int(lo) + 1)
+    need = max(1, math.ceil(span / max(1, max_points)))
+    width = 1
+    while True:
+        for m in (1, 2, 5):
+            if width * m >= need:
+                return width * m
+        width *= 10
+
+
+def worst_status(statuses: Any) -> str:
+    """The worst of some finding statuses (ERROR > FAIL > WARN > SKIP > PASS); '' when there are none."""
+    rank = {s: i for i, s in enumerate(STATUS_ORDER)}
+    best, best_rank = "", -1
+    for s in statuses:
+        r = rank.get(str(s), -1)
+        if r > best_rank:
+            best, best_rank = str(s), r
+    return best
+
+
+def token_text(token_id: Any) -> str:
+    """How a token shows on screen: its byte as a character for ids < 256 (visible whitespace), else '#id'."""
+    try:
+        t = int(token_id)
+    except (TypeError, ValueError):
+        return "?"
+    if 0 <= t < 256:
+        special = {9: "⇥", 10: "↵", 13: "␍", 32: "␣"}
+        if t in special:
+            return special[t]
+        if 33 <= t < 127:
+            return chr(t)
+        return f"\\x{t:02x}"  # control bytes and UTF-8 fragments: unambiguous hex
+    return f"#{t}"
+
+
+@dataclass
+class SqlResult:
+    """What the SQL console shows: rows (or none) and one message line."""
+
+    frame: pd.DataFrame = field(default_factory=pd.DataFrame)
+    message: str = ""
+    ok: bool = True
+    truncated: bool = False
+    seconds: float = 0.0
+
+
+class _LRU:
+    """A small thread-safe LRU cache of computed values, keyed by (function name, arguments)."""
+
+    def __init__(self, maxsize: int) -> None:
+        self.maxsize = maxsize
+        self._d: OrderedDict[Hashable, Any] = OrderedDict()
+        self._lock = threading.Lock()
+        self.hits = 0
+        self.misses = 0
+
+    def get(self, key: Hashable, compute: Callable[[], T]) -> T:
+        with self._lock:
+            if key in self._d:
+                self._d.move_to_end(key)
+                self.hits += 1
+                return self._d[key]  # type: ignore[no-any-return]
+        value = compute()  # outside the lock: other cached views stay served meanwhile
+        with self._lock:
+            self.misses += 1
+            self._d[key] = value
+            self._d.move_to_end(key)
+            while len(self._d) > self.maxsize:
+                self._d.popitem(last=False)
+        return value
+
+    def clear(self) -> None:
+        with self._lock:
+            self._d.clear()
+
+
+def _sel_key(sel: Mapping[str, Any] | None) -> tuple[Any, ...]:
+    """A hashable key of a selection dict ({'run', 'tag', 'steps'})."""
+    sel = sel or {}
+    steps = sel.get("steps")
+    return (sel.get("run"), sel.get("tag"), tuple(steps) if steps else None)
+
+
+class DashboardData:
+    """Cached, read-only data access for one trace (`trace_root`); one instance per app."""
+
+    def __init__(
+        self,
+        trace_root: str | Path,
+        *,
+        sql_timeout: float = 10.0,
+        sql_max_rows: int = 1000,
+        cache_size: int = 512,
+    ) -> None:
+        self.root = Path(trace_root)
+        # Locked for our own queries too: the dashboard never needs to write, and this makes it impossible.
+        self.trace = moescope.open(trace_root, locked=True)
+        self._console: Any = None
+        self._console_args = {"max_rows": int(sql_max_rows), "timeout": float(sql_timeout)}
+        # One DuckDB connection must not run two queries at once; the lock orders them (cheap: results are cached).
+        self._lock = threading.RLock()
+        self._console_lock = threading.Lock()
+        self.cache = _LRU(cache_size)
+
+    # -- plumbing ------------------------------------------------------------------------------------
+
+    def _cached(self, key: Hashable, compute: Callable[[], T]) -> T:
+        def locked() -> T:
+            with self._lock:
+                return compute()
+
+        return self.cache.get(key, locked)
+
+    def _df(self, query: str, params: list[Any] | None = None) -> pd.DataFrame:
+        with self._lock:
+            return self.trace.con.execute(query, params or []).df()
+
+    def close(self) -> None:
+        """Close both connections."""
+        self.trace.close()
+        if self._console is not None:
+            self._console.close()
+
+    # -- runs, layers, steps -------------------------------------------------------------------------
+
+    def runs(self) -> pd.DataFrame:
+        """One row per run: model, layers, experts, top-k, step range, tokens, tags, routing rows, snapshots."""
+
+        def compute() -> pd.DataFrame:
+            base = self._df(
+                "SELECT run, any_value(model_class) AS model, any_value(created) AS created, "
+                "any_value(token_fraction) AS token_fraction, any_value(dropped_records) AS dropped_records "
+                "FROM runs GROUP BY run"
+            )
+            layers = self._df(
+                "SELECT run, COUNT(*) AS layers, MAX(n_experts) AS experts, MAX(top_k) AS top_k "
+                "FROM layer_info GROUP BY run"
+            )
+            steps = self._df(
+                "SELECT run, MIN(step) AS first_step, MAX(step) AS last_step, COUNT(DISTINCT step) AS steps, "
+                "string_agg(DISTINCT tag, ', ' ORDER BY tag) AS tags FROM expert_load GROUP BY run"
+            )
+            tokens = self._df(
+                "SELECT run, SUM(tokens) AS tokens FROM ("
+                "  SELECT run, layer, SUM(tokens) AS tokens FROM router_stats GROUP BY run, layer"
+                ") GROUP BY run"
+            )
+            # Mean over layers of tokens routed, i.e. tokens the model saw (each layer routes every token).
+            tokens = tokens.merge(layers[["run", "layers"]], on="run", how="left")
+            tokens["tokens"] = (tokens["tokens"] / tokens["layers"].where(tokens["layers"] > 0, 1)).round()
+            routed = self._df("SELECT run, COUNT(*) AS routing_rows FROM routing GROUP BY run")
+            snaps = self._df(
+                "SELECT run, COUNT(DISTINCT step) AS snapshots FROM ("
+                "  SELECT run, step FROM expert_similarity UNION ALL SELECT run, step FROM expert_spectra"
+                ") GROUP BY run"
+            )
+            out = base
+            for other in (layers, steps, tokens[["run", "tokens"]], routed, snaps):
+                out = out.merge(other, on="run", how="left")
+            order = {r: i for i, r in enumerate(self.trace.runs)}
+            out = out.sort_values("run", key=lambda s: s.map(order)).reset_index(drop=True)
+            for col in ("routing_rows", "snapshots"):
+                out[col] = out[col].fillna(0).astype("int64")
+            return out
+
+        return self._cached(("runs",), compute)
+
+    def run_names(self) -> list[str]:
+        """Run names in discovery order."""
+        return list(self.trace.runs)
+
+    def layer_info(self) -> pd.DataFrame:
+        """run, layer, n_experts, top_k, router_kind, module for every run × layer."""
+        return self._cached(
+            ("layer_info",),
+            lambda: self._df(
+                "SELECT run, CAST(layer AS INTEGER) AS layer, n_experts, top_k, router_kind, module "
+                "FROM layer_info ORDER BY run, layer"
+            ),
+        )
+
+    def layers(self, run: str | None) -> list[int]:
+        """Layer numbers of `run`."""
+        li = self.layer_info()
+        return [int(x) for x in li.loc[li["run"] == run, "layer"]]
+
+    def n_experts(self, run: str | None, layer: int | None = None) -> int:
+        """Experts in `layer` of `run` (the largest layer when layer is None)."""
+        li = self.layer_info()
+        rows = li[(li["run"] == run) & ((li["layer"] == layer) if layer is not None else True)]
+        return int(rows["n_experts"].max()) if len(rows) and pd.notna(rows["n_experts"].max()) else 0
+
+    def step_ranges(self) -> dict[str, tuple[int, int]]:
+        """Run → (first step, last step) seen in expert_load or router_stats."""
+
+        def compute() -> dict[str, tuple[int, int]]:
+            df = self._df(
+                "SELECT run, MIN(lo) AS lo, MAX(hi) AS hi FROM ("
+                "  SELECT run, MIN(step) AS lo, MAX(step) AS hi FROM expert_load GROUP BY run"
+                "  UNION ALL SELECT run, MIN(step), MAX(step) FROM router_stats GROUP BY run"
+                ") GROUP BY run"
+            )
+            return {str(r.run): (int(r.lo), int(r.hi)) for r in df.itertuples()}
+
+        return self._cached(("step_ranges",), compute)
+
+    def tags(self, run: str | None = None) -> list[str]:
+        """Data-slice tags seen (in `run`, or anywhere)."""
+
+        def compute() -> list[str]:
+            if run is None:
+                df = self._df("SELECT DISTINCT tag FROM expert_load ORDER BY tag")
+            else:
+                df = self._df("SELECT DISTINCT tag FROM expert_load WHERE run = ? ORDER BY tag", [run])
+            return [str(t) for t in df["tag"] if t is not None]
+
+        return self._cached(("tags", run), compute)
+
+    def context(self) -> tuple[list[str], dict[str, list[int]], dict[str, tuple[int, int]]]:
+        """(runs, layers per run, step range per run): what `state.resolve` checks a selection against."""
+        runs = self.run_names()
+        return runs, {r: self.layers(r) for r in runs}, self.step_ranges()
+
+    # -- health --------------------------------------------------------------------------------------
+
+    def health(self, run: str | None = None) -> pd.DataFrame:
+        """Findings of the health rules (all runs computed once; filtered to `run` when given)."""
+
+        def compute() -> pd.DataFrame:
+            df = self.trace.health()
+            return df.reset_index(drop=True)
+
+        df = self._cached(("health",), compute)
+        if run is not None:
+            df = df[df["run"] == run].reset_index(drop=True)
+        return df
+
+    def health_grid(self) -> pd.DataFrame:
+        """Worst status per run × layer, with counts of WARN and FAIL findings: run, layer, status, warn, fail."""
+
+        def compute() -> pd.DataFrame:
+            df = self.health()
+            df = df[df["layer"].notna()]
+            if df.empty:
+                return pd.DataFrame(columns=["run", "layer", "status", "warn", "fail", "findings"])
+            g = df.groupby(["run", "layer"], sort=False)
+            out = g["status"].agg(worst_status).rename("status").reset_index()
+            out["warn"] = g["status"].agg(lambda s: int((s == "WARN").sum())).to_numpy()
+            out["fail"] = g["status"].agg(lambda s: int(s.isin(["FAIL", "ERROR"]).sum())).to_numpy()
+            out["findings"] = g["status"].size().to_numpy()
+            out["layer"] = out["layer"].astype(int)
+            return out
+
+        return self._cached(("health_grid",), compute)
+
+    def findings(self, run: str | None = None, include_pass: bool = False) -> pd.DataFrame:
+        """Findings worst first (without PASS unless asked), for the findings tables."""
+        df = self.health(run)
+        if not include_pass:
+            df = df[df["status"] != "PASS"]
+        rank = {s: i for i, s in enumerate(STATUS_ORDER)}
+        df = df.assign(_r=df["status"].map(rank).fillna(-1))
+        return df.sort_values(["_r", "run", "layer", "window_start"], ascending=[False, True, True, True]).drop(
+            columns="_r"
+        ).reset_index(drop=True)
+
+    # -- utilization ---------------------------------------------------------------------------------
+
+    def _window(self, run: str, steps: tuple[int, int] | None) -> tuple[tuple[int, int] | None, int]:
+        lo, hi = steps or self.step_ranges().get(run, (0, 0))
+        return steps, bucket_width(lo, hi)
+
+    def utilization(self, run: str, steps: tuple[int, int] | None = None) -> pd.DataFrame:
+        """Per layer × step window × expert (all layers of `run`): utilization N·f_e, load_share, assignments."""
+        steps, width = self._window(run, steps)
+        return self._cached(
+            ("utilization", run, steps, width),
+            lambda: self.trace.utilization(run=run, window=width, steps=steps).sort_values(
+                ["layer", "window_start", "expert"]
+            ).reset_index(drop=True),
+        )
+
+    def load_metrics(self, run: str, steps: tuple[int, int] | None = None) -> pd.DataFrame:
+        """Per layer × step window of `run`: aux_loss, z_loss, cv, maxvio, min_utilization, top_m_share, ..."""
+        steps, width = self._window(run, steps)
+        return self._cached(
+            ("load_metrics", run, steps, width),
+            lambda: self.trace.load_metrics(run=run, window=width, steps=steps).sort_values(
+                ["layer", "window_start"]
+            ).reset_index(drop=True),
+        )
+
+    def layer_utilization(self, run: str, steps: tuple[int, int] | None = None) -> pd.DataFrame:
+        """Per layer × expert over the whole selected window: utilization, load_share, assignments."""
+        return self._cached(
+            ("layer_utilization", run, steps),
+            lambda: self.trace.utilization(run=run, window="all", steps=steps).sort_values(
+                ["layer", "expert"]
+            ).reset_index(drop=True),
+        )
+
+    # -- similarity ----------------------------------------------------------------------------------
+
+    def similarity(self, run: str) -> pd.DataFrame:
+        """Expert × expert similarity rows of `run`: step, layer, expert_a, expert_b, metric, value."""
+        return self._cached(("similarity", run), lambda: self.trace.similarity(run=run))
+
+    def snapshot_steps(self, run: str) -> list[int]:
+        """Steps (checkpoints) with similarity or spectra snapshots in `run`."""
+
+        def compute() -> list[int]:
+            df = self._df(
+                "SELECT DISTINCT step FROM (SELECT step FROM expert_similarity WHERE run = ? "
+                "UNION ALL SELECT step FROM expert_spectra WHERE run = ?) ORDER BY step",
+                [run, run],
+            )
+            return [int(s) for s in df["step"]]
+
+        return self._cached(("snapshot_steps", run), compute)
+
+    def spectra(self, run: str, layer: int, step: int) -> pd.DataFrame:
+        """Singular values of every expert's matrices at one snapshot: expert, matrix, idx, sigma."""
+        return self._cached(
+            ("spectra", run, layer, step),
+            lambda: self._df(
+                "SELECT expert, matrix, idx, sigma FROM expert_spectra "
+                "WHERE run = ? AND layer = ? AND step = ? ORDER BY matrix, expert, idx",
+                [run, layer, step],
+            ),
+        )
+
+    # -- drift ---------------------------------------------------------------------------------------
+
+    def drift(self, baseline: Mapping[str, Any], current: Mapping[str, Any]) -> pd.DataFrame:
+        """Per layer drift of current vs baseline load (the trace's own drift rule): js, tv, threshold, flagged."""
+        return self._cached(
+            ("drift", _sel_key(baseline), _sel_key(current)),
+            lambda: self.trace.drift(baseline=_clean(baseline), current=_clean(current)),
+        )
+
+    def expert_shares(self, sel: Mapping[str, Any]) -> pd.DataFrame:
+        """Per layer × expert load share of a selection ({'run', 'tag', 'steps'}), pooled over its steps."""
+
+        def compute() -> pd.DataFrame:
+            s = Selection.of(_clean(sel))
+            df = self._df(
+                "SELECT run, CAST(layer AS INTEGER) AS layer, CAST(expert AS INTEGER) AS expert, "
+                f"SUM(CAST(tokens AS DOUBLE)) AS assignments FROM expert_load WHERE {s.filter().sql} "
+                "GROUP BY ALL"
+            )
+            df = df.groupby(["layer", "expert"], as_index=False)["assignments"].sum()
+            total = df.groupby("layer")["assignments"].transform("sum")
+            df["share"] = df["assignments"] / total.where(total > 0)
+            return df.sort_values(["layer", "expert"]).reset_index(drop=True)
+
+        return self._cached(("expert_shares", _sel_key(sel)), compute)
+
+    # -- tokens --------------------------------------------------------------------------------------
+
+    def sequences(self, run: str) -> pd.DataFrame:
+        """Token-level sequences kept in `run`: step, tag, seq, tokens (one scan of `routing` per run, cached)."""
+        return self._cached(
+            ("sequences", run),
+            lambda: self._df(
+                "SELECT step, tag, seq, COUNT(*) AS tokens FROM routing "
+                "WHERE run = ? AND layer = (SELECT MIN(layer) FROM routing WHERE run = ?) "
+                "GROUP BY step, tag, seq ORDER BY step, tag, seq",
+                [run, run],
+            ),
+        )
+
+    def token_routing(self, run: str, step: int, seq: int, tag: str | None = None) -> pd.DataFrame:
+        """Every layer's routing of one sequence: layer, pos, token_id, text, experts, weights, expert0."""
+
+        def compute() -> pd.DataFrame:
+            q = (
+                "SELECT CAST(layer AS INTEGER) AS layer, pos, token_id, experts, weights FROM routing "
+                "WHERE run = ? AND step = ? AND seq = ?"
+            )
+            params: list[Any] = [run, int(step), int(seq)]
+            if tag is not None:
+                q += " AND tag = ?"
+                params.append(tag)
+            df = self._df(q + " ORDER BY layer, pos", params)
+            df["experts"] = df["experts"].map(lambda v: [int(x) for x in v] if v is not None else [])
+            df["weights"] = df["weights"].map(lambda v: [float(x) for x in v] if v is not None else [])
+            df["expert0"] = df["experts"].map(lambda v: v[0] if v else -1)
+            df["text"] = df["token_id"].map(token_text)
+            return df
+
+        return self._cached(("token_routing", run, int(step), int(seq), tag), compute)
+
+    # -- SQL console ---------------------------------------------------------------------------------
+
+    @property
+    def sql_limits(self) -> tuple[int, float]:
+        """(row limit, time limit in seconds) of the SQL console."""
+        return int(self._console_args["max_rows"]), float(self._console_args["timeout"])
+
+    @property
+    def console(self) -> Any:
+        """The locked trace the SQL console queries (opened on first use)."""
+        with self._console_lock:
+            if self._console is None:
+                self._console = moescope.open(self.root, locked=True, **self._console_args)
+            return self._console
+
+    def views(self) -> dict[str, list[tuple[str, str]]]:
+        """Each view's (column, type) pairs, for the console's schema panel."""
+        return self._cached(("views",), lambda: self.trace.views())
+
+    def run_sql(self, query: str) -> SqlResult:
+        """Run a user's query in locked mode; refusals, time-outs and errors come back as one message line."""
+        from moescope.analysis.trace import QueryError
+
+        query = (query or "").strip()
+        if not query:
+            return SqlResult(message="Type a SELECT over the views and press Run.", ok=False)
+        t0 = time.perf_counter()
+        console = self.console
+        try:
+            df = console.query(query)
+        except QueryError as e:
+            return SqlResult(message=str(e), ok=False, seconds=time.perf_counter() - t0)
+        except Exception as e:  # noqa: BLE001 - any failure of a user's query is a message, never a crash
+            first = str(e).strip().splitlines()[0] if str(e).strip() else e.__class__.__name__
+            return SqlResult(message=f"error: {first}", ok=False, seconds=time.perf_counter() - t0)
+        dt = time.perf_counter() - t0
+        truncated = bool(df.attrs.get("truncated", False))
+        n = len(df)
+        msg = f"{n} row{'s' if n != 1 else ''} in {dt:.2f} s"
+        if truncated:
+            msg += f" (cut at {n} rows)"
+        return SqlResult(frame=df, message=msg, ok=True, truncated=truncated, seconds=dt)
+
+
+def _clean(sel: Mapping[str, Any] | None) -> dict[str, Any]:
+    """A selection dict without empty entries (None, '', empty steps)."""
+    out: dict[str, Any] = {}
+    for k, v in (sel or {}).items():
+        if v is None or v == "" or (k == "steps" and not v):
+            continue
+        out[k] = tuple(v) if k == "steps" else v
+    return out
+
+
+def current() -> DashboardData:
+    """The DashboardData of the app serving this request (pages call this; one app per trace)."""
+    import dash
+
+    app = dash.get_app()
+    data = getattr(app, "moescope_data", None)
+    if data is None:
+        raise RuntimeError("this Dash app was not built by moescope_dashboard.app.create_app")
+    return data  # type: ignore[no-any-return]
+
+
+#: The tag choice meaning "every tag" in the dashboard's controls.
+ALL_TAGS = "*"
+
+
+def default_drift_sides(
+    runs: list[str], tags: list[str], step_ranges: Mapping[str, tuple[int, int]]
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A sensible first comparison: two tags of the first run, else the first two runs, else early vs late steps."""
+    if not runs:
+        return {}, {}
+    first = runs[0]
+    if len(tags) >= 2:
+        return {"run": first, "tag": tags[0]}, {"run": first, "tag": tags[1]}
+    if len(runs) >= 2:
+        return {"run": runs[0]}, {"run": runs[1]}
+    lo, hi = step_ranges.get(first, (0, 0))
+    mid = lo + (hi - lo) // 2
+    return {"run": first, "steps": (lo, mid)}, {"run": first, "steps": (min(mid + 1, hi), hi)}
+
+
+def drift_side(query: Mapping[str, Any], prefix: str, default: Mapping[str, Any], runs: list[str],
+               step_ranges: Mapping[str, tuple[int, int]]) -> dict[str, Any]:
+    """One side of the drift comparison from the URL keys `{prefix}run`, `{prefix}tag`, `{prefix}steps`."""
+    from .state import parse_steps
+
+    run = query.get(f"{prefix}run") or default.get("run")
+    run = run if run in runs else (runs[0] if runs else None)
+    tag = query.get(f"{prefix}tag", default.get("tag") or ALL_TAGS) or ALL_TAGS
+    steps = parse_steps(query.get(f"{prefix}steps")) or default.get("steps")
+    if steps is not None and run in step_ranges:
+        lo, hi = step_ranges[run]
+        steps = (max(steps[0], lo), min(steps[1], hi))
+        if steps[0] > steps[1] or steps == (lo, hi):
+            steps = None
+    out: dict[str, Any] = {"run": run}
+    if tag != ALL_TAGS:
+        out["tag"] = tag
+    if steps is not None:
+        out["steps"] = steps
+    return out
+
+
+def describe_side(side: Mapping[str, Any]) -> str:
+    """'collapse · tag code · steps 0–99' for a drift selection."""
+    parts = [str(side.get("run", "?"))]
+    parts.append(f"tag {side['tag']}" if side.get("tag") else "all tags")
+    if side.get("steps"):
+        a, b = side["steps"]
+        parts.append(f"steps {a}–{b}")
+    return " · ".join(parts)

@@ -1,0 +1,60 @@
+"""Collapse: the health findings of a run on a step timeline per layer, and the metrics the rules read."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import dash
+import pandas as pd
+from dash import html
+from moescope_dashboard import components as C
+from moescope_dashboard import figures as F
+
+dash.register_page(__name__, path="/collapse", name="Collapse", title="moescope · Collapse", order=2)
+
+
+def _findings_table(findings: pd.DataFrame, layer: int) -> Any:
+    df = findings[(findings["layer"] == layer) & (findings["status"] != "PASS")].copy()
+    if df.empty:
+        return C.message(f"Layer {layer}: no WARN or FAIL findings.", "info")
+    cols = ["status", "rule", "window", "expert", "metric", "value", "threshold", "message"]
+    return C.table(df, "col-findings", columns=cols, page_size=10)
+
+
+def layout(**query: Any) -> html.Div:
+    """The collapse page for the URL's query parameters."""
+    data, state = C.page_state(query)
+    if state.run is None or state.layer is None:
+        return html.Div([C.header("Collapse"), C.message("This trace has no MoE layers to show.", "warn")])
+    run, layer, steps = state.run, state.layer, state.steps
+
+    def lm() -> pd.DataFrame:
+        return data.load_metrics(run, steps)
+
+    return html.Div(
+        [
+            C.header("Collapse", "When and where the health rules fire: dead experts, collapse onto a few experts, "
+                     "load imbalance, router logit growth."),
+            C.selection_bar(state, data),
+            C.card(C.guard("timeline", lambda: C.graph(
+                F.findings_timeline(data.health(run), data.layers(run), run, layer), id="col-timeline"))),
+            C.row(
+                C.card(C.guard("min utilization", lambda: C.graph(F.metric_curves(
+                    lm(), "min_utilization", "Least-used expert: min N·f", "min N·f", layer, threshold=0.05,
+                    threshold_label="dead expert < 0.05"), id="col-minutil"))),
+                C.card(C.guard("top-m share", lambda: C.graph(F.metric_curves(
+                    lm(), "top_m_share", "Share of the m busiest experts", "share", layer,
+                    threshold=0.9, threshold_label="collapse ≥ 0.9"), id="col-topm"))),
+            ),
+            C.row(
+                C.card(C.guard("maxvio", lambda: C.graph(F.metric_curves(
+                    lm(), "maxvio", "MaxVio: max / mean load − 1", "MaxVio", layer, threshold=1.0,
+                    threshold_label="WARN > 1", threshold2=3.0, threshold2_label="FAIL > 3"), id="col-maxvio"))),
+                C.card(C.guard("router entropy", lambda: C.graph(F.metric_curves(
+                    lm(), "router_entropy", "Router entropy H(p)/ln N", "entropy", layer),
+                    id="col-entropy"))),
+            ),
+            C.card(C.guard("findings", lambda: _findings_table(data.health(run), layer)),
+                   title=f"Findings in layer {layer}"),
+        ]
+    )

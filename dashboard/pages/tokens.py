@@ -1,0 +1,83 @@
+"""Tokens: for token-level traces, one sequence's routing in every layer, token by token."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import dash
+import pandas as pd
+from dash import html
+from moescope_dashboard import components as C
+from moescope_dashboard import figures as F
+from moescope_dashboard.state import as_int
+
+dash.register_page(__name__, path="/tokens", name="Tokens", title="moescope · Tokens", order=5)
+
+
+def _strip(tok: pd.DataFrame, layer: int) -> Any:
+    """The sequence as text, each token on its first-choice expert's colour in `layer` (hover: all experts)."""
+    df = tok[tok["layer"] == layer]
+    if df.empty:
+        return C.message(f"Layer {layer} has no routing rows for this sequence.", "info")
+    spans = []
+    for r in df.itertuples():
+        experts = ", ".join(f"E{e} ({w:.2f})" for e, w in zip(r.experts, r.weights))
+        spans.append(
+            html.Span(
+                r.text, className="ms-tok",
+                style={"backgroundColor": F.expert_color(r.expert0)},
+                title=f"pos {r.pos} · token {r.token_id} ({r.text}) → {experts}",
+            )
+        )
+    return html.Div(spans, className="ms-tokstrip", id="tok-strip")
+
+
+def _legend(n: int) -> Any:
+    return html.Div(
+        [html.Span([html.Span(className="ms-swatch", style={"backgroundColor": F.expert_color(e)}), f"E{e}"],
+                   className="ms-legend-item") for e in range(n)],
+        className="ms-legend",
+    )
+
+
+def layout(**query: Any) -> html.Div:
+    """The tokens page (extra URL keys: tstep, seq as 'TAG:SEQ')."""
+    data, state = C.page_state(query)
+    head = C.header("Tokens", "Which experts each token went to, in every layer (token-level traces only). "
+                    "Bytes are shown as characters: ␣ space, ↵ newline.")
+    if state.run is None or state.layer is None:
+        return html.Div([head, C.message("This trace has no MoE layers to show.", "warn")])
+    run, layer = state.run, state.layer
+    seqs = data.sequences(run)
+    if seqs.empty:
+        return html.Div([head, C.selection_bar(state, data, steps=False), C.message(
+            f"Run {run!r} was recorded without token-level routing (tokens=0). Record with "
+            "moescope.record(model, path, tokens=0.25) to keep whole sequences.", "info")])
+    steps = sorted(int(s) for s in seqs["step"].unique())
+    step = as_int(query.get("tstep"))
+    step = step if step in steps else steps[-1]
+    at = seqs[seqs["step"] == step]
+    keys = [f"{t}:{int(s)}" for t, s in zip(at["tag"], at["seq"])]
+    labels = [f"{t or 'untagged'} · seq {int(s)} ({int(n)} tokens)" for t, s, n in zip(at["tag"], at["seq"], at["tokens"])]
+    key = query.get("seq") if query.get("seq") in keys else keys[0]
+    tag, seq = key.rsplit(":", 1)
+    tok = data.token_routing(run, step, int(seq), tag)
+    n = data.n_experts(run)
+    step_ctl = C.choice("tstep", "Step", steps, step, labels=[f"step {s}" for s in steps], width="140px")
+    return html.Div(
+        [
+            head,
+            C.selection_bar(state, data, steps=False, extra=[
+                step_ctl, C.choice("seq", "Sequence", keys, key, labels=labels, width="300px")]),
+            C.card(
+                html.Div(C.guard("token heatmap", lambda: C.graph(F.token_heatmap(
+                    tok, n, f"{run}, step {step}, {tag or 'untagged'} seq {seq}: first-choice expert per layer "
+                    "(cell text: all chosen experts)"), id="tok-heatmap")), className="ms-scroll-x"),
+                _legend(n),
+            ),
+            C.card(
+                C.guard("token strip", lambda: _strip(tok, layer)),
+                title=f"Layer {layer}: the sequence coloured by first-choice expert (hover a token for all experts)",
+            ),
+        ]
+    )

@@ -1,0 +1,59 @@
+"""`moescope dashboard TRACE`: browse a trace in the Dash dashboard (binds 127.0.0.1 unless told otherwise)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from ..cli import CLIError
+
+EPILOG = """\
+The trace is opened read-only; the SQL page runs queries in locked mode (SELECT only, no file access,
+row and time limits). The dashboard has no authentication: keep it on 127.0.0.1, or put it behind
+something that has.
+
+examples:
+  moescope dashboard traces
+  moescope dashboard traces/run-a --port 8051
+"""
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add the `dashboard` command to the CLI."""
+    p = subparsers.add_parser(
+        "dashboard",
+        help="browse a trace in a local web dashboard (Dash)",
+        description="Serve the moescope dashboard for a trace: overview, utilization, collapse, similarity, drift, "
+        "tokens and a read-only SQL console.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("trace", metavar="TRACE", help="trace root or run directory")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
+    p.add_argument("--port", type=int, default=8050, help="port to listen on (default: 8050)")
+    p.add_argument("--debug", action="store_true", help="Dash debug mode (dev tools, reload on code change)")
+    p.add_argument("--sql-timeout", type=float, default=10.0, metavar="S",
+                   help="SQL console: seconds a query may run (default: 10)")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Check the arguments, build the app and serve it until interrupted."""
+    from .. import dashboard
+
+    if not Path(args.trace).exists():
+        raise CLIError(f"{args.trace}: no such trace", 3)
+    if not 0 < args.port < 65536:
+        raise CLIError(f"--port must be between 1 and 65535, got {args.port}", 2)
+    if not dashboard.is_loopback(args.host):
+        sys.stderr.write(
+            f"moescope: warning: binding {args.host}: the dashboard has no authentication and anyone who can reach "
+            "this address can read the trace; use --host 127.0.0.1 unless that is what you want\n"
+        )
+    sys.stderr.write(f"moescope dashboard: serving {args.trace} on http://{args.host}:{args.port}/ (Ctrl+C stops)\n")
+    try:
+        dashboard.serve(args.trace, host=args.host, port=args.port, debug=args.debug, sql_timeout=args.sql_timeout)
+    except ImportError as e:  # dash or plotly missing: say which extra to install
+        raise CLIError(str(e), 2) from None
+    return 0
