@@ -133,6 +133,24 @@ def hf_model(family: str, **kw):
             attn_config={"kv_n_heads": 2, "rope_theta": 10000.0},
             ffn_config={"ffn_hidden_size": 48, "moe_num_experts": 4, "moe_top_k": 2},
         )
+    elif family == "deepseek_v3":  # layer 0 dense: MoE layer numbers differ from block numbers
+        common.pop("num_local_experts")
+        common["num_hidden_layers"] = 3
+        cfg = transformers.DeepseekV3Config(
+            **common,
+            moe_intermediate_size=48,
+            first_k_dense_replace=1,
+            n_routed_experts=4,
+            n_group=1,
+            topk_group=1,
+            q_lora_rank=16,
+            kv_lora_rank=16,
+            qk_rope_head_dim=8,
+            qk_nope_head_dim=8,
+            v_head_dim=8,
+        )
+    elif family == "llama4":
+        cfg = transformers.Llama4TextConfig(**common, intermediate_size_mlp=64, head_dim=8, interleave_moe_layer_step=1)
     elif family == "qwen3_moe":
         common.pop("num_local_experts")
         cfg = transformers.Qwen3MoeConfig(**common, num_experts=4, moe_intermediate_size=48, **kw)
@@ -362,6 +380,22 @@ def test_spectra_options(tmp_path):
     assert len(sp) == 3 * 3 * 3 and sp.idx.max() == 2  # experts × matrices × kept σ
     moescope.snapshot_experts(model, tmp_path / "b", spectra=False)
     assert not (tmp_path / "b" / "expert_spectra").exists()
+
+
+@pytest.mark.hf
+def test_layer_numbers_match_the_recorder_and_llama4_transposed():
+    find_routers = pytest.importorskip("moescope.capture.recorder").find_routers
+    model = hf_model("deepseek_v3")
+    mine = [(ly.layer, ly.path) for ly in find_expert_layers(model)]
+    assert mine == [(0, "model.layers.1.mlp.experts"), (1, "model.layers.2.mlp.experts")]
+    assert mine == [(li.layer, li.experts_module) for li in find_routers(model)]
+    model = hf_model("llama4")  # gate_up_proj [E, H, 2I] concatenated, no layout flags on the module
+    ly = find_expert_layers(model)[0]
+    assert (ly.transposed, ly.interleaved) == (True, False)
+    x = torch.randn(4 * 3, 32)
+    with torch.no_grad():
+        ref = ly.module(x)  # Llama 4 experts take tokens pre-sorted: 3 rows per expert
+        assert torch.allclose(ly.outputs(x[3:6], 0, 4)[1], ref[3:6], atol=1e-5)
 
 
 def test_no_experts_is_one_clear_error(tmp_path):
