@@ -129,6 +129,10 @@ class ExpertLayer:
         """Outputs of experts e0..e1-1 on probe x [n, H] → [c, n, H], float32."""
         import torch
 
+        if self.kind == "list" and _act_of(self.module[0]) is None:  # type: ignore[index]
+            # an MLP whose activation we cannot see: run its own forward, in its own dtype
+            dt = next(self.module.parameters()).dtype
+            return torch.stack([self.module[e](x.to(dt)).float() for e in range(e0, e1)])  # type: ignore[index]
         w = self.load(e0, e1)
         h = torch.einsum("nh,cmh->cnm", x, w.w_in)  # [c, n, 2I] (or [c, n, I] non-gated), storage order
         if w.b_in is not None:

@@ -364,6 +364,24 @@ def test_dense_decoder_layers_are_not_experts():
     assert find_offline_layers({k: tuple(v.shape) for k, v in model.state_dict().items()}) == []
 
 
+def test_list_experts_without_visible_activation_run_their_forward():
+    class GeluMLP(nn.Module):  # the activation lives only in forward()
+        def __init__(self, seed: int) -> None:
+            super().__init__()
+            torch.manual_seed(seed)
+            self.fc1, self.fc2 = nn.Linear(8, 16), nn.Linear(16, 8)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.fc2(torch.nn.functional.gelu(self.fc1(x)))
+
+    model = Model([nn.ModuleList([GeluMLP(s) for s in range(3)])])
+    (ly,) = find_expert_layers(model)
+    assert (ly.kind, ly.gated) == ("list", False)
+    x = torch.randn(5, 8)
+    with torch.no_grad():
+        assert torch.allclose(ly.outputs(x, 1, 3)[1], model.layers[0].mlp.experts[2](x))
+
+
 def test_quantized_experts_refused(tmp_path):
     gu, dn = random_experts(3, 4, 8)
     model = fused_model(gu, dn)
