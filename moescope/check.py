@@ -56,6 +56,10 @@ MAX_SUMMARY_ROWS = 200
 # --------------------------------------------------------------------------------------------- result
 
 
+class CheckError(ValueError):
+    """A usage problem of the check itself (a run the trace does not have, a bad fail_on): exit 2."""
+
+
 @dataclass
 class CheckResult:
     """The outcome of one check: every finding, its counts, and what was checked (trace, config, reference)."""
@@ -66,7 +70,7 @@ class CheckResult:
 
     def __post_init__(self) -> None:
         if self.fail_on not in FAIL_ON:
-            raise ValueError(f"fail_on must be one of {', '.join(FAIL_ON)}, got {self.fail_on!r}")
+            raise CheckError(f"fail_on must be one of {', '.join(FAIL_ON)}, got {self.fail_on!r}")
         self.findings = normalize_findings(self.findings)
 
     @property
@@ -118,26 +122,41 @@ def normalize_findings(df: pd.DataFrame | None) -> pd.DataFrame:
 # --------------------------------------------------------------------------------------------- running
 
 
-def _open(trace: str | os.PathLike[str] | Trace) -> Trace:
-    """Open a trace root (or run directory), turning a missing path into a TraceError."""
+def _open(trace: str | os.PathLike[str] | Trace, label: str) -> Trace:
+    """Open a trace root (or run directory); a missing path or unreadable data is a TraceError (exit 3)."""
     import moescope
 
     if not isinstance(trace, (str, os.PathLike)):
         return trace
     path = Path(trace)
     if not path.exists():
-        raise TraceError(f"{path}: no such trace (path does not exist)")
-    return moescope.open(path)
+        raise TraceError(f"{label}: no such trace (path does not exist)")
+    # Opening only discovers files and reads them into views, so any DuckDB error here is the data's fault
+    # (e.g. a corrupt data page raises a bare duckdb.Error "Corrupted file?"), never a query bug.
+    return _guard(label, moescope.open, path, broad=True)
 
 
-def _guard(what: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
-    """Call an analysis; a DuckDB or Arrow read failure means the trace is unreadable (exit 3), so say so."""
+def _guard(what: str, fn: Any, *args: Any, broad: bool = False, **kwargs: Any) -> Any:
+    """Call an analysis; a DuckDB or Arrow read failure means the trace is unreadable (exit 3), so say so.
+
+    `broad`: treat every DuckDB error as unreadable data (for calls that only read the trace files).
+    """
     import duckdb
     import pyarrow as pa
 
+    read_errors: tuple[type[BaseException], ...] = (
+        duckdb.IOException,
+        duckdb.InvalidInputException,
+        pa.ArrowInvalid,
+        OSError,
+    )
+    if broad:
+        read_errors = (*read_errors, duckdb.Error)
     try:
         return fn(*args, **kwargs)
-    except (duckdb.IOException, duckdb.InvalidInputException, pa.ArrowInvalid, OSError) as e:
+    except TraceError:
+        raise
+    except read_errors as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else e.__class__.__name__
         raise TraceError(f"{what}: unreadable trace ({first})") from None
 
@@ -145,10 +164,11 @@ def _guard(what: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
 def _runs(tr: Trace, label: str) -> list[str]:
     """The runs of a trace that hold routing data; an empty trace is an unreadable one (exit 3)."""
     # Not just `tr.runs`: a run whose files hold no rows has nothing to check either.
-    df = _guard(label, lambda: tr.sql("SELECT DISTINCT run FROM expert_load ORDER BY run").df())
+    query = "SELECT run FROM expert_load UNION SELECT run FROM router_stats ORDER BY run"
+    df = _guard(label, lambda: tr.sql(query).df(), broad=True)
     runs = [str(r) for r in df["run"].tolist()]
     if not runs:
-        raise TraceError(f"{label}: empty trace (no expert_load rows)")
+        raise TraceError(f"{label}: empty trace (no expert_load or router_stats rows)")
     return runs
 
 
@@ -196,14 +216,18 @@ def run_check(
     fail_on: str | None = None,
     min_tokens: int | None = None,
     run: str | None = None,
+    tag: str | None = None,
+    reference_tag: str | None = None,
 ) -> CheckResult:
     """Run the health rules on `trace` (and drift/regressions against `reference`) and collect the findings.
 
     `fail_on` and `reference` default to the config's [check] table (reference paths there are relative to
-    the config file). Raises TraceError for a missing, empty or unreadable trace, ConfigError for a bad config.
+    the config file). `tag`/`reference_tag` narrow the drift comparison to data slices (`rec.tag(...)`); with
+    `reference_tag` and no reference, the trace is its own reference (e.g. code vs english in one run).
+    Raises TraceError for a missing, empty or unreadable trace, ConfigError for a bad config, CheckError for
+    a bad argument.
     """
     from . import __version__
-    from .config import ConfigError
 
     t0 = time.monotonic()
     cfg = resolve_config(config, min_tokens)
@@ -211,19 +235,23 @@ def run_check(
     if fail_on is None:
         fail_on = getattr(check_cfg, "fail_on", None) or "fail"
     if fail_on not in FAIL_ON:
-        raise ConfigError(f"fail_on must be one of {', '.join(FAIL_ON)}, got {fail_on!r}")
+        raise CheckError(f"fail_on must be one of {', '.join(FAIL_ON)}, got {fail_on!r}")
     if reference is None and getattr(check_cfg, "reference", None):
         reference = Path(check_cfg.reference)
         if isinstance(config, (str, os.PathLike)) and not reference.is_absolute():
             reference = Path(config).parent / reference
     label = str(trace) if isinstance(trace, (str, os.PathLike)) else ", ".join(map(str, getattr(trace, "roots", [])))
+    if reference is None and (reference_tag is not None or tag is not None):
+        if reference_tag is None or not isinstance(trace, (str, os.PathLike)):
+            raise CheckError("a drift tag needs --reference, or --reference-tag to compare slices of the trace itself")
+        reference = trace
     with contextlib.ExitStack() as stack:
-        tr = _open(trace)
+        tr = _open(trace, label)
         if tr is not trace:  # close what we opened (assert_healthy may run many times in one test session)
             stack.callback(tr.close)
         runs = _runs(tr, label)
         if run is not None and run not in runs:
-            raise TraceError(f"{label}: no run {run!r} with routing data (runs: {', '.join(runs)})")
+            raise CheckError(f"{label}: no run {run!r} with routing data (runs: {', '.join(runs)})")
         checked = [run] if run is not None else runs
         health = normalize_findings(_guard(label, tr.health, run=run, config=cfg))
         frames = [health]
@@ -233,11 +261,11 @@ def run_check(
             ref_label = str(reference)
             if not Path(reference).exists():
                 raise TraceError(f"{ref_label}: no such reference trace (path does not exist)")
-            ref = _open(reference)
+            ref = _open(reference, ref_label)
             stack.callback(ref.close)
             _runs(ref, ref_label)  # an empty reference is as unreadable as an empty trace
             ref_health = normalize_findings(_guard(ref_label, ref.health, config=cfg))
-            frames.append(_drift_findings(tr, label, ref, checked, cfg))
+            frames.append(_drift_findings(tr, label, ref, checked, cfg, tag, reference_tag))
             frames.append(regression_findings(ref_health, health))
 
     nonempty = [f for f in frames if not f.empty]
@@ -249,6 +277,8 @@ def run_check(
         "config": _config_meta(config, cfg),
         "fail_on": fail_on,
         "min_tokens": min_tokens,
+        "tag": tag,
+        "reference_tag": reference_tag,
         "moescope_version": __version__,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "elapsed_s": round(time.monotonic() - t0, 3),
@@ -272,12 +302,27 @@ def _config_meta(config: Any, cfg: Any) -> dict[str, Any]:
 # --------------------------------------------------------------------------------------------- reference
 
 
-def _drift_findings(tr: Trace, label: str, reference: Any, runs: Iterable[str], cfg: Any) -> pd.DataFrame:
-    """Per current run and layer, drift of the expert-load distribution from the reference trace."""
+def _drift_findings(
+    tr: Trace,
+    label: str,
+    reference: Any,
+    runs: Iterable[str],
+    cfg: Any,
+    tag: str | None = None,
+    reference_tag: str | None = None,
+) -> pd.DataFrame:
+    """Per current run and layer, drift of the expert-load distribution from the reference trace (or tag slices)."""
     rows: list[dict[str, Any]] = []
+    # The open reference Trace is passed as the root, so drift does not discover and validate it again.
+    baseline: dict[str, Any] = {"root": reference}
+    if reference_tag is not None:
+        baseline["tag"] = reference_tag
+    slices = f" ({tag or 'all data'} vs reference {reference_tag or 'all data'})" if tag or reference_tag else ""
     for r in runs:
-        # The open reference Trace is passed as the root, so drift does not discover and validate it again.
-        df = _guard(label, tr.drift, baseline={"root": reference}, current={"run": r}, config=cfg)
+        current: dict[str, Any] = {"run": r}
+        if tag is not None:
+            current["tag"] = tag
+        df = _guard(label, tr.drift, baseline=baseline, current=current, config=cfg)
         for rec in df.to_dict("records"):
             status = rec.get("status")
             if status is None or (isinstance(status, float) and math.isnan(status)):
@@ -291,7 +336,7 @@ def _drift_findings(tr: Trace, label: str, reference: Any, runs: Iterable[str], 
                     "metric": "js",
                     "value": rec.get("js"),
                     "threshold": rec.get("threshold"),
-                    "message": rec.get("message") or _drift_message(rec),
+                    "message": (rec.get("message") or _drift_message(rec)) + slices,
                 }
             )
     return normalize_findings(pd.DataFrame(rows, columns=COLUMNS) if rows else None)

@@ -25,9 +25,20 @@ def check_trace(
     reference: str | os.PathLike[str] | None = None,
     min_tokens: int | None = None,
     run: str | None = None,
+    tag: str | None = None,
+    reference_tag: str | None = None,
 ) -> CheckResult:
     """Run `moescope check` in-process and return the result (for tests that inspect findings themselves)."""
-    return run_check(trace, config=config, reference=reference, fail_on=fail_on, min_tokens=min_tokens, run=run)
+    return run_check(
+        trace,
+        config=config,
+        reference=reference,
+        fail_on=fail_on,
+        min_tokens=min_tokens,
+        run=run,
+        tag=tag,
+        reference_tag=reference_tag,
+    )
 
 
 def assert_healthy(
@@ -38,6 +49,8 @@ def assert_healthy(
     reference: str | os.PathLike[str] | None = None,
     min_tokens: int | None = None,
     run: str | None = None,
+    tag: str | None = None,
+    reference_tag: str | None = None,
 ) -> CheckResult:
     """Raise AssertionError listing the failing findings (one line each) unless the trace passes; else return the result.
 
@@ -45,7 +58,16 @@ def assert_healthy(
     HealthConfig (None: built-in defaults, the config file is not looked up implicitly so tests stay hermetic).
     A missing, empty or unreadable trace raises `moescope.TraceError`, a bad config `ConfigError`.
     """
-    result = check_trace(trace, config=config, fail_on=fail_on, reference=reference, min_tokens=min_tokens, run=run)
+    result = check_trace(
+        trace,
+        config=config,
+        fail_on=fail_on,
+        reference=reference,
+        min_tokens=min_tokens,
+        run=run,
+        tag=tag,
+        reference_tag=reference_tag,
+    )
     if not result.ok:
         lines = [_detail(rec) for rec in result.failures.to_dict("records")]
         raise AssertionError("\n".join([summary_line(result), *lines]))

@@ -52,6 +52,7 @@ def make_run(
     tokens: int = TOKENS,
     nonfinite: dict[int, int] | None = None,
     seed: int = 0,
+    tag: str = "",
 ) -> Path:
     """Write a hand-built run: per layer, each step's k·T assignments drawn from the given expert weights."""
     rng = np.random.default_rng(seed)
@@ -65,6 +66,7 @@ def make_run(
                 load_rows.append(
                     dict(
                         step=step,
+                        tag=tag,
                         layer=layer,
                         expert=e,
                         tokens=int(c),
@@ -75,6 +77,7 @@ def make_run(
             stat_rows.append(
                 dict(
                     step=step,
+                    tag=tag,
                     layer=layer,
                     tokens=tokens,
                     entropy_sum=h * tokens,
@@ -199,6 +202,26 @@ def test_shift_flagged_against_reference(traces: dict[str, Path], capsys: pytest
     assert code == 0
 
 
+def test_drift_between_tags_of_one_run(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # One run evaluated on two data slices (rec.tag): code routes differently from english in layer 0.
+    run = make_run(tmp_path / "shift", [UNIFORM, UNIFORM], tag="english", seed=21)
+    make_run(run, [SHIFTED, UNIFORM], tag="code", seed=22)  # a second part in the same run
+    code, out, err = run_cli(str(run), "--reference-tag", "english", "--tag", "code", "--format", "json", capsys=capsys)
+    report = json.loads(out)
+    drift = {c["layer"]: c for c in report["checks"] if c["rule"] == "drift"}
+    assert drift[0]["status"] == "WARN" and drift[1]["status"] == "PASS", drift
+    assert "code vs reference english" in drift[0]["message"]
+    assert report["meta"]["reference_tag"] == "english" and report["meta"]["tag"] == "code"
+    code, out, _ = run_cli(
+        str(run), "--reference-tag", "english", "--tag", "english", "--format", "json", capsys=capsys
+    )
+    assert all(c["status"] == "PASS" for c in json.loads(out)["checks"] if c["rule"] == "drift")
+    # A tag without anything to compare it with is a usage error.
+    code, _, err = run_cli(str(run), "--tag", "code", capsys=capsys)
+    assert code == 2
+    _one_line(err)
+
+
 def test_regressions_against_reference(traces: dict[str, Path], capsys: pytest.CaptureFixture[str]) -> None:
     code, out, _ = run_cli(
         str(traces["collapse"]), "--reference", str(traces["baseline"]), "--format", "json", capsys=capsys
@@ -228,7 +251,7 @@ def test_run_selection(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> No
     assert run_cli(str(tmp_path), capsys=capsys)[0] == 1
     assert run_cli(str(tmp_path), "--run", "good", capsys=capsys)[0] == 0
     code, _, err = run_cli(str(tmp_path), "--run", "nope", capsys=capsys)
-    assert code == 3 and "nope" in err and len(err.strip().splitlines()) == 1
+    assert code == 2 and "nope" in err and len(err.strip().splitlines()) == 1
 
 
 def test_min_tokens_skips_thin_data(traces: dict[str, Path], capsys: pytest.CaptureFixture[str]) -> None:
@@ -559,17 +582,23 @@ def test_run_without_rows(tmp_path: Path, capsys: pytest.CaptureFixture[str]) ->
 
 
 def _corrupt_copy(src: Path, dst: Path, how: str) -> Path:
-    """Copy a run and damage its first expert_load part: 'garbage' bytes or 'truncated' to half its size."""
+    """Copy a run and damage its first expert_load part: 'garbage', 'truncated' to half, or scrambled 'pages'."""
     import shutil
 
     shutil.copytree(src, dst)
     part = sorted((dst / "expert_load").glob("*.parquet"))[0]
     data = part.read_bytes()
-    part.write_bytes(b"this is not parquet at all" * 10 if how == "garbage" else data[: len(data) // 2])
+    if how == "garbage":
+        part.write_bytes(b"this is not parquet at all" * 10)
+    elif how == "truncated":
+        part.write_bytes(data[: len(data) // 2])
+    else:  # "pages": a valid footer over scrambled data pages, found only when the data is read
+        body = bytes(b ^ 0x5A for b in data[100 : len(data) // 2])
+        part.write_bytes(data[:100] + body + data[len(data) // 2 :])
     return dst
 
 
-@pytest.mark.parametrize("how", ["garbage", "truncated"])
+@pytest.mark.parametrize("how", ["garbage", "truncated", "pages"])
 def test_corrupt_parquet(traces: dict[str, Path], tmp_path: Path, how: str) -> None:
     bad = _corrupt_copy(traces["balanced"], tmp_path / "bad", how)
     proc = run_subprocess(str(bad))

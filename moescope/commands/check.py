@@ -65,6 +65,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="minimum expected assignments per expert (kT/N) before a load rule is evaluated, else SKIP",
     )
     p.add_argument("--run", metavar="RUN", help="check only this run of the trace")
+    p.add_argument("--tag", metavar="TAG", help="drift: compare only this data slice of the trace (rec.tag)")
+    p.add_argument(
+        "--reference-tag",
+        metavar="TAG",
+        help="drift: the reference's data slice; without --reference the trace is its own reference "
+        "(e.g. --reference-tag english --tag code)",
+    )
     p.add_argument("-v", "--verbose", action="store_true", help="text format: list passing findings too")
     p.set_defaults(func=cmd_check)
 
@@ -78,7 +85,7 @@ def _config_path(arg: str | None) -> str | None:
 
 def cmd_check(args: argparse.Namespace) -> int:
     """Run the check and print or write the report; returns the exit code."""
-    from ..check import format_text, render, run_check, write_step_summary
+    from ..check import CheckError, format_text, render, run_check, write_step_summary
     from ..cli import CLIError
 
     if args.min_tokens is not None and args.min_tokens < 0:
@@ -96,8 +103,10 @@ def cmd_check(args: argparse.Namespace) -> int:
             fail_on=args.fail_on,
             min_tokens=args.min_tokens,
             run=args.run,
+            tag=args.tag,
+            reference_tag=args.reference_tag,
         )
-    except ConfigError as e:
+    except (ConfigError, CheckError) as e:
         raise CLIError(_one_line(e), 2) from None  # the message names the file and key
     text = format_text(result, verbose=args.verbose) if args.format == "text" else render(result, args.format)
     if args.output:
