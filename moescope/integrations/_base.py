@@ -60,8 +60,7 @@ class RecordingSession:
         #: (step_end, {layer: counts [E]}) of every flush, for histograms.
         self.histograms: list[tuple[int, dict[int, np.ndarray]]] = []
         self._sink: Callable[[int, dict[str, float], dict[int, np.ndarray]], None] | None = None
-        self._last_step: int | None = None
-        self._steps_in_window = 0
+        self._window: set[int] = set()
         self._tag_cm: contextlib.ExitStack | None = None
 
     # -- lifecycle ----------------------------------------------------------------------------
@@ -78,8 +77,7 @@ class RecordingSession:
             # Passing rules (not None) is what makes the recorder evaluate alerts at each flush.
             rules = default_rules()
         self._sink = sink
-        self._last_step = None
-        self._steps_in_window = 0
+        self._window.clear()
         self.recorder = Recorder(
             model,
             self.run_dir,
@@ -113,19 +111,26 @@ class RecordingSession:
 
     # -- stepping -----------------------------------------------------------------------------
     def set_step(self, step: int) -> None:
-        """Set the step of the following forwards; flush when a new step starts a full window's successor."""
+        """Set the step of the following forwards; a new step after a full window flushes that window first."""
         if self.recorder is None:
             return
         step = int(step)
-        if self._last_step is not None and step != self._last_step:
-            self._steps_in_window += 1
-            # The recorder flushes on its own only when the hooked module's forward itself runs; a Lightning
-            # module's training_step usually calls a submodule, so the session flushes at step boundaries too.
-            if self._steps_in_window >= self.flush_every:
-                self._steps_in_window = 0
-                self.recorder.flush()
-        self._last_step = step
+        if step not in self._window:
+            # The recorder flushes on its own only when the hooked module's own forward runs; a Lightning
+            # module's training_step usually calls a submodule, so the session flushes at step boundaries.
+            self._flush_if_full()
+            self._window.add(step)
         self.recorder.step = step
+
+    def end_step(self) -> None:
+        """The current step is complete (optimizer stepped): flush now if it fills the window."""
+        if self.recorder is not None:
+            self._flush_if_full()
+
+    def _flush_if_full(self) -> None:
+        if len(self._window) >= self.flush_every:
+            self._window.clear()
+            self.recorder.flush()
 
     def enter_eval(self, step: int | None = None) -> None:
         """Tag the following forwards as evaluation (kept apart from training load and scalars)."""
@@ -147,7 +152,6 @@ class RecordingSession:
         load = tables.get("expert_load")
         if load is None or load.num_rows == 0:
             return
-        self._steps_in_window = 0
         tags = set(load.column("tag").to_pylist()) - {self.eval_tag}
         span = window_steps(load)
         assert span is not None

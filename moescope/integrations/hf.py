@@ -120,7 +120,8 @@ class MoEScopeTrainerCallback(TrainerCallback):
         self.session.set_step(state.global_step)
 
     def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kw: Any) -> None:
-        """Emit a flushed window's scalars, and tag the evaluation the Trainer is about to run."""
+        """Flush a full window, emit its scalars, and tag the evaluation the Trainer is about to run."""
+        self.session.end_step()
         if self._pending:
             if self._trainer is not None:
                 self._emit(state)
