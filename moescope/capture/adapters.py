@@ -10,6 +10,11 @@ A spec says where a router's decisions come from. Three sources:
 
 The experts actually selected are always stored; top-k is recomputed from logits only where a spec says the
 family selects that way (``source = "logits"``).
+
+Output layouts that differ from ``(logits, weights [T, k], ids [T, k])`` are named by ``ids_layout``
+(``sorted_by_expert``: JetMoE's gating returns token slots sorted by expert plus per-expert sizes), ``onehot``
+(Switch's dispatch mask after capacity), ``logits_are = "probs"`` (Gemma 4 returns softmax probabilities where
+others return logits) and ``skip_expert`` (Zaya's extra no-compute class, reported by its router as id 0, weight 0).
 """
 
 from __future__ import annotations
@@ -26,8 +31,17 @@ from torch import nn
 from .._paths import content_dir
 
 SOURCES = ("output", "experts_input", "logits")
-SELECTIONS = ("softmax_topk", "softmax_topk_norm", "sigmoid_topk", "sigmoid_topk_norm", "topk_softmax")
+SELECTIONS = (
+    "softmax_topk",
+    "softmax_topk_norm",
+    "sigmoid_topk",
+    "sigmoid_topk_norm",
+    "topk_softmax",
+    "topk_sigmoid",
+)
 PROBS = ("softmax", "sigmoid")
+IDS_LAYOUTS = ("topk", "sorted_by_expert")
+LOGITS_ARE = ("logits", "probs")
 
 
 class AdapterError(ValueError):
@@ -44,7 +58,13 @@ class RouterSpec:
     logits: int | None = 0  # index of the logits in the router output; None: the output is the logits tensor
     weights: int | None = None  # index of the gate weights in the router output
     ids: int | None = None  # index of the selected expert ids (or, with onehot, the dispatch mask)
-    onehot: bool = False  # ids are a one-hot dispatch mask [..., E]; all-zero rows are tokens dropped over capacity
+    # ids are a one-hot dispatch mask [..., E]; all-zero rows are tokens dropped over capacity, stored with the
+    # expert they chose (argmax of the logits, the router's own choice before the capacity cut) and counted in `dropped`
+    onehot: bool = False
+    ids_layout: str = "topk"  # "topk": ids [T, k]; "sorted_by_expert": JetMoE (slot order, gates, sizes by expert)
+    expert_sizes: int | None = None  # sorted_by_expert: index of the per-expert slot counts in the output
+    logits_are: str = "logits"  # "probs": the output holds softmax probabilities; their log is stored as logits
+    skip_expert: bool = False  # last logits column is a skip class the router masks to (id 0, weight 0)
     weights_from: str = "output"  # "output", "probs" (probability of each selected expert), "ones"
     selection: str = "softmax_topk"  # for source="logits", and to fill missing weights
     probs: str = "softmax"  # how router probabilities follow from logits (for prob_sum and entropy)
@@ -69,6 +89,18 @@ class RouterSpec:
             )
         if self.source == "output" and self.ids is None:
             raise AdapterError(f"router spec {self.family!r}: source='output' needs `ids` (index in the output)")
+        if self.ids_layout not in IDS_LAYOUTS:
+            raise AdapterError(
+                f"router spec {self.family!r}: ids_layout must be one of {IDS_LAYOUTS}, got {self.ids_layout!r}"
+            )
+        if self.ids_layout == "sorted_by_expert" and (self.expert_sizes is None or self.weights is None):
+            raise AdapterError(
+                f"router spec {self.family!r}: ids_layout='sorted_by_expert' needs `expert_sizes` and `weights`"
+            )
+        if self.logits_are not in LOGITS_ARE:
+            raise AdapterError(
+                f"router spec {self.family!r}: logits_are must be one of {LOGITS_ARE}, got {self.logits_are!r}"
+            )
 
 
 @dataclass
@@ -212,11 +244,17 @@ def _probs(logits: torch.Tensor, kind: str) -> torch.Tensor:
 
 def select(logits: torch.Tensor, k: int, rule: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Apply a named selection rule to logits [T, E] → (ids [T, k], weights [T, k])."""
+    if rule not in SELECTIONS:
+        raise AdapterError(f"unknown selection rule {rule!r}; known: {SELECTIONS}")
     if rule.startswith("sigmoid"):
         scores = torch.sigmoid(logits)
     elif rule == "topk_softmax":
         top, ids = torch.topk(logits, k, dim=-1)  # [T, k]
         return ids, torch.softmax(top, dim=-1)
+    elif rule == "topk_sigmoid":
+        # Llama 4: top-k of the raw logits, each selected expert gated by the sigmoid of its own logit
+        top, ids = torch.topk(logits, k, dim=-1)  # [T, k]
+        return ids, torch.sigmoid(top)
     else:
         scores = torch.softmax(logits, dim=-1)
     w, ids = torch.topk(scores, k, dim=-1)  # [T, k]
@@ -230,6 +268,9 @@ def extract_router_output(spec: RouterSpec, out: Any, n_experts: int, top_k: int
     logits = _pick(out, spec.logits)
     if logits is not None:
         logits = logits.detach().reshape(-1, logits.shape[-1]).float()  # [T, E]
+        if spec.logits_are == "probs":
+            # log p is a logits vector of the same softmax: entropy, margin and prob_sum stay exact (lse = 0)
+            logits = logits.clamp_min(torch.finfo(torch.float32).tiny).log()
     if spec.source == "logits":
         if logits is None:
             raise AdapterError(f"{spec.family}: router output has no logits at index {spec.logits}")
@@ -243,11 +284,16 @@ def extract_router_output(spec: RouterSpec, out: Any, n_experts: int, top_k: int
     if raw_ids is None:
         raise AdapterError(f"{spec.family}: router output has no ids at index {spec.ids}")
     raw_ids = raw_ids.detach()
+    if spec.ids_layout == "sorted_by_expert":
+        return _sorted_by_expert(spec, out, raw_ids, logits, n_experts, top_k)
     dropped = None
     if spec.onehot:
         mask = raw_ids.reshape(-1, raw_ids.shape[-1])  # [T, E] one-hot dispatch (zeros: dropped)
         dropped = mask.sum(-1) == 0
         ids = mask.float().argmax(-1, keepdim=True)  # [T, 1]
+        if logits is not None:
+            # A dropped token's row is empty: keep the expert it chose (its full expert), not a fake expert 0.
+            ids = torch.where(dropped[:, None], logits.argmax(-1, keepdim=True), ids)
     else:
         ids = raw_ids.reshape(-1, raw_ids.shape[-1]).long()  # [T, k]
     if spec.weights_from == "probs" and logits is not None:
@@ -264,7 +310,31 @@ def extract_router_output(spec: RouterSpec, out: Any, n_experts: int, top_k: int
             w = raw_w.reshape(-1, n_experts).gather(-1, ids)
         else:
             w = raw_w.reshape(ids.shape[0], -1)
+    if spec.skip_expert:
+        # Zaya masks a chosen skip class to (id 0, weight 0.0); a real expert 0 always has a positive softmax weight.
+        ids = torch.where((ids == 0) & (w == 0), torch.full_like(ids, n_experts - 1), ids)
     return RouterEvent(logits, ids, w, dropped)
+
+
+def _sorted_by_expert(
+    spec: RouterSpec, out: Any, order: torch.Tensor, logits: torch.Tensor | None, n_experts: int, top_k: int
+) -> RouterEvent:
+    """JetMoE: undo the router's sort of the T*k slots by expert, giving ids/weights [T, k] in slot order."""
+    gates = _pick(out, spec.weights)
+    sizes = out[spec.expert_sizes] if isinstance(out, (tuple, list)) else None
+    if gates is None or sizes is None:
+        raise AdapterError(
+            f"{spec.family}: router output lacks gates/expert sizes at {spec.weights}/{spec.expert_sizes}"
+        )
+    order = order.reshape(-1).long()  # [T*k]: slot index (t*k + s) of each sorted position
+    sizes_t = torch.as_tensor(sizes, device=order.device, dtype=torch.long)  # [E]
+    # the sorted positions hold expert 0's slots first, then expert 1's, ...: their expert is known by position
+    sorted_expert = torch.repeat_interleave(torch.arange(len(sizes_t), device=order.device), sizes_t)  # [T*k]
+    ids = torch.empty_like(order)
+    ids[order] = sorted_expert
+    w = torch.empty(order.shape, dtype=torch.float32, device=order.device)
+    w[order] = gates.detach().reshape(-1).float()
+    return RouterEvent(logits, ids.reshape(-1, top_k), w.reshape(-1, top_k))
 
 
 def extract_experts_input(
@@ -297,12 +367,14 @@ def describe(spec: RouterSpec) -> str:
     """One line saying how a router of this spec is hooked."""
     if spec.source == "output":
         how = f"forward hook: ids=output[{spec.ids}]" + (" (one-hot dispatch)" if spec.onehot else "")
+        how += " (sorted by expert)" if spec.ids_layout == "sorted_by_expert" else ""
         how += f", weights=output[{spec.weights}]" if spec.weights is not None else f", weights={spec.weights_from}"
     elif spec.source == "experts_input":
         how = f"forward hook for logits + pre-hook on '{spec.experts}' for ids/weights"
     else:
         how = f"forward hook on logits, ids/weights by {spec.selection}"
-    return how + (f", logits=output[{spec.logits}]" if spec.logits is not None else "")
+    how += f", logits=output[{spec.logits}]" if spec.logits is not None else ""
+    return how + (" (probabilities)" if spec.logits_are == "probs" else "")
 
 
 __all__ = [
@@ -313,6 +385,7 @@ __all__ = [
     "describe",
     "extract_experts_input",
     "extract_router_output",
+    "get_submodule",
     "register_router",
     "resolve",
     "router_shape",

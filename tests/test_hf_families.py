@@ -1,0 +1,401 @@
+"""Recording real transformers MoE families: the trace must hold exactly what each router returned.
+
+Each case builds a tiny random-init model of one family, records two forwards (a left/right-padded batch and an
+unpadded one) with ``tokens=1.0``, and compares the Parquet trace, read back with pyarrow, against ground truth
+captured by this test's own forward hooks on the router modules (ids, weights, logits as the router returned them).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+pa = pytest.importorskip("pyarrow")
+pq = pytest.importorskip("pyarrow.parquet")
+
+import moescope  # noqa: E402
+
+pytestmark = pytest.mark.hf
+
+from transformers import AutoModelForCausalLM  # noqa: E402
+from transformers.models.auto.configuration_auto import CONFIG_MAPPING  # noqa: E402
+
+# Shrinks any family's config: applied where the config class has the field.
+TINY: dict[str, Any] = {
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "moe_intermediate_size": 32,
+    "shared_expert_intermediate_size": 32,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 4,  # = heads: MLA families (DeepSeek) need it
+    "head_dim": 8,
+    "vocab_size": 128,
+    "num_experts": 8,
+    "num_local_experts": 8,
+    "n_routed_experts": 8,
+    "moe_num_experts": 8,
+    "num_experts_per_tok": 2,
+    "moe_topk": 2,
+    "moe_top_k": 2,
+    "top_k_experts": 2,
+    "n_group": 2,
+    "topk_group": 1,
+    "first_k_dense_replace": 0,
+    "decoder_sparse_step": 1,
+    "mlp_only_layers": [],
+    "kv_lora_rank": 16,
+    "q_lora_rank": 16,
+    "qk_rope_head_dim": 8,
+    "qk_nope_head_dim": 8,
+    "v_head_dim": 8,
+    "max_position_embeddings": 64,
+    "n_shared_experts": 1,
+    "pad_token_id": 0,
+    "bos_token_id": 1,
+    "eos_token_id": 2,
+}
+
+B, S = 3, 7  # batch, sequence length of each recorded forward
+
+
+@dataclass
+class Case:
+    """One family under test: how to build it and what to assert beyond the exact ids/weights match."""
+
+    model_type: str
+    overrides: dict[str, Any] = field(default_factory=dict)
+    softmax_topk: bool = False  # the family selects the top-k of softmax(logits): ids == top-k of output_router_logits
+    aux: bool = False  # the model's aux_loss is transformers' load_balancing_loss_func over those logits
+    truth: str = "tuple"  # how this test reads ground truth off the router (see _truth)
+    setup: Callable[[Any], None] | None = None  # e.g. set a non-zero correction bias
+    # biased selection: the stored ids must differ from softmax-top-k of the logits somewhere (proof that the
+    # ids come from the router, not from recomputation)
+    differs: bool = False
+
+
+def _bias(model: Any) -> None:
+    """Give every router a non-zero selection bias so biased selection differs from softmax-top-k."""
+    g = torch.Generator().manual_seed(1)
+    for m in model.modules():
+        b = getattr(m, "e_score_correction_bias", None)
+        if isinstance(b, torch.Tensor):
+            b.data.copy_(torch.randn(b.shape, generator=g) * 0.5)
+
+
+SOFTMAX = {"softmax_topk": True, "aux": True}
+CASES: dict[str, Case] = {
+    # softmax → top-k: ids are also the top-k of output_router_logits; aux_loss is recomputable from the trace
+    "mixtral": Case("mixtral", **SOFTMAX),
+    "qwen2_moe": Case("qwen2_moe", **SOFTMAX),
+    "qwen3_moe": Case("qwen3_moe", **SOFTMAX),
+    "qwen3_next": Case("qwen3_next", {"layer_types": ["linear_attention", "full_attention"]}, **SOFTMAX),
+    "olmoe": Case("olmoe", **SOFTMAX),
+    "flex_olmo": Case("flex_olmo", **SOFTMAX),
+    "minimax": Case("minimax", **SOFTMAX),
+    "hunyuan_v1_moe": Case("hunyuan_v1_moe", softmax_topk=True),  # its CausalLM computes no aux_loss
+    "jamba": Case(
+        "jamba",
+        {"attn_layer_period": 2, "attn_layer_offset": 1, "expert_layer_period": 1, "expert_layer_offset": 0},
+        **SOFTMAX,
+    ),
+    # top-k of logits, softmax over the selected: same ids as softmax top-k
+    "gpt_oss": Case("gpt_oss", softmax_topk=True),
+    "granitemoe": Case("granitemoe", **SOFTMAX),
+    "granitemoeshared": Case("granitemoeshared", **SOFTMAX),
+    "aria_text": Case("aria_text", softmax_topk=True),
+    "cohere2_moe": Case("cohere2_moe", softmax_topk=True),
+    # biased / grouped / sigmoid selection: only the router's returned ids are right
+    "deepseek_v3": Case("deepseek_v3", setup=_bias, differs=True),
+    "deepseek_v2": Case("deepseek_v2"),
+    "glm4_moe": Case("glm4_moe", setup=_bias, differs=True),
+    "dots1": Case("dots1", setup=_bias, differs=True),
+    "ernie4_5_moe": Case("ernie4_5_moe"),
+    "minimax_m2": Case("minimax_m2", setup=_bias, differs=True),
+    "afmoe": Case("afmoe"),
+    "phimoe": Case("phimoe"),
+    "exaone_moe": Case("exaone_moe", setup=_bias, differs=True),
+    "longcat_flash": Case(
+        "longcat_flash",
+        {"num_layers": 2, "ffn_hidden_size": 32, "expert_ffn_hidden_size": 32, "zero_expert_num": 2, "moe_topk": 2},
+        setup=_bias,
+        differs=True,
+    ),
+    # output layouts of their own
+    "llama4": Case("llama4_text", truth="llama4"),
+    "jetmoe": Case("jetmoe", truth="jetmoe", softmax_topk=False),
+    "dbrx": Case(
+        "dbrx",
+        {
+            "d_model": 32,
+            "n_heads": 4,
+            "n_layers": 2,
+            "max_seq_len": 64,
+            # transformers 5.23's DbrxAttention reads attn_config.rope_theta, absent from DbrxAttentionConfig,
+            # and clamps qkv with clip_qkv unconditionally: both must be given.
+            "attn_config": {"kv_n_heads": 2, "rope_theta": 10000.0, "clip_qkv": 8.0},
+            "ffn_config": {"ffn_hidden_size": 32, "moe_num_experts": 8, "moe_top_k": 2},
+        },
+        truth="dbrx",
+        **SOFTMAX,
+    ),
+}
+
+
+# -- ground truth ----------------------------------------------------------------------------------------------
+
+
+def _router_modules(model: Any, names: tuple[str, ...]) -> dict[str, Any]:
+    """Router modules by name, found by this test's own class-name list (not through moescope)."""
+    return {n: m for n, m in model.named_modules() if type(m).__name__ in names}
+
+
+# Where transformers' declaration names something other than the router module itself.
+ROUTER_CLASSES: dict[str, tuple[str, ...]] = {
+    "jetmoe": ("JetMoeTopKGating",),  # it also declares JetMoeAttention (index 2), the MoA gating's caller
+}
+
+
+def _truth_hooks(model: Any, case: Case, calls: dict[str, list[dict[str, Any]]]) -> list[Any]:
+    """Attach ground-truth hooks; each router call appends {ids, weights, logits, dropped} to calls[module]."""
+    handles = []
+    declared = ROUTER_CLASSES.get(case.model_type) or _declared_router_classes(model)
+    for name, mod in _router_modules(model, declared).items():
+        if case.truth == "dbrx":
+            # DBRX's router returns logits only: truth for ids/weights is what the block hands the experts.
+            parent = model.get_submodule(name.rsplit(".", 1)[0])
+            handles.append(mod.register_forward_hook(_mk_dbrx_logits(name, calls)))
+            handles.append(parent.experts.register_forward_pre_hook(_mk_dbrx_experts(name, calls)))
+        else:
+            handles.append(mod.register_forward_hook(_mk_hook(name, case.truth, calls, mod)))
+    return handles
+
+
+def _declared_router_classes(model: Any) -> tuple[str, ...]:
+    """The router classes transformers itself declares (``_can_record_outputs['router_logits']``)."""
+    names: list[str] = []
+    for m in model.modules():
+        rec = getattr(type(m), "_can_record_outputs", None) or {}
+        spec = rec.get("router_logits")
+        for r in spec if isinstance(spec, list) else [spec] if spec is not None else []:
+            cls = getattr(r, "target_class", r)
+            if isinstance(cls, type):
+                names.append(cls.__name__)
+    return tuple(dict.fromkeys(names))
+
+
+def _mk_hook(name: str, kind: str, calls: dict[str, list[dict[str, Any]]], mod: Any) -> Callable[..., None]:
+    def hook(module: Any, args: Any, out: Any) -> None:
+        if kind == "llama4":
+            scores, logits = out  # scores [T, E]: sigmoid(top-k logits) there, 0 elsewhere
+            k = module.top_k
+            ids = torch.topk(logits, k, dim=1).indices  # the router's own call, on the same tensor
+            rec = {"logits": logits, "ids": ids, "weights": scores.gather(1, ids)}
+        elif kind == "jetmoe":
+            order, _, gates, sizes, logits = out
+            k = module.top_k
+            # undo the router's sort with a plain loop: sorted positions hold expert 0's slots, then expert 1's, ...
+            ids = torch.empty(order.numel(), dtype=torch.long)
+            w = torch.empty(order.numel())
+            j = 0
+            for expert, size in enumerate(sizes):
+                for _ in range(size):
+                    ids[order[j]] = expert
+                    w[order[j]] = gates[j]
+                    j += 1
+            rec = {"logits": logits, "ids": ids.reshape(-1, k), "weights": w.reshape(-1, k)}
+        elif kind == "switch":
+            mask, probs, logits = out
+            rec = {"logits": logits, "onehot": mask, "max_prob": probs}
+        else:
+            logits, weights, ids = out[0], out[1], out[2]
+            rec = {"logits": logits, "ids": ids, "weights": weights}
+        calls.setdefault(name, []).append({k: v.detach().clone() for k, v in rec.items()})
+
+    return hook
+
+
+def _mk_dbrx_logits(name: str, calls: dict[str, list[dict[str, Any]]]) -> Callable[..., None]:
+    def hook(module: Any, args: Any, out: Any) -> None:
+        calls.setdefault(name, []).append({"logits": out.detach().clone()})
+
+    return hook
+
+
+def _mk_dbrx_experts(name: str, calls: dict[str, list[dict[str, Any]]]) -> Callable[..., None]:
+    def hook(module: Any, args: Any) -> None:
+        calls[name][-1]["ids"] = args[1].detach().clone()
+        calls[name][-1]["weights"] = args[2].detach().clone()
+
+    return hook
+
+
+# -- building and recording ------------------------------------------------------------------------------------
+
+
+def build(case: Case) -> Any:
+    """A tiny random-init model of the family (eval mode, float32)."""
+    cls = CONFIG_MAPPING[case.model_type]
+    fields = {f.name for f in dataclasses.fields(cls)} if dataclasses.is_dataclass(cls) else set()
+    kw = {k: v for k, v in TINY.items() if k in fields}
+    kw.update(case.overrides)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cls(**kw)).eval()
+    if case.setup is not None:
+        case.setup(model)
+    return model
+
+
+def batches() -> list[tuple[Any, Any]]:
+    """(input_ids, attention_mask): a batch with left and right padding, then one without."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(3, 100, (B, S), generator=g)
+    mask = torch.ones(B, S, dtype=torch.long)
+    mask[0, :2] = 0  # left padding
+    mask[2, -3:] = 0  # right padding
+    return [(x, mask), (torch.randint(3, 100, (B, S), generator=g), torch.ones(B, S, dtype=torch.long))]
+
+
+def read(run: Path, table: str) -> pa.Table:
+    """One trace table of a run, read directly from its Parquet parts."""
+    parts = sorted((run / table).glob("*.parquet"))
+    assert parts, f"no {table} parts in {run}"
+    return pa.concat_tables([pq.read_table(p) for p in parts])
+
+
+def record_case(case: Case, tmp: Path) -> tuple[Any, Path, dict[str, list[dict[str, Any]]], list[Any]]:
+    """Record two forwards of the family's tiny model; returns (model, run dir, truth calls, model outputs)."""
+    model = build(case)
+    calls: dict[str, list[dict[str, Any]]] = {}
+    handles = _truth_hooks(model, case, calls)
+    assert calls == {} and handles, f"{case.model_type}: no router modules found by the test"
+    run = tmp / case.model_type
+    outs = []
+    try:
+        with moescope.record(model, run, tokens=1.0) as rec, torch.no_grad():
+            for step, (x, mask) in enumerate(batches()):
+                rec.step = step
+                outs.append(model(input_ids=x, attention_mask=mask, output_router_logits=True))
+    finally:
+        for h in handles:
+            h.remove()
+    return model, run, calls, outs
+
+
+# -- the checks ------------------------------------------------------------------------------------------------
+
+
+def check_trace(case: Case, run: Path, calls: dict[str, list[dict[str, Any]]], outs: list[Any]) -> None:
+    """Every assertion of the module docstring, for one recorded family."""
+    import json
+
+    manifest = json.loads((run / "manifest.json").read_text())
+    layers = {entry["module"]: entry for entry in manifest["layers"]}
+    assert set(layers) == set(calls), f"recorder hooked {sorted(layers)}, routers called {sorted(calls)}"
+    routing = read(run, "routing").to_pandas()
+    load = read(run, "expert_load").to_pandas()
+    stats = read(run, "router_stats").to_pandas()
+    for step, (_x, mask) in enumerate(batches()):
+        valid = mask.reshape(-1).bool()  # [B*S]
+        for module, entry in layers.items():
+            layer, n_exp = entry["layer"], entry["n_experts"]
+            truth = calls[module][step]
+            ids, w = truth["ids"].reshape(B * S, -1), truth["weights"].reshape(B * S, -1).float()
+            rows = routing[(routing.step == step) & (routing.layer == layer)].sort_values(["seq", "pos"])
+            seq, pos = rows.seq.to_numpy(), rows.pos.to_numpy()
+            flat = torch.as_tensor(seq * S + pos)
+            assert torch.equal(flat, valid.nonzero().reshape(-1)), f"{module} step {step}: rows ≠ valid tokens"
+            got_ids = torch.as_tensor(np.stack(rows.experts.to_numpy()).astype(np.int64))
+            got_w = torch.as_tensor(np.stack(rows.weights.to_numpy()).astype(np.float32))
+            assert torch.equal(got_ids, ids[valid]), f"{module} step {step}: stored ids ≠ the router's ids"
+            # the routing table stores weights as float16 (trace schema): compare at that precision
+            torch.testing.assert_close(got_w, w[valid].half().float(), rtol=0, atol=0)
+            counts = torch.bincount(ids[valid].reshape(-1), minlength=n_exp)
+            lo = load[(load.step == step) & (load.layer == layer)].sort_values("expert")
+            assert lo.tokens.tolist() == counts.tolist(), f"{module} step {step}: expert_load ≠ bincount"
+            st = stats[(stats.step == step) & (stats.layer == layer)]
+            assert int(st.tokens.iloc[0]) == int(valid.sum())
+            logits = truth["logits"].reshape(B * S, -1).float()[valid]
+            lse_sq = torch.logsumexp(logits, -1).pow(2).sum().item()
+            assert math.isclose(float(st.lse_sq_sum.iloc[0]), lse_sq, rel_tol=1e-5), f"{module}: z-loss numerator"
+        if case.differs:
+            _check_differs(layers, routing, calls, step, valid)
+        if case.softmax_topk:
+            _check_softmax_topk(case, layers, routing, outs[step], step, valid)
+        if case.aux:
+            _check_aux(layers, load, outs[step], step, int(valid.sum()))
+
+
+def _check_softmax_topk(case: Case, layers: dict[str, Any], routing: Any, out: Any, step: int, valid: Any) -> None:
+    """Where the family selects softmax-top-k, the stored ids are the top-k of the model's output_router_logits."""
+    rl = out.router_logits
+    assert len(rl) == len(layers)
+    for (_, entry), logits in zip(sorted(layers.items(), key=lambda kv: kv[1]["layer"]), rl):
+        k = entry["top_k"]
+        ref = torch.topk(torch.softmax(logits.float().reshape(B * S, -1), -1), k, -1).indices[valid]
+        rows = routing[(routing.step == step) & (routing.layer == entry["layer"])].sort_values(["seq", "pos"])
+        got = torch.as_tensor(np.stack(rows.experts.to_numpy()).astype(np.int64))
+        assert torch.equal(got.sort(-1).values, ref.sort(-1).values)
+
+
+def _check_differs(layers: dict[str, Any], routing: Any, calls: dict[str, Any], step: int, valid: Any) -> None:
+    """Biased (DeepSeek-V3-style) selection: somewhere the stored ids are not softmax-top-k of the logits."""
+    differ = 0
+    for module, entry in layers.items():
+        logits = calls[module][step]["logits"].reshape(B * S, -1).float()[valid]
+        ref = torch.topk(torch.softmax(logits, -1), entry["top_k"], -1).indices.sort(-1).values
+        rows = routing[(routing.step == step) & (routing.layer == entry["layer"])].sort_values(["seq", "pos"])
+        got = torch.as_tensor(np.stack(rows.experts.to_numpy()).astype(np.int64)).sort(-1).values
+        differ += int((got != ref).any(-1).sum())
+    assert differ > 0, "biased router selected exactly softmax-top-k everywhere: the test proves nothing"
+
+
+def _check_aux(layers: dict[str, Any], load: Any, out: Any, step: int, n_valid: int) -> None:
+    """Mixtral-style aux loss from the trace equals the model's own (load_balancing_loss_func, masked).
+
+    transformers concatenates every layer's logits and takes per-expert means over all (layer, token) pairs, so
+    f_e = Σ_l c_le / (L·T) (assignments per token, summing to k) and P_e = Σ_l prob_sum_le / (L·T); loss = N·Σ f_e P_e.
+    """
+    n_layers = len(layers)
+    lo = load[load.step == step].groupby("expert")[["tokens", "prob_sum"]].sum().sort_index()
+    n_exp = len(lo)
+    f = lo.tokens.to_numpy() / (n_layers * n_valid)
+    p = lo.prob_sum.to_numpy() / (n_layers * n_valid)
+    aux = n_exp * float((f * p).sum())
+    assert math.isclose(aux, float(out.aux_loss), rel_tol=1e-5), (aux, float(out.aux_loss))
+
+
+@pytest.mark.parametrize("family", sorted(CASES))
+def test_family_trace_matches_router(family: str, tmp_path: Path) -> None:
+    """The trace holds exactly the router's ids/weights for every non-padded token and layer."""
+    case = CASES[family]
+    _, run, calls, outs = record_case(case, tmp_path)
+    check_trace(case, run, calls, outs)
+
+
+if __name__ == "__main__":  # triage: python tests/test_hf_families.py FAMILY...
+    import sys
+    import tempfile
+    import traceback
+
+    for fam in sys.argv[1:] or sorted(CASES):
+        t0 = time.time()
+        try:
+            c = CASES[fam] if fam in CASES else Case(fam)
+            _, r, cl, o = record_case(c, Path(tempfile.mkdtemp()))
+            check_trace(c, r, cl, o)
+            print(f"OK   {fam} {time.time() - t0:.1f}s", flush=True)
+        except Exception as e:  # noqa: BLE001 - triage prints every failure
+            print(f"FAIL {fam}: {type(e).__name__}: {str(e)[:400]}", flush=True)
+            if len(sys.argv) == 2:
+                traceback.print_exc()
