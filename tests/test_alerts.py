@@ -86,8 +86,27 @@ def test_rules_from_mapping_and_disabled() -> None:
     assert got == {"dead_expert": "FAIL", "collapse": "FAIL"}
     with pytest.raises(ValueError, match="unknown field"):
         AlertRules.from_any({"nope": 1})
-    cfg = SimpleNamespace(maxvio_fail=9.0, min_expected_assignments=7)
-    assert AlertRules.from_any(cfg).maxvio_fail == 9.0 and AlertRules.from_any(cfg).min_expected == 7.0
+    with pytest.raises(TypeError, match="alert_rules"):
+        AlertRules.from_any(3)
+
+
+def test_rules_follow_health_config(tmp_path: Path) -> None:
+    from moescope.capture.alerts import default_rules
+    from moescope.config import HealthConfig
+
+    assert default_rules() == AlertRules()  # the built-in defaults are the check's defaults
+    cfg = HealthConfig()
+    cfg.maxvio.fail_above = None
+    cfg.min_tokens = 7
+    cfg.load_cv.enabled = False
+    r = AlertRules.from_any(cfg)
+    assert r.maxvio_fail is None and r.min_expected == 7 and r.disabled == frozenset({"load_cv"})
+    c = np.array([1000.0, 10.0, 10.0, 10.0, 10.0, 10.0, 10.0, 10.0])  # MaxVio ≈ 6.6: only WARN without a FAIL bar
+    assert [a.status for a in evaluate_window({0: c}, {}, {0: 1}, 0, 0, r) if a.rule == "maxvio"] == ["WARN"]
+    toml = tmp_path / "moescope.toml"
+    toml.write_text("[rules.maxvio]\nfail_above = 5.0\n[rules.dead_expert]\nfail_below = 0.1\n")
+    r = AlertRules.from_any(toml)
+    assert (r.maxvio_fail, r.dead_utilization) == (5.0, 0.1)
 
 
 def test_scalars_known_answer() -> None:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields, replace
@@ -67,27 +68,32 @@ class Alert:
 
 @dataclass(frozen=True)
 class AlertRules:
-    """Thresholds of the online rules (defaults: the design's catalogue)."""
+    """Thresholds of the online rules (defaults: the design's catalogue, as in moescope.config.HealthConfig)."""
 
     dead_utilization: float = 0.05  # FAIL when N·f_e is below this for an expert
     load_cv_warn: float = 0.5  # WARN when std(c)/mean(c) exceeds this
+    load_cv_fail: float | None = None  # FAIL above this (off by default)
     maxvio_warn: float = 1.0  # WARN when max(c)/mean(c) − 1 exceeds this
-    maxvio_fail: float = 3.0  # FAIL when it exceeds this
+    maxvio_fail: float | None = 3.0  # FAIL when it exceeds this
     collapse_share: float = 0.9  # FAIL when the m busiest experts carry this share with m ≤ max(k, N/4)
     collapse_fraction: float = 0.25  # the N/4 above
     min_expected: float = 50.0  # skip load rules while kT/N, the expected assignments per expert, is below this
-    nonfinite: bool = True  # FAIL on any token with NaN/Inf router logits
+    nonfinite_fail_above: int = 0  # FAIL when more tokens than this had NaN/Inf router logits
     disabled: frozenset[str] = field(default_factory=frozenset)  # rule names to skip
 
     @classmethod
     def from_any(cls, value: Any) -> AlertRules:
-        """Rules from None (defaults, or moescope.config.HealthConfig when present), an AlertRules, a mapping or a config object."""
+        """Rules from None (project defaults), an AlertRules, a mapping of its fields, a HealthConfig, or a moescope.toml path."""
         if value is None:
             return default_rules()
         if isinstance(value, AlertRules):
             return value
-        names = {f.name for f in fields(cls)}
+        if isinstance(value, (str, os.PathLike)):
+            from ..config import load_config
+
+            return from_health_config(load_config(value))
         if isinstance(value, Mapping):
+            names = {f.name for f in fields(cls)}
             unknown = set(value) - names
             if unknown:
                 raise ValueError(f"alert_rules: unknown field(s) {sorted(unknown)}; known: {sorted(names)}")
@@ -95,44 +101,40 @@ class AlertRules:
             if "disabled" in kw:
                 kw["disabled"] = frozenset(kw["disabled"])
             return replace(default_rules(), **kw)
-        return _from_health_config(value)
+        if hasattr(value, "dead_expert") and hasattr(value, "maxvio"):
+            return from_health_config(value)
+        raise TypeError(
+            f"alert_rules: expected None, AlertRules, a mapping, a HealthConfig or a moescope.toml path, got {type(value).__name__}"
+        )
 
 
-# Field names a HealthConfig may use for the same thresholds (the analysis engineer owns its spelling).
-_CONFIG_ALIASES: dict[str, tuple[str, ...]] = {
-    "dead_utilization": ("dead_utilization", "dead_expert", "dead_expert_utilization", "dead_threshold", "dead"),
-    "load_cv_warn": ("load_cv_warn", "cv_warn", "load_cv"),
-    "maxvio_warn": ("maxvio_warn",),
-    "maxvio_fail": ("maxvio_fail",),
-    "collapse_share": ("collapse_share", "collapse_mass", "collapse_top_share"),
-    "collapse_fraction": ("collapse_fraction", "collapse_expert_fraction"),
-    "min_expected": ("min_expected", "min_expected_assignments", "min_expected_per_expert"),
-}
-
-
-def _from_health_config(cfg: Any) -> AlertRules:
-    """Map whatever threshold fields a HealthConfig-like object has onto AlertRules; the rest keep defaults."""
-    kw: dict[str, Any] = {}
-    for name, aliases in _CONFIG_ALIASES.items():
-        for alias in aliases:
-            v = getattr(cfg, alias, None)
-            if isinstance(v, (int, float)) and not isinstance(v, bool):
-                kw[name] = float(v)
-                break
-    return replace(AlertRules(), **kw)
+def from_health_config(cfg: Any) -> AlertRules:
+    """The online thresholds of a moescope.config.HealthConfig, so alerts and `moescope check` agree."""
+    disabled = frozenset(
+        name
+        for name in ("dead_expert", "load_cv", "maxvio", "collapse", "nonfinite")
+        if not getattr(getattr(cfg, name, None), "enabled", True)
+    )
+    return AlertRules(
+        dead_utilization=float(cfg.dead_expert.fail_below),
+        load_cv_warn=float(cfg.load_cv.warn_above),
+        load_cv_fail=None if cfg.load_cv.fail_above is None else float(cfg.load_cv.fail_above),
+        maxvio_warn=float(cfg.maxvio.warn_above),
+        maxvio_fail=None if cfg.maxvio.fail_above is None else float(cfg.maxvio.fail_above),
+        collapse_share=float(cfg.collapse.share),
+        min_expected=float(cfg.min_tokens),
+        nonfinite_fail_above=int(cfg.nonfinite.fail_above),
+        disabled=disabled,
+    )
 
 
 def default_rules() -> AlertRules:
-    """The project-wide thresholds: moescope.config.HealthConfig() when that module exists, else the built-ins."""
+    """The project-wide thresholds: moescope.config.HealthConfig() when importable, else the built-ins."""
     try:
-        from ..config import HealthConfig  # type: ignore[import-not-found,attr-defined]
-    except ImportError:
+        from ..config import HealthConfig
+    except ImportError:  # a trimmed install without the analysis side still alerts
         return AlertRules()
-    try:
-        return _from_health_config(HealthConfig())
-    except Exception:  # a config that cannot be built with defaults must not stop a training run
-        logger.debug("moescope: HealthConfig() failed; using built-in alert thresholds", exc_info=True)
-        return AlertRules()
+    return from_health_config(HealthConfig())
 
 
 def evaluate_window(
@@ -178,8 +180,16 @@ def evaluate_window(
 
     for layer in sorted(set(load) | set(nonfinite)):
         bad = int(nonfinite.get(layer, 0))
-        if rules.nonfinite and "nonfinite" not in rules.disabled and bad > 0:
-            add("nonfinite", "FAIL", layer, (), bad, 0, f"{bad} token(s) with NaN/Inf router logits")
+        if "nonfinite" not in rules.disabled and bad > rules.nonfinite_fail_above:
+            add(
+                "nonfinite",
+                "FAIL",
+                layer,
+                (),
+                bad,
+                rules.nonfinite_fail_above,
+                f"{bad} token(s) with NaN/Inf router logits",
+            )
         if layer not in load:
             continue
         c = np.asarray(load[layer], dtype=np.float64)
@@ -228,26 +238,28 @@ def evaluate_window(
                     f"(≥ {rules.collapse_share:.0%} on {m} ≤ max(k={k}, N/4={n * rules.collapse_fraction:g}) of {n} experts)",
                 )
         if "maxvio" not in rules.disabled and s.maxvio > rules.maxvio_warn:
-            fail = s.maxvio > rules.maxvio_fail
+            fail = rules.maxvio_fail is not None and s.maxvio > rules.maxvio_fail
+            limit = rules.maxvio_fail if fail and rules.maxvio_fail is not None else rules.maxvio_warn
             add(
                 "maxvio",
                 "FAIL" if fail else "WARN",
                 layer,
                 (int(order[0]),),
                 s.maxvio,
-                rules.maxvio_fail if fail else rules.maxvio_warn,
-                f"expert {int(order[0])} overloaded: MaxVio {s.maxvio:.2f} > "
-                f"{rules.maxvio_fail if fail else rules.maxvio_warn:g}",
+                limit,
+                f"expert {int(order[0])} overloaded: MaxVio {s.maxvio:.2f} > {limit:g}",
             )
         if "load_cv" not in rules.disabled and s.load_cv > rules.load_cv_warn:
+            fail = rules.load_cv_fail is not None and s.load_cv > rules.load_cv_fail
+            limit = rules.load_cv_fail if fail and rules.load_cv_fail is not None else rules.load_cv_warn
             add(
                 "load_cv",
-                "WARN",
+                "FAIL" if fail else "WARN",
                 layer,
-                order[: max(k, 1)].tolist(),
+                order[:k].tolist(),
                 s.load_cv,
-                rules.load_cv_warn,
-                f"load imbalanced: CV {s.load_cv:.2f} > {rules.load_cv_warn:g} (busiest {order[:k].tolist()})",
+                limit,
+                f"load imbalanced: CV {s.load_cv:.2f} > {limit:g} (busiest {order[:k].tolist()})",
             )
     return out
 
