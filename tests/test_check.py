@@ -37,8 +37,9 @@ N_EXPERTS, TOP_K, TOKENS, STEPS = 8, 2, 512, 30
 UNIFORM = [1.0] * N_EXPERTS
 #: Two experts take almost everything; experts 4-7 fall far below 5% of their fair share.
 COLLAPSED = [0.47, 0.47, 0.02, 0.02, 0.005, 0.005, 0.005, 0.005]
-#: Half the experts busy, half quiet: a different distribution from UNIFORM, yet no expert dead.
-SHIFTED = [3.0, 3.0, 3.0, 3.0, 1.0, 1.0, 1.0, 1.0]
+#: Half the experts busy, half quiet: a different distribution from UNIFORM (JS ≈ 0.27, TV 0.3) with
+#: load CV 0.6 (WARN above 0.5, clear of sampling noise), MaxVio 0.6 (PASS) and no expert dead.
+SHIFTED = [4.0, 4.0, 4.0, 4.0, 1.0, 1.0, 1.0, 1.0]
 
 
 # ------------------------------------------------------------------------------------------ trace builders
@@ -367,6 +368,24 @@ def test_github_format(
     md = summary.read_text()
     assert md.startswith("earlier step\n")  # appended, never overwritten
     assert "## moescope check" in md and "| status | rule |" in md
+
+
+def test_unwritable_step_summary_keeps_the_verdict(
+    traces: dict[str, Path], capsys: pytest.CaptureFixture[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("GITHUB_STEP_SUMMARY", str(tmp_path / "no" / "such" / "dir" / "summary.md"))
+    code, _, err = run_cli(str(traces["collapse"]), "--format", "github", capsys=capsys)
+    assert code == 1  # the check's own verdict, not a usage error
+    assert err.startswith("moescope: warning:") and len(err.strip().splitlines()) == 1
+
+
+def test_output_file_in_new_directory(
+    traces: dict[str, Path], capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    target = tmp_path / "reports" / "moescope.xml"
+    code, out, _ = run_cli(str(traces["balanced"]), "--format", "junit", "-o", str(target), capsys=capsys)
+    assert code == 0 and ET.parse(target).getroot().tag == "testsuites"
+    assert "moescope check: PASS" in out
 
 
 # ------------------------------------------------------------------------------------------ formatters on hand-made findings
