@@ -58,7 +58,10 @@ def write_part(run_dir: str | Path, table: str, rank: int, seq: int, data: pa.Ta
         compression="zstd",
         compression_level=3,
         row_group_size=ROW_GROUP_ROWS,
-        use_dictionary=True,
+        # Dictionaries help ids and keys, not half floats (byte-stream-split would help those, but DuckDB
+        # cannot read it for FLOAT16).
+        use_dictionary=[f.name if not pa.types.is_list(f.type) else f"{f.name}.list.element"
+                        for f in schema if f.type not in (pa.float16(), pa.list_(pa.float16()))],
         write_statistics=True,
     )
     os.replace(tmp, out)

@@ -59,7 +59,7 @@ def test_counts_and_rows_equal_router_outputs(tmp_path: Path) -> None:
         got_ids = np.array([r[0] for r in rows])
         got_w = np.array([r[1] for r in rows])
         np.testing.assert_array_equal(got_ids, ids.numpy())
-        np.testing.assert_allclose(got_w, w.numpy(), rtol=1e-6)
+        np.testing.assert_allclose(got_w, w.numpy(), atol=1e-3)  # stored as fp16
         assert [r[4] for r in rows] == x.reshape(-1).tolist()
         assert [r[3] for r in rows] == list(range(9)) * 4
         load = dict(q(tmp_path, f"SELECT expert, tokens FROM '$R/r/expert_load/*.parquet' WHERE layer={layer}"))

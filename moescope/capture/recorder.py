@@ -654,16 +654,16 @@ def _to_tables(
             parts["pos"].append(r["pos"][keep].astype(np.int32))
             parts["token_id"].append(r["token_id"][keep].astype(np.int32))
             for name in ("entropy", "lse", "margin"):
-                parts[name].append(r[name][keep].astype(np.float32) if name in r else np.full(n, np.nan, np.float32))
+                parts[name].append(r[name][keep].astype(np.float16) if name in r else np.full(n, np.nan, np.float16))
             experts_l.append(r["experts"][keep])
-            weights_l.append(r["weights"][keep].astype(np.float32))
+            weights_l.append(r["weights"][keep].astype(np.float16))
             tags_l.extend([tag] * n)
         cols = {k: np.concatenate(v) for k, v in parts.items()}
         # Sorting by (step, layer, seq, pos) gives long runs that Parquet's RLE/dictionary encodings compress.
         order = np.lexsort((cols["pos"], cols["seq"], cols["layer"], cols["step"]))
         n = len(order)
         ex = _fixed_list(np.concatenate(experts_l) if experts_l else np.zeros((0, 1), np.int16), pa.int16(), order)
-        wt = _fixed_list(np.concatenate(weights_l) if weights_l else np.zeros((0, 1), np.float32), pa.float32(), order)
+        wt = _fixed_list(np.concatenate(weights_l) if weights_l else np.zeros((0, 1), np.float16), pa.float16(), order)
         tags_arr = np.array(tags_l, dtype=object)[order] if n else np.array([], dtype=object)
         out["routing"] = pa.table(
             {
