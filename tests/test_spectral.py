@@ -586,3 +586,26 @@ def test_reference_model_and_upcycling(tmp_path):
     by = df.groupby("metric").value
     assert by.min()["subspace_overlap"] > 0.9 and by.min()["cka"] > 0.9  # near-clones, as built
     assert by.max()["subspace_overlap_centered"] < 0.5  # what differs between them is unrelated noise
+
+
+def test_snapshot_next_to_a_recording_reads_back_through_the_trace(tmp_path):
+    ref = pytest.importorskip("moescope.reference.model")
+    pytest.importorskip("moescope.analysis.trace")
+    cfg = dict(d_model=32, n_layers=2, n_heads=2, d_expert=64)
+    torch.manual_seed(0)
+    up = ref.upcycle(ref.MoEModel(ref.MoEConfig(**cfg, n_experts=1, top_k=1)), n_experts=4, top_k=2)
+    with moescope.record(up, tmp_path / "up") as rec:
+        rec.step = 5
+        with torch.no_grad():
+            up(torch.randint(0, 256, (2, 16)))
+    recorded = read_manifest(tmp_path / "up")
+    moescope.snapshot_experts(up, tmp_path / "up", step=5)
+    assert read_manifest(tmp_path / "up") == recorded  # the recorder's manifest stays as it was
+    tr = moescope.open(tmp_path)
+    sim = tr.similarity(run="up")
+    assert len(sim) == 2 * 3 * 6 and set(sim.layer) == {0, 1} and set(sim.step) == {5}
+    joined = tr.sql(
+        "SELECT count(*) FROM expert_similarity s JOIN expert_load l"
+        " ON s.run = l.run AND s.layer = l.layer AND s.expert_a = l.expert"
+    ).fetchall()[0][0]
+    assert joined > 0  # layer and expert numbers line up with the recorded load
