@@ -276,3 +276,21 @@ def test_import_moescope_imports_no_framework() -> None:
         "assert not bad, bad"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+def doc_example(heading: str) -> str:
+    """The python block under `### heading` in docs/integrations.md."""
+    text = (Path(__file__).resolve().parents[1] / "docs" / "integrations.md").read_text()
+    return text.split(f"### {heading}\n", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
+
+
+def test_docs_plain_loop_example_runs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    pytest.importorskip("transformers")
+    monkeypatch.chdir(tmp_path)
+    exec(compile(doc_example("Plain PyTorch loop"), "docs/integrations.md", "exec"), {"__name__": "doc_example"})
+    import pyarrow.parquet as pq
+
+    st = pq.read_table(tmp_path / "traces" / "plain-run" / "router_stats").to_pandas()
+    assert sorted(st.step.unique()) == list(range(8)) and (st.tokens == 2 * 8 * 32).all()

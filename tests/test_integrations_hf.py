@@ -1,4 +1,4 @@
-"""MoEScopeTrainerCallback in real HF Trainer runs of a tiny Mixtral on CPU: steps, accumulation, logs, eval, resume, alerts."""
+"""MoEScopeTrainerCallback in real HF Trainer runs of a tiny Mixtral on CPU: steps, accumulation, logs, eval, resume."""
 
 from __future__ import annotations
 
@@ -185,3 +185,16 @@ def test_rank_naming(tmp_path: Path) -> None:
     cb.on_train_end(fake_args, state, control)  # type: ignore[arg-type]
     parts = [p.name for p in (tmp_path / "run" / "expert_load").iterdir()]
     assert parts and all(p.startswith("part-1-") for p in parts)
+
+
+def doc_example(heading: str) -> str:
+    """The python block under `### heading` in docs/integrations.md."""
+    text = (Path(__file__).resolve().parents[1] / "docs" / "integrations.md").read_text()
+    return text.split(f"### {heading}\n", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
+
+
+def test_docs_hf_example_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    exec(compile(doc_example("Hugging Face Trainer"), "docs/integrations.md", "exec"), {"__name__": "doc_example"})
+    st = pq.read_table(tmp_path / "traces" / "hf-run" / "router_stats").to_pandas()
+    assert sorted(st.step.unique()) == list(range(8)) and (st.tokens == 2 * 8 * 32).all()

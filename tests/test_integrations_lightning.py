@@ -212,3 +212,18 @@ def test_callback_passes_rank_through(tmp_path: Path) -> None:
     cb.teardown(fake, lm, "fit")  # type: ignore[arg-type]
     parts = [p.name for p in (tmp_path / "run" / "expert_load").iterdir()]
     assert parts and all(p.startswith("part-1-") for p in parts)
+
+
+def doc_example(heading: str) -> str:
+    """The python block under `### heading` in docs/integrations.md."""
+    text = (Path(__file__).resolve().parents[1] / "docs" / "integrations.md").read_text()
+    return text.split(f"### {heading}\n", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
+
+
+def test_docs_lightning_example_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    exec(compile(doc_example("Lightning"), "docs/integrations.md", "exec"), {"__name__": "doc_example"})
+    st = pq.read_table(tmp_path / "traces" / "lightning-run" / "router_stats").to_pandas()
+    assert sorted(st.step.unique()) == list(range(8)) and (st.tokens == 2 * 8 * 32).all()
+    with open(next((tmp_path / "logs").rglob("metrics.csv"))) as fh:
+        assert "moescope/layer1/dead_experts" in fh.readline()
