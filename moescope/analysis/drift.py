@@ -163,7 +163,9 @@ def drift(
             U = len(pu)
             wb = rng.multinomial(nb, np.full(U, 1.0 / U), size=n_boot)
             wc = rng.multinomial(nc, np.full(U, 1.0 / U), size=n_boot)
-            null = _js(wb @ pu, wc @ pu)
+            # A bootstrap from U units sees (U-1)/U of the between-unit variance; undo that bias, which
+            # matters at the small sample sizes where drift alarms are least trustworthy.
+            null = _js(wb @ pu, wc @ pu) * np.sqrt(U / (U - 1))
             thr = float(np.quantile(null, dc.quantile))
         limit = dc.js_min if np.isnan(thr) else max(dc.js_min, thr)
         flagged = bool(st["js"] > limit and st["tv"] > dc.tv_min)

@@ -15,10 +15,11 @@ _MAX_EXPERTS = 1 << 15
 
 
 def _has_table(con: duckdb.DuckDBPyConnection, name: str) -> bool:
-    row = con.execute(
-        "SELECT COUNT(*) FROM information_schema.tables WHERE table_name = ?", [name]
-    ).fetchone()
-    return bool(row and row[0])
+    try:  # cheaper than asking information_schema on every analysis call
+        con.execute(f"SELECT 1 FROM {name} LIMIT 0")
+        return True
+    except duckdb.CatalogException:
+        return False
 
 
 def ensure_layer_info(con: duckdb.DuckDBPyConnection) -> None:
