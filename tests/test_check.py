@@ -116,10 +116,21 @@ def traces(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 
 def run_cli(*args: str, capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
-    """Run the CLI in-process; returns (exit code, stdout, stderr)."""
-    code = main(["check", *args])
+    """Run the CLI in-process; returns (exit code, stdout, stderr). argparse errors exit through SystemExit."""
+    try:
+        code = main(["check", *args])
+    except SystemExit as e:
+        code = int(e.code or 0)
     out, err = capsys.readouterr()
     return code, out, err
+
+
+def run_both(*args: str, capsys: pytest.CaptureFixture[str], subprocess_: bool) -> tuple[int, str, str]:
+    """Run in a fresh interpreter where the case asks for it (what CI runs), else in-process (faster)."""
+    if subprocess_:
+        proc = run_subprocess(*args)
+        return proc.returncode, proc.stdout, proc.stderr
+    return run_cli(*args, capsys=capsys)
 
 
 def run_subprocess(
@@ -263,7 +274,9 @@ def test_min_tokens_skips_thin_data(traces: dict[str, Path], capsys: pytest.Capt
     assert not [c for c in report["checks"] if c["rule"] in ("dead_expert", "collapse") and c["status"] == "FAIL"]
 
 
-def test_config_file_and_default_lookup(traces: dict[str, Path], tmp_path: Path) -> None:
+def test_config_file_and_default_lookup(
+    traces: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     # A moescope.toml in the working directory is used without --config; its [check] table sets fail_on.
     (tmp_path / "moescope.toml").write_text('[check]\nfail_on = "warn"\n')
     proc = run_subprocess(str(traces["shift"]), "--format", "json", cwd=tmp_path)
@@ -272,13 +285,14 @@ def test_config_file_and_default_lookup(traces: dict[str, Path], tmp_path: Path)
     assert report["meta"]["config"]["path"] == "moescope.toml"
     assert report["summary"]["fail_on"] == "warn"
     # The command line wins over the config file.
-    assert run_subprocess(str(traces["shift"]), "--fail-on", "fail", cwd=tmp_path).returncode == 0
+    monkeypatch.chdir(tmp_path)
+    assert run_cli(str(traces["shift"]), "--fail-on", "fail", capsys=capsys)[0] == 0
     # An explicit --config replaces the lookup.
     other = tmp_path / "other.toml"
     other.write_text("[rules.load_cv]\nwarn_above = 5.0\n")
-    proc = run_subprocess(str(traces["shift"]), "--config", str(other), "--format", "json", cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr
-    assert not [c for c in json.loads(proc.stdout)["checks"] if c["rule"] == "load_cv" and c["status"] != "PASS"]
+    code, out, err = run_cli(str(traces["shift"]), "--config", str(other), "--format", "json", capsys=capsys)
+    assert code == 0, err
+    assert not [c for c in json.loads(out)["checks"] if c["rule"] == "load_cv" and c["status"] != "PASS"]
 
 
 def test_reference_from_config(traces: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -568,7 +582,7 @@ def _one_line(err: str) -> None:
 
 
 def test_missing_path(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    code, out, err = run_cli(str(tmp_path / "nope"), capsys=capsys)
+    code, out, err = run_both(str(tmp_path / "nope"), capsys=capsys, subprocess_=True)
     assert code == 3 and out == ""
     _one_line(err)
 
@@ -618,11 +632,11 @@ def _corrupt_copy(src: Path, dst: Path, how: str) -> Path:
 
 
 @pytest.mark.parametrize("how", ["garbage", "truncated", "pages"])
-def test_corrupt_parquet(traces: dict[str, Path], tmp_path: Path, how: str) -> None:
+def test_corrupt_parquet(traces: dict[str, Path], tmp_path: Path, how: str, capsys: pytest.CaptureFixture[str]) -> None:
     bad = _corrupt_copy(traces["balanced"], tmp_path / "bad", how)
-    proc = run_subprocess(str(bad))
-    assert proc.returncode == 3, proc.stdout + proc.stderr
-    _one_line(proc.stderr)
+    code, out, err = run_both(str(bad), capsys=capsys, subprocess_=how == "truncated")
+    assert code == 3, out + err
+    _one_line(err)
 
 
 def test_corrupt_reference(traces: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -644,12 +658,14 @@ def test_corrupt_reference(traces: dict[str, Path], tmp_path: Path, capsys: pyte
     ],
     ids=["key-typo", "unknown-rule", "bad-toml"],
 )
-def test_bad_config(traces: dict[str, Path], tmp_path: Path, toml: str) -> None:
+def test_bad_config(traces: dict[str, Path], tmp_path: Path, toml: str, capsys: pytest.CaptureFixture[str]) -> None:
     cfg = tmp_path / "moescope.toml"
     cfg.write_text(toml)
-    proc = run_subprocess(str(traces["balanced"]), "--config", str(cfg))
-    assert proc.returncode == 2, proc.stdout + proc.stderr
-    _one_line(proc.stderr)
+    code, out, err = run_both(
+        str(traces["balanced"]), "--config", str(cfg), capsys=capsys, subprocess_="no_such_rule" in toml
+    )
+    assert code == 2, out + err
+    _one_line(err)
 
 
 def test_missing_config(traces: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -663,11 +679,11 @@ def test_missing_config(traces: dict[str, Path], tmp_path: Path, capsys: pytest.
     [["--format", "yaml"], ["--fail-on", "never"], ["--min-tokens", "many"], ["--min-tokens", "-1"], []],
     ids=["format", "fail-on", "min-tokens-nan", "min-tokens-negative", "no-trace"],
 )
-def test_usage_errors(traces: dict[str, Path], args: list[str]) -> None:
+def test_usage_errors(traces: dict[str, Path], args: list[str], capsys: pytest.CaptureFixture[str]) -> None:
     argv = [str(traces["balanced"]), *args] if args else []
-    proc = run_subprocess(*argv)
-    assert proc.returncode == 2, proc.stdout + proc.stderr
-    _one_line(proc.stderr)
+    code, out, err = run_both(*argv, capsys=capsys, subprocess_=args[:1] == ["--format"])
+    assert code == 2, out + err
+    _one_line(err)
 
 
 def test_help_lists_exit_codes() -> None:
