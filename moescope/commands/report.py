@@ -1,0 +1,150 @@
+"""`moescope report TRACE`: a human summary per run and per layer: key metrics and health findings."""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from typing import Any
+
+import pandas as pd
+
+EPILOG = """\
+examples:
+  moescope report traces
+  moescope report traces --run run-a --window 500 --config moescope.toml
+"""
+
+_MARK = {"PASS": "ok", "SKIP": "skip", "WARN": "WARN", "FAIL": "FAIL", "ERROR": "ERROR"}
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add the `report` command to the CLI."""
+    p = subparsers.add_parser(
+        "report",
+        help="human summary of a trace: per run and layer, key metrics and findings",
+        description="Summarise a trace for a person: per run, the latest step window's load and router metrics "
+        "per layer, then every health finding that is not a PASS.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("trace", metavar="TRACE", help="trace root or run directory")
+    p.add_argument("--run", action="append", metavar="RUN", help="only this run (repeatable)")
+    p.add_argument("--config", metavar="PATH", help="health-rule thresholds (moescope.toml)")
+    p.add_argument("--window", metavar="W", default=None,
+                   help='step window: "thirds" (default), "all", or a width in steps')
+    p.set_defaults(func=run)
+
+
+def _num(v: Any, fmt: str = "{:.2f}") -> str:
+    try:
+        f = float(v)
+    except (TypeError, ValueError):
+        return "–"
+    if math.isnan(f):
+        return "–"
+    return fmt.format(f)
+
+
+def _tokens(v: Any) -> str:
+    try:
+        f = float(v)
+    except (TypeError, ValueError):
+        return "–"
+    if math.isnan(f):
+        return "–"
+    for unit, div in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if f >= div:
+            return f"{f / div:.1f}{unit}"
+    return f"{f:.0f}"
+
+
+def render_report(tr: Any, runs: list[str] | None = None, config: Any = None, window: Any = None) -> str:
+    """The text of `moescope report` (separate from printing, so tests and the dashboard can reuse it)."""
+    from ..analysis.health import SEVERITY
+    from ..config import HealthConfig, load_config
+
+    cfg = config if isinstance(config, HealthConfig) else load_config(config)
+    if window is not None:
+        cfg.window = window
+    runs = runs or list(tr.runs)
+    lm = tr.load_metrics(run=runs, window=cfg.window)
+    health = tr.health(run=runs, config=cfg)
+    info = tr.sql("SELECT run, min(created) AS created, any_value(model_class) AS model, max(n_layers) AS n_layers, "
+                  "count(*) AS ranks FROM runs GROUP BY run").df().set_index("run")
+    out: list[str] = []
+    for run in runs:
+        r = info.loc[run] if run in info.index else None
+        rl = lm[lm["run"] == run]
+        steps = f"steps {int(rl['window_start'].min())}–{int(rl['window_end'].max())}" if len(rl) else "no load data"
+        head = f"run {run}"
+        if r is not None:
+            head += f"  ·  model {r['model']}  ·  {int(r['ranks'])} rank(s)  ·  created {r['created']}"
+        out += [head, f"  {steps}"]
+        h = health[health["run"] == run]
+        if len(rl):
+            last = rl.sort_values("window_start").groupby("layer", sort=True).tail(1).sort_values("layer")
+            ws, we = int(last["window_start"].min()), int(last["window_end"].max())
+            out.append(f"  latest window per layer (steps {ws}–{we}):")
+            rows = []
+            for row in last.to_dict("records"):
+                worst = h[h["layer"] == row["layer"]]["status"]
+                status = max(worst, key=lambda s: SEVERITY.get(s, 0)) if len(worst) else "–"
+                rows.append({
+                    "layer": int(row["layer"]),
+                    "N": int(row["n_experts"]),
+                    "k": int(row["top_k"]),
+                    "tokens": _tokens(row["tokens"]),
+                    "min N·f": _num(row["min_utilization"]),
+                    "max N·f": _num(row["max_utilization"]),
+                    "cv": _num(row["cv"]),
+                    "maxvio": _num(row["maxvio"]),
+                    "H/lnN": _num(row["load_entropy"]),
+                    "gini": _num(row["gini"]),
+                    "aux": _num(row["aux_loss"]),
+                    "z-loss": _num(row["z_loss"], "{:.3g}"),
+                    "nonfinite": _num(row["nonfinite"], "{:.0f}"),
+                    "drop%": _num(None if row["drop_rate"] is None else 100 * float(row["drop_rate"] or 0), "{:.1f}"),
+                    "health": _MARK.get(status, status),
+                })
+            table = pd.DataFrame(rows).to_string(index=False)
+            out += ["    " + line for line in table.splitlines()]
+        bad = h[h["status"].isin(["FAIL", "ERROR", "WARN"])].copy()
+        counts = h["status"].value_counts().to_dict()
+        summary = ", ".join(f"{counts[s]} {s}" for s in ("FAIL", "ERROR", "WARN", "SKIP", "PASS") if counts.get(s))
+        out.append(f"  findings: {summary or 'none'}")
+        if len(bad):
+            bad["_sev"] = bad["status"].map(SEVERITY)
+            bad = bad.sort_values(["_sev", "layer", "window_start"], ascending=[False, True, True])
+            for f in bad.to_dict("records"):
+                where = f" [{f['window']}]" if f["window"] else ""
+                out.append(f"    {f['status']:<5} {f['rule']:<12}{where} {f['message']}")
+        skips = h[h["status"] == "SKIP"]
+        if len(skips):
+            reasons = skips["message"].str.replace(r"^layer \d+: ", "", regex=True).value_counts()
+            out.append(f"    ({len(skips)} skipped: {reasons.index[0]}{' …' if len(reasons) > 1 else ''})")
+        out.append("")
+    return "\n".join(out)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Execute `moescope report`."""
+    from ..analysis.trace import Trace
+    from ..cli import CLIError
+    from ..config import ConfigError
+
+    tr = Trace(args.trace)
+    window: Any = args.window
+    if isinstance(window, str) and window.isdigit():
+        window = int(window)
+    if window not in (None, "thirds", "all") and not isinstance(window, int):
+        raise CLIError(f'--window must be "thirds", "all" or a number of steps, got {args.window!r}')
+    unknown = [r for r in args.run or [] if r not in tr.runs]
+    if unknown:
+        raise CLIError(f"no run {unknown[0]!r} in {args.trace} (runs: {', '.join(tr.runs)})")
+    try:
+        text = render_report(tr, args.run, args.config, window)
+    except ConfigError as e:
+        raise CLIError(str(e), 2) from None
+    sys.stdout.write(text)
+    return 0
