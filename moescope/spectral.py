@@ -390,9 +390,12 @@ def snapshot_experts(
     """
     import torch
 
+    metrics = (metrics,) if isinstance(metrics, str) else tuple(metrics)
     bad = sorted(set(metrics) - set(ALL_METRICS))
     if bad:
         raise SpectralError(f"unknown metric(s) {bad}; known: {list(ALL_METRICS)}")
+    if rank_r < 1 or probe_tokens < 4:
+        raise SpectralError(f"rank_r must be >= 1 and probe_tokens >= 4 (got {rank_r}, {probe_tokens})")
     layers = find_expert_layers(model, path)
     if not layers:
         raise SpectralError(

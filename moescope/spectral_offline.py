@@ -544,6 +544,9 @@ def snapshot_state_dict(
     `interleaved` says whether fused gate/up rows alternate (GPT-OSS); None reads config.json beside the file.
     CKA needs the model's forward pass and is not available here. Returns the similarity rows written.
     """
+    metrics = (metrics,) if isinstance(metrics, str) else tuple(metrics)
+    if rank_r < 1:
+        raise SpectralError(f"rank_r must be >= 1 (got {rank_r})")
     bad = sorted(set(metrics) - set(WEIGHT_METRICS))
     if bad:
         raise SpectralError(f"metric(s) {bad} need the model; offline metrics are {list(WEIGHT_METRICS)}")

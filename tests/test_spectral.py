@@ -434,6 +434,8 @@ def test_no_experts_is_one_clear_error(tmp_path):
         moescope.snapshot_experts(nn.Sequential(nn.Linear(4, 4)), tmp_path / "run")
     with pytest.raises(SpectralError, match="unknown metric"):
         moescope.snapshot_experts(fused_model(*random_experts(3, 4, 8)), tmp_path / "run", metrics=("nope",))
+    df = moescope.snapshot_experts(fused_model(*random_experts(3, 4, 8)), tmp_path / "run", metrics="cka")
+    assert set(df.metric) == {"cka"}  # a single name is not split into letters
 
 
 def test_user_probe(tmp_path):
