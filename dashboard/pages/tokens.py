@@ -43,6 +43,10 @@ def _legend(n: int) -> Any:
 def layout(**query: Any) -> html.Div:
     """The tokens page (extra URL keys: tstep, seq as 'TAG:SEQ')."""
     data, state = C.page_state(query)
+    return C.guard("tokens", lambda: _page(data, state, query))
+
+
+def _page(data: Any, state: Any, query: dict[str, Any]) -> html.Div:
     head = C.header("Tokens", "Which experts each token went to, in every layer (token-level traces only). "
                     "Bytes are shown as characters: ␣ space, ↵ newline.")
     if state.run is None or state.layer is None:
