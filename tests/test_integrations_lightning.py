@@ -145,6 +145,34 @@ def test_fit_records_global_steps_folds_accumulation_and_logs(tmp_path: Path) ->
     assert h.bucket_limit == [0.5, 1.5, 2.5, 3.5] and sum(h.bucket) == 2 * 2 * BATCH * SEQ * K
 
 
+class MixedLM(TinyLM):
+    """training_step calls self.model, validation_step goes through self.forward: the hooked forward runs only in val."""
+
+    def forward(self, ids: Any) -> Any:
+        return self.model(input_ids=ids, labels=ids)
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        (ids,) = batch
+        self.log("val_loss", self(ids).loss)
+
+
+def test_training_forwards_are_not_attributed_to_validation(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    t = trainer(
+        tmp_path,
+        max_steps=4,
+        callbacks=[MoEScopeCallback(run, flush_every=2)],
+        limit_val_batches=1,
+        num_sanity_val_steps=1,
+        val_check_interval=2,
+    )
+    t.fit(MixedLM(tiny_mixtral()), loader(4), loader(1, seed=1))
+    st = pq.read_table(run / "router_stats").to_pandas()
+    train, val = st[st.tag == ""], st[st.tag == "val"]
+    assert sorted(train.step.unique()) == [0, 1, 2, 3] and (train.tokens == BATCH * SEQ).all()
+    assert sorted(val.step.unique()) == [0, 2, 4] and (val.tokens == BATCH * SEQ).all()
+
+
 def test_ckpt_resume_continues_without_duplicates(tmp_path: Path) -> None:
     run = tmp_path / "run"
     ckpt = ModelCheckpoint(dirpath=str(tmp_path / "ckpt"), filename="{step}", every_n_train_steps=4, save_top_k=-1)
