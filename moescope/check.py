@@ -532,13 +532,16 @@ def _window(rec: Mapping[str, Any]) -> str:
     return "" if w is None else str(w)
 
 
-def _expert_text(value: Any) -> str:
-    """An expert id, or a comma-separated list of them (findings about several experts)."""
+def _expert_text(value: Any, limit: int | None = None) -> str:
+    """An expert id, or a comma-separated list of them (at most `limit` shown, so a table column stays narrow)."""
     v = _clean(value)
     if v is None:
         return ""
     if isinstance(v, list):
-        return ",".join(str(_int_or_none(x) if _int_or_none(x) is not None else x) for x in v)
+        items = [str(_int_or_none(x) if _int_or_none(x) is not None else x) for x in v]
+        if limit is not None and len(items) > limit:
+            return ",".join(items[:limit]) + f",…(+{len(items) - limit})"
+        return ",".join(items)
     n = _int_or_none(v)
     return str(n) if n is not None else str(v)
 
@@ -560,7 +563,7 @@ def _where(rec: Mapping[str, Any]) -> str:
         parts.append(f"run {rec['run']}")
     if (layer := _int_or_none(rec.get("layer"))) is not None:
         parts.append(f"layer {layer}")
-    experts = _expert_text(rec.get("expert"))
+    experts = _expert_text(rec.get("expert"), limit=8)
     if experts:
         parts.append(f"expert{'s' if ',' in experts else ''} {experts}")
     return ", ".join(parts)
@@ -597,7 +600,7 @@ def format_text(result: CheckResult, *, verbose: bool = False) -> str:
                 str(_clean(rec["rule"]) or ""),
                 str(_clean(rec["run"]) or ""),
                 "" if _int_or_none(rec["layer"]) is None else str(_int_or_none(rec["layer"])),
-                _expert_text(rec["expert"]),
+                _expert_text(rec["expert"], limit=8),
                 _window(rec),
                 _fmt(rec["value"]),
                 _fmt(rec["threshold"]),
@@ -779,7 +782,7 @@ def format_markdown(result: CheckResult, max_rows: int = MAX_SUMMARY_ROWS) -> st
                 rec["rule"],
                 _clean(rec["run"]) or "",
                 "" if _int_or_none(rec["layer"]) is None else _int_or_none(rec["layer"]),
-                _expert_text(rec["expert"]),
+                _expert_text(rec["expert"], limit=8),
                 _window(rec),
                 _fmt(rec["value"]),
                 _fmt(rec["threshold"]),

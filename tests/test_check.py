@@ -540,6 +540,26 @@ def test_formatters_handle_nan_and_escaping(tmp_path: Path) -> None:
     assert write_step_summary(res, tmp_path / "s.md") == tmp_path / "s.md"
 
 
+def test_many_experts_in_one_finding() -> None:
+    df = pd.DataFrame(
+        [
+            dict(rule="dead_expert", status="FAIL", run="r", layer=2, expert=list(range(4, 24)), value=0.0,
+                 threshold=0.05, message="layer 2: 20 of 32 experts dead"),
+            dict(rule="clones", status="WARN", run="r", layer=2, expert=["0-1", "2-3"], value=0.93, threshold=0.8,
+                 message="layer 2: 2 expert pairs look like clones"),
+        ]
+    )  # fmt: skip
+    res = CheckResult(df, {"trace": "t"})
+    text = format_text(res)
+    assert "4,5,6,7,8,9,10,11,…(+12)" in text  # the table column stays narrow
+    checks = json.loads(format_json(res))["checks"]
+    assert checks[0]["expert"] == list(range(4, 24))  # JSON keeps every expert
+    assert checks[1]["expert"] == ["0-1", "2-3"]
+    gh = format_github(res)
+    assert "experts 0-1%2C2-3" in gh  # commas in a title are escaped
+    assert "experts 4%2C5%2C6%2C7%2C8%2C9%2C10%2C11%2C…(+12))" in gh  # and long lists cut short
+
+
 def test_regression_findings_unit() -> None:
     base = pd.DataFrame(
         [

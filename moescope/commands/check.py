@@ -20,6 +20,7 @@ examples:
   moescope check traces/run-a
   moescope check traces --reference traces-main/run-a --format junit -o moescope.xml
   moescope check traces --format github          # annotations + $GITHUB_STEP_SUMMARY
+  moescope check traces/run-a --reference-tag english --tag code   # drift between two data slices
 """
 
 
