@@ -537,29 +537,82 @@ def stack_depths(requests: Sequence[Sequence[int]], n_experts: int, policy: Poli
     does not use (LRU: least recent, slot 0 counting as the most recent of a token; LFU: fewest requests so
     far, ties to least recent; Belady: next use farthest away). With C smaller than the token's k the cache
     keeps its first C choices. Every policy's priority is independent of C, so the caches of all sizes nest
-    (Mattson's stack property) and one pass serves every C: the new stack puts the token's experts on top and
-    carries, level by level, the lowest-priority displaced experts down. Cost O(Σ depth) per token.
+    (Mattson's stack property) and one pass serves every C.
     """
     if policy not in POLICIES:
         raise ValueError(f"unknown cache policy {policy!r}; use one of {', '.join(POLICIES)}")
-    reqs = _requests(requests)
+    return _depths(_requests(requests), n_experts, policy)
+
+
+def _depths(reqs: list[list[int]], n_experts: int, policy: str) -> np.ndarray:
+    """stack_depths on requests already cleaned by _requests."""
     n = max([n_experts, *(max(r) + 1 for r in reqs if r)])
+    if policy == "lru":
+        return _lru_depths(reqs, n)
+    return _priority_depths(reqs, n, policy)
+
+
+def _stamps(reqs: list[list[int]]) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+    """Flattened requests: token index, expert, recency stamp (later tokens higher; within a token slot 0 highest)."""
+    lens = np.fromiter((len(r) for r in reqs), dtype=np.int64, count=len(reqs))
+    kmax = int(lens.max(initial=1)) or 1
+    tok = np.repeat(np.arange(len(reqs), dtype=np.int64), lens)
+    exp = np.fromiter((e for r in reqs for e in r), dtype=np.int64, count=int(lens.sum()))
+    slot = np.arange(len(tok), dtype=np.int64) - np.repeat(np.cumsum(lens) - lens, lens)
+    return tok, exp, tok * kmax + (kmax - 1 - slot), kmax
+
+
+def _lru_depths(reqs: list[list[int]], n: int, chunk: int = 4096) -> np.ndarray:
+    """LRU stack depths in numpy: a request's depth is how many experts were used more recently than it."""
+    tok, exp, stamp, _ = _stamps(reqs)
+    hist = np.zeros(n, dtype=np.int64)
+    carry = np.full(n, -1, dtype=np.int64)  # last stamp of each expert before the current chunk
+    for lo in range(0, len(reqs), chunk):
+        hi = min(lo + chunk, len(reqs))
+        a, b = np.searchsorted(tok, [lo, hi])
+        # last[t, x]: the latest stamp of expert x over tokens before t (running max down the chunk)
+        used = np.full((hi - lo + 1, n), -1, dtype=np.int64)
+        used[0] = carry
+        np.maximum.at(used, (tok[a:b] - lo + 1, exp[a:b]), stamp[a:b])
+        last = np.maximum.accumulate(used, axis=0)
+        carry = last[-1]
+        rows = last[tok[a:b] - lo]
+        mine = rows[np.arange(b - a), exp[a:b]]
+        seen = mine >= 0  # first-ever requests miss in every cache
+        depth = (rows[seen] > mine[seen, None]).sum(axis=1)
+        hist += np.bincount(depth, minlength=n)[:n]
+    return hist
+
+
+def _priority_depths(reqs: list[list[int]], n: int, policy: str) -> np.ndarray:
+    """Stack depths for any priority that does not depend on the cache size (Mattson's one-pass update).
+
+    The token's experts go on top of the stack; walking down to the deepest of them, a pool carries the
+    displaced experts, and each level keeps the higher-priority one of (the expert there, the pool's best):
+    the cache of size i + 1 is the token's experts plus the best of what the size-i + 1 cache held.
+    """
     hist = [0] * n
     pos = [-1] * n
     key = [0] * n
+    mark = [-1] * n  # mark[e] == t: e is requested by token t
+    kg = key.__getitem__
+    _, _, stamp_arr, kmax = _stamps(reqs)
+    stamps = stamp_arr.tolist()
+    big = len(stamps) * kmax + 1  # LFU key = count * big + stamp: counts dominate, recency breaks ties
     counts = [0] * n
-    kmax = max((len(r) for r in reqs), default=1) or 1
-    big = len(reqs) * kmax + 1  # LFU key = count * big + recency stamp, so counts dominate and stamps break ties
-    nxt: list[list[int]] = []
+    nxt: list[int] = []
     if policy == "belady":
-        never = len(reqs) + 1
-        last = [never] * n
-        nxt = [[] for _ in reqs]
+        nxt = [0] * len(stamps)  # per request, the token that next asks for the same expert
+        last = [len(reqs) + 1] * n
+        i = len(stamps)
         for t in range(len(reqs) - 1, -1, -1):
-            nxt[t] = [last[e] for e in reqs[t]]
+            i -= len(reqs[t])
+            for j, e in enumerate(reqs[t]):
+                nxt[i + j] = last[e]
             for e in reqs[t]:
                 last[e] = t
     stack: list[int] = []
+    base = 0
     for t, req in enumerate(reqs):
         k = len(req)
         if not k:
@@ -567,6 +620,7 @@ def stack_depths(requests: Sequence[Sequence[int]], n_experts: int, policy: Poli
         deepest = -1
         unseen = 0
         for e in req:
+            mark[e] = t
             d = pos[e]
             if d < 0:
                 unseen += 1
@@ -574,33 +628,45 @@ def stack_depths(requests: Sequence[Sequence[int]], n_experts: int, policy: Poli
                 hist[d] += 1
                 if d > deepest:
                     deepest = d
+        size = len(stack)
         # below the deepest requested expert nothing moves, unless a new expert pushes the whole stack down
-        end = len(stack) if unseen else deepest + 1
-        new = list(req)
-        pool: list[int] = []
-        inreq = req  # k is tiny: list membership beats building a set
-        for i in range(end):
-            x = stack[i]
-            if x not in inreq:
-                pool.append(x)
-            if i >= k and pool:
-                # the cache of size i + 1 gains the best-priority expert displaced so far
-                j = max(range(len(pool)), key=lambda q: key[pool[q]])
-                new.append(pool.pop(j))
+        end = size if unseen else deepest + 1
+        pool = [x for x in stack[: min(k, end)] if mark[x] != t]
+        b, bk = -1, 0
         if pool:
-            pool.sort(key=lambda x: key[x], reverse=True)
-            new.extend(pool)
-        for i, x in enumerate(new):
-            pos[x] = i
-        stack[:end] = new
-        for s, e in enumerate(req):
-            if policy == "lru":
-                key[e] = t * kmax + (kmax - 1 - s)
-            elif policy == "lfu":
-                counts[e] += 1
-                key[e] = counts[e] * big + t * kmax + (kmax - 1 - s)
+            b = max(pool, key=kg)
+            bk = key[b]
+        for i in range(k, end):
+            x = stack[i]
+            if mark[x] == t:  # a requested expert leaves this level: the pool's best takes it
+                pool.remove(b)
+            elif key[x] >= bk:
+                continue  # x outranks everything displaced so far and keeps its level
             else:
-                key[e] = -nxt[t][s]
+                pool.remove(b)
+                pool.append(x)
+            stack[i] = b
+            pos[b] = i
+            if pool:
+                b = max(pool, key=kg)
+                bk = key[b]
+        stack[: min(k, size)] = req
+        for i, e in enumerate(req):
+            pos[e] = i
+        if pool:  # only when new experts grew the stack: the leftovers go to the bottom, best first
+            pool.sort(key=kg, reverse=True)
+            for x in pool:
+                pos[x] = len(stack)
+                stack.append(x)
+        for j, e in enumerate(req):
+            if policy == "lfu":
+                counts[e] += 1
+                key[e] = counts[e] * big + stamps[base + j]
+            elif policy == "belady":
+                key[e] = -nxt[base + j]
+            else:
+                key[e] = stamps[base + j]
+        base += k
     return np.asarray(hist, dtype=np.int64)
 
 
@@ -608,8 +674,13 @@ def simulate_cache(
     requests: Sequence[Sequence[int]], n_experts: int, sizes: Sequence[int] | None = None, policy: Policy = "lru"
 ) -> pd.DataFrame:
     """Hits of one request stream (per token, its experts) for each cache size: cache_size, requests, hits, hit_rate."""
-    reqs = _requests(requests)
-    hist = stack_depths(reqs, n_experts, policy)
+    if policy not in POLICIES:
+        raise ValueError(f"unknown cache policy {policy!r}; use one of {', '.join(POLICIES)}")
+    return _hits_frame(_requests(requests), n_experts, sizes, policy)
+
+
+def _hits_frame(reqs: list[list[int]], n_experts: int, sizes: Sequence[int] | None, policy: str) -> pd.DataFrame:
+    hist = _depths(reqs, n_experts, policy)
     total = sum(len(r) for r in reqs)
     cum = np.concatenate([[0], np.cumsum(hist)])
     sizes = list(range(1, n_experts + 1)) if sizes is None else [int(s) for s in sizes]
@@ -657,6 +728,8 @@ def cache_hit_rates(
     for p in pols:
         if p not in POLICIES:
             raise ValueError(f"unknown cache policy {p!r}; use one of {', '.join(POLICIES)}")
+    if sizes is not None and any(int(s) < 1 for s in sizes):
+        raise ValueError(f"cache sizes must be positive, got {list(sizes)}")
     layers = _layers(c, run)
     token_runs = _token_runs(c, Selection(run=run))
     if not token_runs:
@@ -670,7 +743,7 @@ def cache_hit_rates(
         if not reqs:
             continue
         for p in pols:
-            f = simulate_cache(reqs, int(n), sizes, p)  # type: ignore[arg-type]
+            f = _hits_frame(reqs, int(n), sizes, p)
             f.insert(0, "policy", p)
             f.insert(0, "layer", int(layer))
             f.insert(0, "run", r)

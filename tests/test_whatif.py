@@ -400,6 +400,8 @@ def test_cache_stack_algorithm_matches_reference_and_belady_bounds() -> None:
             assert got["belady"][size] >= got["lru"][size] and got["belady"][size] >= got["lfu"][size]
         # LRU is a stack algorithm: hits never fall as the cache grows
         assert (np.diff(got["lru"].to_numpy()) >= 0).all()
+        # the vectorized LRU and the generic one-pass stack update agree
+        assert (whatif._lru_depths(reqs, n) == whatif._priority_depths(reqs, n, "lru")).all()
 
 
 def test_belady_is_optimal_on_tiny_streams() -> None:
