@@ -156,9 +156,20 @@ def _guard(what: str, fn: Any, *args: Any, broad: bool = False, **kwargs: Any) -
         return fn(*args, **kwargs)
     except TraceError:
         raise
+    except duckdb.Error as e:
+        # SQL mistakes raise specific subclasses (Binder, Parser, Catalog, ...); the Parquet reader's own
+        # failures on a damaged file (thrift, "Corrupted file?") arrive as the bare base class.
+        if not (isinstance(e, read_errors) or type(e) is duckdb.Error):
+            raise
+        raise TraceError(f"{what}: unreadable trace ({_first_line(e)})") from None
     except read_errors as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else e.__class__.__name__
-        raise TraceError(f"{what}: unreadable trace ({first})") from None
+        raise TraceError(f"{what}: unreadable trace ({_first_line(e)})") from None
+
+
+def _first_line(e: BaseException) -> str:
+    """The first line of an exception message (errors are one line)."""
+    text = str(e).strip()
+    return text.splitlines()[0] if text else e.__class__.__name__
 
 
 def _runs(tr: Trace, label: str) -> list[str]:
@@ -265,7 +276,8 @@ def run_check(
             stack.callback(ref.close)
             _runs(ref, ref_label)  # an empty reference is as unreadable as an empty trace
             ref_health = normalize_findings(_guard(ref_label, ref.health, config=cfg))
-            frames.append(_drift_findings(tr, label, ref, checked, cfg, tag, reference_tag))
+            drift_label = f"{label} vs reference {ref_label}" if ref_label != label else label
+            frames.append(_drift_findings(tr, drift_label, ref, checked, cfg, tag, reference_tag))
             frames.append(regression_findings(ref_health, health))
 
     nonempty = [f for f in frames if not f.empty]

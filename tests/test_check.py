@@ -669,6 +669,29 @@ def test_corrupt_reference(traces: dict[str, Path], tmp_path: Path, capsys: pyte
     _one_line(err)
 
 
+def test_corrupt_routing_in_reference(
+    traces: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Token-level routing is read only by drift (its bootstrap units), long after the trace opened fine.
+    ref = tmp_path / "ref"
+    make_run(ref, [UNIFORM, UNIFORM], seed=31)
+    rng = np.random.default_rng(0)
+    rows = [
+        dict(step=s, layer=layer, seq=q, pos=p, token_id=int(rng.integers(256)),
+             experts=[int(e) for e in rng.choice(N_EXPERTS, TOP_K, replace=False)], weights=[0.5, 0.5],
+             entropy=1.0, lse=2.0, margin=0.1)
+        for s in range(STEPS) for layer in range(2) for q in range(4) for p in range(16)
+    ]  # fmt: skip
+    write_run(ref, {"routing": pd.DataFrame(rows)})
+    assert run_cli(str(traces["balanced"]), "--reference", str(ref), capsys=capsys)[0] == 0
+    part = sorted((ref / "routing").glob("*.parquet"))[0]
+    data = part.read_bytes()
+    part.write_bytes(data[:100] + bytes(b ^ 0x5A for b in data[100 : len(data) // 2]) + data[len(data) // 2 :])
+    code, out, err = run_cli(str(traces["balanced"]), "--reference", str(ref), capsys=capsys)
+    assert code == 3, out + err
+    _one_line(err)
+
+
 @pytest.mark.parametrize(
     "toml",
     [
