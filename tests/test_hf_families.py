@@ -82,6 +82,7 @@ class Case:
     # biased selection: the stored ids must differ from softmax-top-k of the logits somewhere (proof that the
     # ids come from the router, not from recomputation)
     differs: bool = False
+    extra: Callable[[Any, dict[str, Any]], None] | None = None  # more checks on (routing rows, manifest layers)
 
 
 def _bias(model: Any) -> None:
@@ -91,6 +92,21 @@ def _bias(model: Any) -> None:
         b = getattr(m, "e_score_correction_bias", None)
         if isinstance(b, torch.Tensor):
             b.data.copy_(torch.randn(b.shape, generator=g) * 0.5)
+
+
+def _zaya_skip(model: Any) -> None:
+    """Make Zaya's skip expert win often (its balancing bias is -1 at init, so it is never chosen)."""
+    for m in model.modules():
+        if type(m).__name__ == "ZayaRouter":
+            m.balancing_biases.data[-1] = 0.05
+
+
+def _zaya_skips_stored(routing: Any, layers: dict[str, Any]) -> None:
+    """Zaya: the skip class is stored as expert E (n_experts counts it), never folded into expert 0."""
+    for entry in layers.values():
+        rows = routing[routing.layer == entry["layer"]]
+        ids = np.concatenate(rows.experts.to_numpy())
+        assert entry["n_experts"] == 9 and (ids == 8).any(), "no skip selection recorded"
 
 
 SOFTMAX = {"softmax_topk": True, "aux": True}
@@ -131,6 +147,44 @@ CASES: dict[str, Case] = {
         setup=_bias,
         differs=True,
     ),
+    "axk1": Case("axk1", setup=_bias, differs=True),
+    "deepseek_v32": Case("deepseek_v32", setup=_bias, differs=True),
+    "glm4_moe_lite": Case("glm4_moe_lite", setup=_bias),
+    "glm_moe_dsa": Case("glm_moe_dsa", setup=_bias),
+    "dots3_note_text": Case("dots3_note_text", setup=_bias),
+    "nemotron_h": Case("nemotron_h", setup=_bias),
+    "solar_open": Case("solar_open", setup=_bias),
+    "hy_v4": Case("hy_v4", setup=_bias),
+    "hy_v3": Case("hy_v3", setup=_bias),
+    "minimax_m3_vl_text": Case("minimax_m3_vl_text", setup=_bias),
+    "inkling_text": Case("inkling_text", setup=_bias),
+    "inkling2_text": Case("inkling2_text", setup=_bias),
+    "kolibri1": Case("kolibri1", setup=_bias),
+    "laguna": Case("laguna", setup=_bias),
+    "flint": Case("flint"),
+    "mellum": Case("mellum", **SOFTMAX),
+    "granitemoe_swa": Case("granitemoe_swa", **SOFTMAX),
+    "beam": Case("beam", {"mlp_layer_types": ["sparse", "sparse"]}, setup=_bias, differs=True),
+    "deepseek_v4": Case("deepseek_v4", {"mlp_layer_types": ["hash_moe", "moe"]}, setup=_bias),
+    "gemma4": Case("gemma4_text", {"enable_moe_block": True}, truth="probs"),
+    "zaya": Case("zaya", {"num_experts_per_tok": 1}, truth="zaya", setup=_zaya_skip, extra=_zaya_skips_stored),
+    "lfm2_moe": Case("lfm2_moe", {"layer_types": ["conv", "full_attention"], "num_dense_layers": 0}),
+    "granitemoehybrid": Case(
+        "granitemoehybrid", {"mamba_n_heads": 8, "layer_types": ["mamba", "attention"]}, **SOFTMAX
+    ),
+    "kimi_linear": Case("kimi_linear", {"layer_types": ["linear_attention", "full_attention"]}, setup=_bias),
+    "bailing_hybrid": Case("bailing_hybrid", {"layer_types": ["linear_attention", "full_attention"]}, setup=_bias),
+    "qwen3_5_moe": Case(
+        "qwen3_5_moe_text",
+        {
+            **{"layer_types": ["linear_attention", "full_attention"]},
+            "linear_key_head_dim": 8,
+            "linear_value_head_dim": 8,
+            "linear_num_key_heads": 2,
+            "linear_num_value_heads": 4,
+        },
+        **SOFTMAX,
+    ),
     # output layouts of their own
     "llama4": Case("llama4_text", truth="llama4"),
     "jetmoe": Case("jetmoe", truth="jetmoe", softmax_topk=False),
@@ -162,7 +216,11 @@ def _router_modules(model: Any, names: tuple[str, ...]) -> dict[str, Any]:
 
 # Where transformers' declaration names something other than the router module itself.
 ROUTER_CLASSES: dict[str, tuple[str, ...]] = {
-    "jetmoe": ("JetMoeTopKGating",),  # it also declares JetMoeAttention (index 2), the MoA gating's caller
+    "jetmoe": ("JetMoeTopKGating",),
+    "deepseek_v4": (
+        "DeepseekV4TopKRouter",
+        "DeepseekV4HashRouter",
+    ),  # only the top-k router is declared  # it also declares JetMoeAttention (index 2), the MoA gating's caller
 }
 
 
@@ -214,6 +272,19 @@ def _mk_hook(name: str, kind: str, calls: dict[str, list[dict[str, Any]]], mod: 
                     w[order[j]] = gates[j]
                     j += 1
             rec = {"logits": logits, "ids": ids.reshape(-1, k), "weights": w.reshape(-1, k)}
+        elif kind == "probs":
+            # Gemma 4 returns softmax probabilities where other families return logits: log p is their logits
+            rec = {"logits": out[0].clamp_min(torch.finfo(torch.float32).tiny).log(), "ids": out[2], "weights": out[1]}
+        elif kind == "zaya":
+            logits, weights, ids = out[0], out[1], out[2]
+            n_cls = module.num_router_classes
+            # the family's choice over E + 1 classes (last = skip expert), before the router masks skips to id 0
+            probs = torch.softmax(logits.reshape(-1, n_cls), -1) + module.balancing_biases
+            full = torch.topk(probs, module.top_k, dim=-1).indices
+            skip = full == n_cls - 1
+            assert torch.equal(ids.reshape(full.shape)[~skip], full[~skip])
+            assert bool((weights.reshape(full.shape)[skip] == 0).all())
+            rec = {"logits": logits, "ids": full, "weights": weights}
         elif kind == "switch":
             mask, probs, logits = out
             rec = {"logits": logits, "onehot": mask, "max_prob": probs}
@@ -327,7 +398,10 @@ def check_trace(case: Case, run: Path, calls: dict[str, list[dict[str, Any]]], o
             assert int(st.tokens.iloc[0]) == int(valid.sum())
             logits = truth["logits"].reshape(B * S, -1).float()[valid]
             lse_sq = torch.logsumexp(logits, -1).pow(2).sum().item()
-            assert math.isclose(float(st.lse_sq_sum.iloc[0]), lse_sq, rel_tol=1e-5), f"{module}: z-loss numerator"
+            got_lse = float(st.lse_sq_sum.iloc[0])
+            assert math.isclose(got_lse, lse_sq, rel_tol=1e-5, abs_tol=1e-6), f"{module}: z-loss numerator"
+        if case.extra is not None:
+            case.extra(routing, layers)
         if case.differs:
             _check_differs(layers, routing, calls, step, valid)
         if case.softmax_topk:
@@ -381,6 +455,83 @@ def test_family_trace_matches_router(family: str, tmp_path: Path) -> None:
     case = CASES[family]
     _, run, calls, outs = record_case(case, tmp_path)
     check_trace(case, run, calls, outs)
+
+
+def test_switch_transformers_capacity_aux_and_z_loss(tmp_path: Path) -> None:
+    """Switch: one-hot dispatch after capacity; aux loss and z-loss from the trace equal transformers' own."""
+    from transformers import SwitchTransformersConfig, SwitchTransformersEncoderModel
+    from transformers.models.switch_transformers import modeling_switch_transformers as sw
+
+    cfg = SwitchTransformersConfig(
+        vocab_size=128, d_model=32, d_ff=64, d_kv=8, num_heads=4, num_layers=4, num_sparse_encoder_layers=2,
+        num_decoder_layers=1, num_sparse_decoder_layers=1, num_experts=4, expert_capacity=3,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = SwitchTransformersEncoderModel(cfg).eval()
+    calls: dict[str, list[dict[str, Any]]] = {}
+    handles = [
+        m.register_forward_hook(_mk_hook(n, "switch", calls, m))
+        for n, m in _router_modules(model, ("SwitchTransformersTop1Router",)).items()
+    ]
+    g = torch.Generator().manual_seed(0)
+    s_len = 8
+    pad = torch.ones(2, s_len, dtype=torch.long)
+    pad[1, :3] = 0
+    inputs = [  # (ids, mask): one sequence (transformers' aux loss groups by sequence), padded pair, unpadded pair
+        (torch.randint(3, 100, (1, s_len), generator=g), torch.ones(1, s_len, dtype=torch.long)),
+        (torch.randint(3, 100, (2, s_len), generator=g), pad),
+        (torch.randint(3, 100, (2, s_len), generator=g), torch.ones(2, s_len, dtype=torch.long)),
+    ]
+    outs = []
+    run = tmp_path / "switch"
+    with moescope.record(model, run, tokens=1.0) as rec, torch.no_grad():
+        for step, (x, mask) in enumerate(inputs):
+            rec.step = step
+            outs.append(model(input_ids=x, attention_mask=mask, output_router_logits=True))
+    for h in handles:
+        h.remove()
+    import json
+
+    layers = {e["module"]: e for e in json.loads((run / "manifest.json").read_text())["layers"]}
+    assert set(layers) == set(calls) and all(e["top_k"] == 1 and e["n_experts"] == 4 for e in layers.values())
+    routing = read(run, "routing").to_pandas()
+    load = read(run, "expert_load").to_pandas()
+    stats = read(run, "router_stats").to_pandas()
+    n_dropped = 0
+    for step, (x, mask) in enumerate(inputs):
+        valid = mask.reshape(-1).bool()
+        for module, entry in layers.items():
+            t = calls[module][step]
+            onehot = t["onehot"].reshape(-1, 4)
+            logits = t["logits"].reshape(-1, 4).float()
+            dropped = onehot.sum(-1) == 0
+            # kept tokens: the dispatch mask's expert; dropped ones: the expert they chose (the router's argmax)
+            assert torch.equal(onehot.argmax(-1)[~dropped], logits.argmax(-1)[~dropped])
+            ids = torch.where(dropped, logits.argmax(-1), onehot.argmax(-1))[valid]
+            rows = routing[(routing.step == step) & (routing.layer == entry["layer"])].sort_values(["seq", "pos"])
+            got = torch.as_tensor(np.stack(rows.experts.to_numpy()).astype(np.int64)).reshape(-1)
+            assert torch.equal(got, ids)
+            got_w = torch.as_tensor(np.stack(rows.weights.to_numpy()).astype(np.float32)).reshape(-1)
+            assert torch.equal(got_w, t["max_prob"].reshape(-1)[valid].half().float())
+            lo = load[(load.step == step) & (load.layer == entry["layer"])].sort_values("expert")
+            assert lo.tokens.tolist() == torch.bincount(ids, minlength=4).tolist()
+            st = stats[(stats.step == step) & (stats.layer == entry["layer"])]
+            assert int(st.dropped.iloc[0]) == int(dropped[valid].sum())
+            n_dropped += int(dropped[valid].sum())
+        if bool(mask.all()):
+            # transformers: z-loss over every layer's logits concatenated along the sequence
+            cat = torch.cat([o.float() for o in outs[step].router_logits], dim=1)  # [B, L*S, E]
+            z_ref = float(sw.router_z_loss_func(cat))
+            st = stats[stats.step == step]
+            assert math.isclose(float(st.lse_sq_sum.sum() / st.tokens.sum()), z_ref, rel_tol=1e-5)
+            if x.shape[0] == 1:
+                # aux: N²·mean_e(f_e·P_e) per sequence group, f from argmax over all layers (before capacity)
+                aux_ref = float(sw.load_balancing_loss_func(torch.softmax(cat, -1), cat.argmax(-1)))
+                lo = load[load.step == step].groupby("expert")[["tokens", "prob_sum"]].sum().sort_index()
+                n_tok = float(st.tokens.sum())  # L·S
+                aux = 4 * float(((lo.tokens / n_tok) * (lo.prob_sum / n_tok)).sum())
+                assert math.isclose(aux, aux_ref, rel_tol=1e-5), (aux, aux_ref)
+    assert n_dropped > 0, "capacity 3 over 8 tokens should drop some: the dropped path went untested"
 
 
 if __name__ == "__main__":  # triage: python tests/test_hf_families.py FAMILY...
