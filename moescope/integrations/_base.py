@@ -104,11 +104,6 @@ class RecordingSession:
         if rec is not None:
             rec.close()
 
-    @property
-    def active(self) -> bool:
-        """Whether a recorder is attached and open."""
-        return self.recorder is not None and bool(getattr(self.recorder, "_open", False))
-
     # -- stepping -----------------------------------------------------------------------------
     def set_step(self, step: int) -> None:
         """Set the step of the following forwards; a new step after a full window flushes that window first."""

@@ -77,7 +77,11 @@ class MoEScopeTrainerCallback(TrainerCallback):
         self._trainer = trainer
         self._pending: dict[str, float] = {}
         self._pending_hist: tuple[int, dict[int, np.ndarray]] | None = None
-        self._state: TrainerState | None = None
+
+    def close(self) -> None:
+        """Flush and detach now: call it in a `finally:` after `trainer.train()`, which has no exception hook."""
+        self.session.close()
+        self._pending = {}
 
     def set_trainer(self, trainer: Any) -> None:
         """Log through `trainer.log` (reaches every report_to integration), as transformers' own JIT callback does."""
@@ -105,7 +109,6 @@ class MoEScopeTrainerCallback(TrainerCallback):
         target = model.get_submodule(self.module) if self.module else model
         rank = self.rank if self.rank is not None else _rank_of(args)
         self.session.meta.setdefault("world_size", int(getattr(args, "world_size", 1) or 1))
-        self._state = state
         self.session.start(target, rank, self._on_scalars)
 
     def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kw: Any) -> None:
@@ -121,7 +124,12 @@ class MoEScopeTrainerCallback(TrainerCallback):
 
     def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kw: Any) -> None:
         """Flush a full window, emit its scalars, and tag the evaluation the Trainer is about to run."""
-        self.session.end_step()
+        try:
+            self.session.end_step()
+        except BaseException:
+            self._emit(state)  # the window whose alerts stop training still reaches the logs
+            self.session.close()  # the recorder closed itself before raising; forget it so train() can run again
+            raise
         if self._pending:
             if self._trainer is not None:
                 self._emit(state)
@@ -129,6 +137,11 @@ class MoEScopeTrainerCallback(TrainerCallback):
                 control.should_log = True  # the Trainer logs this step, and on_log carries the scalars
         if control.should_evaluate:
             # DefaultFlowCallback (always first) has decided; evaluation runs right after this hook.
+            self.session.enter_eval(state.global_step)
+
+    def on_epoch_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kw: Any) -> None:
+        """Epoch-end evaluation (eval_strategy="epoch") runs right after this hook: tag it too."""
+        if control.should_evaluate:
             self.session.enter_eval(state.global_step)
 
     def on_evaluate(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kw: Any) -> None:
