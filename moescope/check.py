@@ -25,6 +25,7 @@ from .trace import TraceError
 
 if TYPE_CHECKING:  # pragma: no cover
     from .analysis.trace import Trace
+    from .config import HealthConfig
 
 #: Statuses in the order a person reads them: what broke first, what passed last.
 STATUS_ORDER: tuple[str, ...] = ("FAIL", "ERROR", "WARN", "SKIP", "PASS")
@@ -183,46 +184,33 @@ def _runs(tr: Trace, label: str) -> list[str]:
     return runs
 
 
-def resolve_config(config: Any, min_tokens: int | None = None) -> Any:
+def resolve_config(config: HealthConfig | str | os.PathLike[str] | None, min_tokens: int | None = None) -> HealthConfig:
     """Load a config path (ConfigError on a bad file), or pass a HealthConfig through; apply `min_tokens`."""
-    from .config import HealthConfig, load_config
+    import dataclasses
+
+    from .config import ConfigError, HealthConfig, load_config
 
     if config is None:
         cfg = HealthConfig()
     elif isinstance(config, (str, os.PathLike)):
         if not Path(config).is_file():
-            from .config import ConfigError
-
             raise ConfigError(f"{config}: config file not found")
         cfg = load_config(config)
-    else:
+    elif isinstance(config, HealthConfig):
         cfg = config
+    else:
+        raise ConfigError(f"config must be a path or a HealthConfig, got {type(config).__name__}")
     if min_tokens is not None:
-        cfg = _with_min_tokens(cfg, int(min_tokens))
+        if int(min_tokens) < 0:
+            raise ConfigError(f"min_tokens must be >= 0, got {min_tokens}")
+        cfg = dataclasses.replace(cfg, min_tokens=int(min_tokens))  # a copy: the caller's config stays as it was
     return cfg
-
-
-def _with_min_tokens(cfg: Any, n: int) -> Any:
-    """A copy of `cfg` whose minimum expected assignments per expert is `n` (the SKIP threshold)."""
-    import dataclasses
-
-    from .config import ConfigError
-
-    if n < 0:
-        raise ConfigError(f"min_tokens must be >= 0, got {n}")
-    for name in ("min_expected", "min_tokens", "min_expected_per_expert"):
-        if dataclasses.is_dataclass(cfg) and any(f.name == name for f in dataclasses.fields(cfg)):
-            return dataclasses.replace(cfg, **{name: n})
-        if hasattr(cfg, name):
-            setattr(cfg, name, n)
-            return cfg
-    raise ConfigError("this config has no minimum-data setting to override with --min-tokens")
 
 
 def run_check(
     trace: str | os.PathLike[str] | Trace,
     *,
-    config: Any = None,
+    config: HealthConfig | str | os.PathLike[str] | None = None,
     reference: str | os.PathLike[str] | None = None,
     fail_on: str | None = None,
     min_tokens: int | None = None,
@@ -252,10 +240,10 @@ def run_check(
         if isinstance(config, (str, os.PathLike)) and not reference.is_absolute():
             reference = Path(config).parent / reference
     label = str(trace) if isinstance(trace, (str, os.PathLike)) else ", ".join(map(str, getattr(trace, "roots", [])))
-    if reference is None and (reference_tag is not None or tag is not None):
-        if reference_tag is None or not isinstance(trace, (str, os.PathLike)):
-            raise CheckError("a drift tag needs --reference, or --reference-tag to compare slices of the trace itself")
-        reference = trace
+    # --reference-tag alone compares two slices of the trace itself (e.g. code vs english of one run).
+    self_reference = reference is None and reference_tag is not None
+    if reference is None and tag is not None and not self_reference:
+        raise CheckError("a drift tag needs --reference, or --reference-tag to compare slices of the trace itself")
     with contextlib.ExitStack() as stack:
         tr = _open(trace, label)
         if tr is not trace:  # close what we opened (assert_healthy may run many times in one test session)
@@ -268,7 +256,11 @@ def run_check(
         frames = [health]
 
         ref_label = None
-        if reference is not None:
+        if self_reference:
+            ref_label = label
+            # Regressions of a trace against itself are empty by construction; only the drift says something.
+            frames.append(_drift_findings(tr, label, tr, checked, cfg, tag, reference_tag))
+        elif reference is not None:
             ref_label = str(reference)
             if not Path(reference).exists():
                 raise TraceError(f"{ref_label}: no such reference trace (path does not exist)")
@@ -276,7 +268,7 @@ def run_check(
             stack.callback(ref.close)
             _runs(ref, ref_label)  # an empty reference is as unreadable as an empty trace
             ref_health = normalize_findings(_guard(ref_label, ref.health, config=cfg))
-            drift_label = f"{label} vs reference {ref_label}" if ref_label != label else label
+            drift_label = f"{label} vs reference {ref_label}"
             frames.append(_drift_findings(tr, drift_label, ref, checked, cfg, tag, reference_tag))
             frames.append(regression_findings(ref_health, health))
 
@@ -298,17 +290,12 @@ def run_check(
     return CheckResult(findings, meta, fail_on)
 
 
-def _config_meta(config: Any, cfg: Any) -> dict[str, Any]:
+def _config_meta(config: Any, cfg: HealthConfig) -> dict[str, Any]:
     """What the JSON meta says about the config: its path (if any) and its values."""
     import dataclasses
 
-    values: Any = None
-    if hasattr(cfg, "to_dict"):
-        values = cfg.to_dict()
-    elif dataclasses.is_dataclass(cfg) and not isinstance(cfg, type):
-        values = dataclasses.asdict(cfg)
     path = str(config) if isinstance(config, (str, os.PathLike)) else None
-    return {"path": path, "values": _jsonable(values)}
+    return {"path": path, "values": _jsonable(dataclasses.asdict(cfg))}
 
 
 # --------------------------------------------------------------------------------------------- reference
@@ -319,7 +306,7 @@ def _drift_findings(
     label: str,
     reference: Any,
     runs: Iterable[str],
-    cfg: Any,
+    cfg: HealthConfig,
     tag: str | None = None,
     reference_tag: str | None = None,
 ) -> pd.DataFrame:
@@ -359,7 +346,7 @@ def _drift_message(rec: Mapping[str, Any]) -> str:
     return f"layer {rec.get('layer')}: JS distance {_fmt(rec.get('js'))} vs threshold {_fmt(rec.get('threshold'))}"
 
 
-def regression_findings(baseline: pd.DataFrame, current: pd.DataFrame, cfg: Any = None) -> pd.DataFrame:
+def regression_findings(baseline: pd.DataFrame, current: pd.DataFrame) -> pd.DataFrame:
     """Findings for what got worse since the baseline: experts that died, load CV past its threshold, non-finite routing.
 
     Both inputs are health findings; runs are pooled per side (a baseline is usually one run), layers and

@@ -10,17 +10,21 @@ def test_router_is_healthy(tmp_path):
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import TYPE_CHECKING
 
 from .check import CheckResult, _detail, run_check, summary_line
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .analysis.trace import Trace
+    from .config import HealthConfig
 
 __all__ = ["assert_healthy", "check_trace"]
 
 
 def check_trace(
-    trace: Any,
+    trace: str | os.PathLike[str] | Trace,
     *,
-    config: Any = None,
+    config: HealthConfig | str | os.PathLike[str] | None = None,
     fail_on: str = "fail",
     reference: str | os.PathLike[str] | None = None,
     min_tokens: int | None = None,
@@ -42,9 +46,9 @@ def check_trace(
 
 
 def assert_healthy(
-    trace: Any,
+    trace: str | os.PathLike[str] | Trace,
     *,
-    config: Any = None,
+    config: HealthConfig | str | os.PathLike[str] | None = None,
     fail_on: str = "fail",
     reference: str | os.PathLike[str] | None = None,
     min_tokens: int | None = None,

@@ -63,3 +63,17 @@ def test_errors_are_not_assertions(runs: dict[str, Path], tmp_path: Path) -> Non
     bad.write_text("[rules.dead_expert]\nfail_bellow = 0.1\n")
     with pytest.raises(ConfigError):
         assert_healthy(runs["balanced"], config=bad)
+
+
+def test_open_trace_object_is_left_open(runs: dict[str, Path]) -> None:
+    import moescope
+
+    with moescope.open(runs["collapse"]) as tr:
+        with pytest.raises(AssertionError):
+            assert_healthy(tr)
+        # The caller's Trace is still usable afterwards: assert_healthy closes only what it opened.
+        assert tr.sql("SELECT count(*) FROM expert_load").fetchall()[0][0] > 0
+        # A slice compared with the trace's own (here untagged) data needs no second path.
+        result = check_trace(tr, reference_tag="")
+        assert "drift" in set(result.findings["rule"])
+
