@@ -100,6 +100,7 @@ def capacity_drops(
     window: Window = "all",
     *,
     tag: str | None = None,
+    steps: tuple[int, int] | None = None,
     source: Literal["auto", "routing", "counts"] = "auto",
 ) -> pd.DataFrame:
     """Token-drop rates the recorded routing would suffer at each capacity factor, per run × layer × step window.
@@ -109,7 +110,8 @@ def capacity_drops(
     per step, exact for group "batch" when a step is one forward pass and a lower bound otherwise (only
     drop_rate); "auto" picks routing where a run has it. A run that cannot answer gets one row per layer with
     source "none" and the reason in `note`. `coverage` = recorded tokens / routed tokens (token sampling);
-    `reported_drop_rate` is router_stats.dropped / tokens where the model reported drops.
+    `reported_drop_rate` is router_stats.dropped / tokens where the model reported drops. `tag` and `steps`
+    (inclusive) narrow the selection.
     """
     c = _con(con)
     mode, gsize = _group(group)
@@ -121,12 +123,12 @@ def capacity_drops(
     layers = _layers(c, run)
     if layers.empty:
         return pd.DataFrame(columns=CAPACITY_COLUMNS)
-    token_runs = _token_runs(c, Selection(run=run, tag=tag)) if source != "counts" else set()
+    token_runs = _token_runs(c, Selection(run=run, tag=tag, steps=steps)) if source != "counts" else set()
     group_label = str(group)
     frames: list[pd.DataFrame] = []
     for r, lay in layers.groupby("run", sort=True):
         params: dict[str, Any] = {
-            "filter": Selection(run=r, tag=tag).filter(),
+            "filter": Selection(run=r, tag=tag, steps=steps).filter(),
             "layer_rows": _rows(lay[["run", "layer", "n_experts", "top_k"]].itertuples(index=False)),
             "factor_rows": _rows((f,) for f in facs),
             **window_params(window),
@@ -697,9 +699,11 @@ def _hits_frame(reqs: list[list[int]], n_experts: int, sizes: Sequence[int] | No
     )
 
 
-def _token_lists(con: duckdb.DuckDBPyConnection, run: str, layer: int) -> list[list[int]]:
+def _token_lists(
+    con: duckdb.DuckDBPyConnection, run: str, layer: int, steps: tuple[int, int] | None = None
+) -> list[list[int]]:
     """A run-layer's per-token expert lists in token order, read through Arrow (no per-row Python objects)."""
-    sql = render("whatif_token_experts", {"filter": Selection(run=run, layer=layer).filter()})
+    sql = render("whatif_token_experts", {"filter": Selection(run=run, layer=layer, steps=steps).filter()})
     try:
         rel = con.sql(sql)
         # duckdb 2 names it to_arrow_table; pyproject still allows duckdb 1.x, where it is arrow()
@@ -717,11 +721,15 @@ def cache_hit_rates(
     run: str | None = None,
     sizes: Sequence[int] | None = None,
     policies: Sequence[Policy] = ("lru", "lfu", "belady"),
+    *,
+    layer: int | Sequence[int] | None = None,
+    steps: tuple[int, int] | None = None,
 ) -> pd.DataFrame:
     """Per-layer expert-cache hit rates vs cache size under LRU, LFU and the Belady optimum (offloaded experts).
 
     Replays token-level routing in token order (step, rank, tag, seq, pos); one cache per layer; `sizes`
-    defaults to 1..N. Raises ValueError when no selected run has token-level routing.
+    defaults to 1..N; `layer` and `steps` (inclusive) narrow the work. Raises ValueError when no selected
+    run has token-level routing.
     """
     c = _con(con)
     pols = [str(p).lower() for p in policies]
@@ -731,21 +739,24 @@ def cache_hit_rates(
     if sizes is not None and any(int(s) < 1 for s in sizes):
         raise ValueError(f"cache sizes must be positive, got {list(sizes)}")
     layers = _layers(c, run)
-    token_runs = _token_runs(c, Selection(run=run))
+    if layer is not None:
+        wanted = {int(layer)} if isinstance(layer, (int, np.integer)) else {int(x) for x in layer}
+        layers = layers[layers["layer"].isin(wanted)]
+    token_runs = _token_runs(c, Selection(run=run, steps=steps))
     if not token_runs:
         which = f"run {run!r} has" if run else "the trace has"
         raise ValueError(f"the cache what-if needs token-level routing and {which} none (record with tokens > 0)")
     frames: list[pd.DataFrame] = []
-    for r, layer, n in layers[["run", "layer", "n_experts"]].itertuples(index=False):
+    for r, lay, n in layers[["run", "layer", "n_experts"]].itertuples(index=False):
         if r not in token_runs:
             continue
-        reqs = _requests(_token_lists(c, r, int(layer)))
+        reqs = _requests(_token_lists(c, r, int(lay), steps))
         if not reqs:
             continue
         for p in pols:
             f = _hits_frame(reqs, int(n), sizes, p)
             f.insert(0, "policy", p)
-            f.insert(0, "layer", int(layer))
+            f.insert(0, "layer", int(lay))
             f.insert(0, "run", r)
             f["n_experts"] = int(n)
             f["tokens"] = len(reqs)

@@ -139,6 +139,8 @@ def test_capacity_whole_run_window(cap_root: Path) -> None:
     assert (r["window_start"], r["window_end"]) == (0, 1)
     assert r["drop_rate"] == pytest.approx(1 / 16)
     assert r["reported_drop_rate"] == pytest.approx(1 / 8)
+    only1 = whatif.capacity_drops(_con(cap_root), run="tok", factors=(1.0,), steps=(1, 1)).iloc[0]
+    assert (only1["window_start"], only1["dropped_assignments"], only1["tokens"]) == (1, 0, 4)
 
 
 @pytest.mark.parametrize(("group", "rate"), [("batch", 0.0), ("sequence", 0.5), (2, 0.5), (4, 0.0), (1, 0.0)])
@@ -427,6 +429,10 @@ def test_cache_hit_rates_from_trace(tmp_path: Path) -> None:
         for p in whatif.POLICIES:
             assert got[(p, size)] == HAND_HITS[size][p]
     assert (df["tokens"] == 8).all() and df.loc[df["cache_size"] == 3, "hit_rate"].eq(0.5).all()
+    # a step window replays only its tokens: steps 0..0 are the first four requests 0 1 2 0 (one hit at C=3)
+    early = whatif.cache_hit_rates(con, run="c", sizes=[3], policies=("lru",), layer=0, steps=(0, 0))
+    assert (early["tokens"].iloc[0], early["hits"].iloc[0]) == (4, 1)
+    assert whatif.cache_hit_rates(con, run="c", layer=5).empty
     with pytest.raises(ValueError, match="token-level routing"):
         whatif.cache_hit_rates(con, run="counts_only")
     with pytest.raises(ValueError, match="policy"):
