@@ -126,11 +126,16 @@ def test_unbound_callback_merges_into_log_history(tmp_path: Path) -> None:
     cb = MoEScopeTrainerCallback(tmp_path / "run", flush_every=2)
     trainer = Trainer(
         model=tiny_mixtral(),
-        args=args(tmp_path, max_steps=4, logging_steps=50),
+        args=args(tmp_path, max_steps=4, logging_steps=50, eval_strategy="epoch"),
         train_dataset=dataset(16),
+        eval_dataset=dataset(BATCH, 1),
         callbacks=[cb],
     )
     trainer.train()
+    st = pq.read_table(tmp_path / "run" / "router_stats").to_pandas()
+    # The epoch (4 steps) ends with an evaluation: tagged, and kept out of the training steps.
+    assert sorted(st[st.tag == "eval"].step.unique()) == [4]
+    assert sorted(st[st.tag == ""].step.unique()) == [0, 1, 2, 3] and (st[st.tag == ""].tokens == BATCH * SEQ).all()
     logged = [h for h in trainer.state.log_history if "moescope/layer1/entropy_norm" in h]
     # logging_steps=50 would log nothing before the end: the callback asks for a log at each flush.
     assert [h["step"] for h in logged] == [2, 4] and all("loss" in h for h in logged)

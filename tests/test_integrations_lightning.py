@@ -221,8 +221,9 @@ def test_alerts_warn_without_stopping(tmp_path: Path) -> None:
     plant_collapse(model)
     cb = MoEScopeCallback(tmp_path / "run", flush_every=2)
     t = trainer(tmp_path, max_steps=4, callbacks=[cb])
-    with pytest.warns(MoEAlertWarning, match="routing collapsed"):
+    with pytest.warns(MoEAlertWarning) as record:
         t.fit(TinyLM(model), loader(4))
+    assert any("routing collapsed" in str(w.message) for w in record)
     assert t.global_step == 4
     assert cb.history and cb.history[0][1]["moescope/layer0/dead_experts"] == 2.0
 
