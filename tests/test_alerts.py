@@ -209,6 +209,7 @@ def plant_collapse(model: Any) -> None:
                 mod.weight[:, 0] = torch.tensor([5.0, 5.0, -5.0, -5.0])
 
 
+@pytest.mark.hf
 def test_planted_collapse_alerts_within_one_flush(tmp_path: Path) -> None:
     import torch
 
@@ -232,6 +233,7 @@ def test_planted_collapse_alerts_within_one_flush(tmp_path: Path) -> None:
     assert next(a for a in seen if a.rule == "dead_expert").experts == (2, 3)
 
 
+@pytest.mark.hf
 def test_raise_on_fail_stops_and_detaches(tmp_path: Path) -> None:
     import pyarrow.parquet as pq
     import torch
@@ -256,6 +258,7 @@ def test_raise_on_fail_stops_and_detaches(tmp_path: Path) -> None:
     assert sorted(set(steps)) == [0, 1]  # the window that raised is on disk
 
 
+@pytest.mark.hf
 def test_rank_names_parts(tmp_path: Path) -> None:
     import torch
 
@@ -284,6 +287,7 @@ def doc_example(heading: str) -> str:
     return text.split(f"### {heading}\n", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
 
 
+@pytest.mark.hf
 def test_docs_plain_loop_example_runs(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:

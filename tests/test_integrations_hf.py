@@ -19,6 +19,8 @@ from transformers import Trainer, TrainerControl, TrainerState, TrainingArgument
 from moescope.capture.alerts import MoEAlertWarning, RoutingCollapseError  # noqa: E402
 from moescope.integrations.hf import MoEScopeTrainerCallback, _rank_of  # noqa: E402
 
+pytestmark = pytest.mark.hf  # tiny transformers Mixtral in real training runs
+
 BATCH, SEQ, K = 4, 16, 2
 METRICS = ("load_cv", "maxvio", "entropy_norm", "dead_experts")
 

@@ -22,6 +22,8 @@ from torch.utils.data import DataLoader, TensorDataset  # noqa: E402
 from moescope.capture.alerts import MoEAlertWarning, RoutingCollapseError  # noqa: E402
 from moescope.integrations.lightning import MoEScopeCallback  # noqa: E402
 
+pytestmark = pytest.mark.hf  # tiny transformers Mixtral in real training runs
+
 BATCH, SEQ, K = 4, 16, 2
 
 
