@@ -76,6 +76,22 @@ def _token_runs(con: duckdb.DuckDBPyConnection, sel: Selection) -> set[str]:
     return {r[0] for r in rows}
 
 
+def _coverage(con: duckdb.DuckDBPyConnection, sel: Selection) -> dict[str, float]:
+    """Per run with token-level routing: recorded tokens / routed tokens, the lowest over its layers."""
+    f = sel.filter().sql
+    sql = f"""
+        WITH rec AS (SELECT run, layer, COUNT(*) AS n FROM routing WHERE {f} GROUP BY run, layer),
+             routed AS (SELECT run, layer, SUM(tokens) AS n FROM router_stats WHERE {f} GROUP BY run, layer)
+        SELECT rec.run, MIN(CASE WHEN routed.n > 0 THEN rec.n * 1.0 / routed.n ELSE 1.0 END)
+        FROM rec LEFT JOIN routed ON routed.run = rec.run AND routed.layer = rec.layer
+        GROUP BY rec.run
+    """
+    try:
+        return {r: float(v) for r, v in con.execute(sql).fetchall()}
+    except duckdb.Error as e:
+        raise translate(e) from None
+
+
 def _group(group: Group) -> tuple[str, int]:
     """Validate a capacity group and return (mode, group size)."""
     if group in ("batch", "sequence"):
@@ -108,8 +124,9 @@ def capacity_drops(
     capacity = ceil(cf · k · T_group / N) per expert per capacity group; first choices fill it before second
     choices (DeepSpeed). source "routing" replays token-level routing (all columns); "counts" uses expert_load
     per step, exact for group "batch" when a step is one forward pass and a lower bound otherwise (only
-    drop_rate); "auto" picks routing where a run has it. A run that cannot answer gets one row per layer with
-    source "none" and the reason in `note`. `coverage` = recorded tokens / routed tokens (token sampling);
+    drop_rate); "auto" replays routing where a run has it, except for group "batch" on a token sample (a
+    batch of only the recorded sequences is too small), where counts answer. A run that cannot answer gets
+    one row per layer with source "none" and the reason in `note`. `coverage` = recorded tokens / routed tokens (token sampling);
     `reported_drop_rate` is router_stats.dropped / tokens where the model reported drops. `tag` and `steps`
     (inclusive) narrow the selection.
     """
@@ -123,7 +140,7 @@ def capacity_drops(
     layers = _layers(c, run)
     if layers.empty:
         return pd.DataFrame(columns=CAPACITY_COLUMNS)
-    token_runs = _token_runs(c, Selection(run=run, tag=tag, steps=steps)) if source != "counts" else set()
+    cov = _coverage(c, Selection(run=run, tag=tag, steps=steps)) if source != "counts" else {}
     group_label = str(group)
     frames: list[pd.DataFrame] = []
     for r, lay in layers.groupby("run", sort=True):
@@ -134,19 +151,25 @@ def capacity_drops(
             **window_params(window),
         }
         note = ""
-        if r in token_runs and source in ("auto", "routing"):
+        # A token sample keeps whole sequences, so per-sequence groups replay exactly on it, but a 'batch'
+        # group of only the recorded sequences is smaller (noisier) than the real one: there the per-step
+        # counts, which cover every token, are the better answer unless routing is asked for.
+        sampled = cov.get(r, 0.0) < 0.999
+        if r in cov and (source == "routing" or (source == "auto" and (mode != "batch" or not sampled))):
             df = run_analysis(c, "whatif_capacity", {**params, "mode": mode, "group_size": gsize})
             df["source"] = "routing"
-            if (df["coverage"] < 1).any():
+            if sampled:
                 note = "replayed on the recorded token sample; capacity groups hold only recorded sequences"
         elif mode == "batch" and source in ("auto", "counts"):
             df = run_analysis(c, "whatif_capacity_counts", params)
             df["source"] = "counts"
-            note = "lower bound from per-step counts (exact when a step is one forward pass); record tokens > 0 for per-token detail"
+            note = "from per-step counts: exact when a step is one forward pass, else a lower bound"
+            if r in cov:
+                note += f"; token-level routing covers {cov[r]:.0%} of tokens (source='routing' replays it)"
         else:
             why = (
                 f"group {group_label!r} needs token-level routing; this run has counts only (record with tokens > 0)"
-                if r not in token_runs
+                if r not in cov
                 else "no token-level routing in this selection"
             )
             df = pd.DataFrame({"run": r, "layer": lay["layer"].to_numpy(), "source": "none"})

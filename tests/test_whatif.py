@@ -100,6 +100,10 @@ def cap_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     _write(root, "cnt", CAP_TOKENS, 4, 2, token_level=False)
     # N=2, k=1, two sequences of two tokens: the batch is balanced, each sequence is not.
     _write(root, "grp", [(0, 0, 0, [0]), (0, 0, 1, [0]), (0, 1, 0, [1]), (0, 1, 1, [1])], 2, 1)
+    # The same batch with only sequence 0 kept token-level (a token sample, as tokens=0.5 records it).
+    full = _routing([(0, 0, 0, [0]), (0, 0, 1, [0]), (0, 1, 0, [1]), (0, 1, 1, [1])])
+    layers = [{"layer": 0, "module": "m", "n_experts": 2, "top_k": 1, "router_kind": "topk"}]
+    write_run(root / "samp", {**_counts(full, 2), "routing": full[full["seq"] == 0]}, run="samp", layers=layers)
     return root
 
 
@@ -150,6 +154,20 @@ def test_capacity_groups(cap_root: Path, group, rate: float) -> None:
     # token: capacity ceil(1/2) = 1 -> nothing dropped.
     df = whatif.capacity_drops(_con(cap_root), run="grp", factors=(1.0,), group=group)
     assert df["drop_rate"].iloc[0] == pytest.approx(rate)
+
+
+def test_capacity_on_a_token_sample(cap_root: Path) -> None:
+    con = _con(cap_root)
+    # batch groups: the recorded half-batch (seq 0 alone, both tokens on expert 0) would drop 1 of 2, the
+    # real batch drops nothing, and the per-step counts see the real batch
+    auto = whatif.capacity_drops(con, run="samp", factors=(1.0,)).iloc[0]
+    assert auto["source"] == "counts" and auto["drop_rate"] == 0 and "covers 50%" in auto["note"]
+    forced = whatif.capacity_drops(con, run="samp", factors=(1.0,), source="routing").iloc[0]
+    assert forced["drop_rate"] == pytest.approx(0.5) and forced["coverage"] == pytest.approx(0.5)
+    assert "token sample" in forced["note"]
+    # whole sequences are kept, so per-sequence groups replay exactly on the sample
+    seq = whatif.capacity_drops(con, run="samp", factors=(1.0,), group="sequence").iloc[0]
+    assert seq["source"] == "routing" and seq["drop_rate"] == pytest.approx(0.5)
 
 
 def test_capacity_count_only_run(cap_root: Path) -> None:
@@ -464,3 +482,40 @@ def test_cli_whatif(cap_root: Path, tmp_path: Path, capsys: pytest.CaptureFixtur
     assert main(["whatif", str(cap_root), "capacity", "--group", "epoch"]) == 2
     capsys.readouterr()
     assert main(["whatif", str(tmp_path / "nope"), "capacity"]) == 3
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Dashboard page
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_systems_page_renders(tmp_path: Path) -> None:
+    pytest.importorskip("dash")
+    pytest.importorskip("plotly")
+    import sys
+
+    from dash._get_app import app_context
+
+    from moescope import dashboard as glue
+
+    syn = glue.module("synthetic")
+    shape = syn.Shape(layers=2, experts=8, top_k=2, steps=12, tokens_per_step=128, routing_every=3, seqs=2, seq_len=16)
+    root = syn.make_trace(tmp_path / "trace", shape=shape)
+    app = glue.create_app(root)
+    page = sys.modules[f"{glue.PACKAGE}.pages.systems"]
+    token = app_context.set(app)
+    try:
+        for query in ({}, {"run": "collapse", "layer": "1", "devices": "4", "steps": "2-9"}, {"devices": "x"}):
+            text = str(page.layout(**query))
+            assert "ms-msg-error" not in text, text[:2000]
+            assert text.count("Graph(") == 3
+        data = app.moescope_data  # type: ignore[attr-defined]
+        cap = page.capacity_figure(page.capacity_data(data, "collapse", None), 1)
+        assert len(cap.data) == 2 and list(cap.data[-1].x) == list(page.FACTORS)
+        bal = page.balance_figure(page.placement_data(data, "collapse", 4), 4, 1)
+        assert [t.name for t in bal.data] == ["round-robin", "LPT", "LPT + 4 replicas"]
+        hits = page.cache_figure(page.cache_data(data, "collapse", 1, None), 1)
+        assert len(hits.data) == 3 and list(hits.data[0].x) == list(range(1, 9))
+    finally:
+        app_context.reset(token)
+    assert "/systems" in [p["path"] for p in glue.module("app").nav_pages()]
