@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qsl
 
 import dash
 from dash import ALL, Dash, Input, Output, State, dcc, html, no_update
@@ -120,8 +122,6 @@ def _register_callbacks(app: Dash) -> None:
     )
     def _selection_to_url(values: list[Any], ids: list[dict[str, Any]], search: str | None) -> Any:
         """Write the controls' values into the query string (the page re-renders from it)."""
-        from urllib.parse import parse_qsl
-
         data: DashboardData = app.moescope_data  # type: ignore[attr-defined]
         controls = {i["key"]: v for i, v in zip(ids, values)}
         current = from_query(search)
@@ -142,9 +142,13 @@ def create_app(
     sql_timeout: float = 10.0,
     sql_max_rows: int = 1000,
     cache_size: int = 512,
+    warm: bool = True,
     **dash_kwargs: Any,
 ) -> Dash:
-    """Build the dashboard for the trace at `trace_root` (opened read-only, locked SQL)."""
+    """Build the dashboard for the trace at `trace_root` (opened read-only, locked SQL).
+
+    warm: compute the default views on a background thread right away (big traces: the first page opens fast).
+    """
     data = DashboardData(trace_root, sql_timeout=sql_timeout, sql_max_rows=sql_max_rows, cache_size=cache_size)
     _reset_dash_globals()
     app = Dash(
@@ -162,4 +166,6 @@ def create_app(
     app.layout = _shell(data)
     _adopt_page_callbacks(app)
     _register_callbacks(app)
+    if warm:
+        threading.Thread(target=data.warm, name="moescope-dashboard-warm", daemon=True).start()
     return app

@@ -85,12 +85,18 @@ def selection_bar(
     return html.Div(items, className="ms-selbar")
 
 
-def graph(fig: go.Figure, id: str | dict[str, Any] | None = None, className: str = "") -> dcc.Graph:
+def graph(fig: go.Figure | dict[str, Any], id: str | dict[str, Any] | None = None, className: str = "") -> dcc.Graph:
     """A plotly graph with the dashboard's toolbar settings."""
     kw: dict[str, Any] = {"figure": fig, "config": GRAPH_CONFIG, "className": f"ms-graph {className}".strip()}
     if id is not None:
         kw["id"] = id
     return dcc.Graph(**kw)
+
+
+def figure(data: DashboardData, id: str, key: tuple[Any, ...], build: Any, className: str = "") -> dcc.Graph:
+    """A graph whose figure is built once per (id, key) and cached: a warm page skips plotly's validation."""
+    fig = data.cache.get(("figure", id, *key), lambda: build().to_plotly_json())
+    return graph(fig, id=id, className=className)
 
 
 def card(*children: Any, title: str | None = None, className: str = "") -> html.Div:
@@ -212,8 +218,3 @@ def steps_slider(key: str, label: str, lo: int, hi: int, value: Sequence[int] | 
         ],
         className="ms-ctl ms-ctl-steps",
     )
-
-
-def controls(*children: Any) -> html.Div:
-    """A bar of page-specific controls, styled like the selection bar."""
-    return html.Div(list(children), className="ms-selbar ms-selbar-page")

@@ -112,7 +112,7 @@ class _LRU:
             self._d.clear()
 
 
-def _sel_key(sel: Mapping[str, Any] | None) -> tuple[Any, ...]:
+def sel_key(sel: Mapping[str, Any] | None) -> tuple[Any, ...]:
     """A hashable key of a selection dict ({'run', 'tag', 'steps'})."""
     sel = sel or {}
     steps = sel.get("steps")
@@ -139,6 +139,7 @@ class DashboardData:
         self._lock = threading.RLock()
         self._console_lock = threading.Lock()
         self.cache = _LRU(cache_size)
+        self._closed = False
 
     # -- plumbing ------------------------------------------------------------------------------------
 
@@ -153,8 +154,34 @@ class DashboardData:
         with self._lock:
             return self.trace.con.execute(query, params or []).df()
 
+    def warm(self) -> float:
+        """Compute what the first page views need (runs, health, each run's default views); returns seconds.
+
+        create_app runs this on a background thread, so the first person to open a page on a big trace
+        does not wait for the queries; a failure here only means that view computes on first open instead.
+        """
+        t0 = time.perf_counter()
+        steps: list[Callable[[], Any]] = [self.runs, self.layer_info, self.step_ranges, self.health_grid, self.findings]
+        for run in self.run_names():
+            steps += [
+                lambda r=run: self.utilization(r), lambda r=run: self.load_metrics(r),
+                lambda r=run: self.layer_utilization(r), lambda r=run: self.similarity(r),
+                lambda r=run: self.snapshot_steps(r), lambda r=run: self.sequences(r),
+            ]
+        base, cur = default_drift_sides(self.run_names(), self.tags(), self.step_ranges())
+        steps.append(lambda: self.drift(base, cur))
+        for step in steps:
+            if self._closed:
+                break
+            try:
+                step()
+            except Exception:  # noqa: BLE001 - see the docstring: the page reports it when opened
+                continue
+        return time.perf_counter() - t0
+
     def close(self) -> None:
         """Close both connections."""
+        self._closed = True
         self.trace.close()
         if self._console is not None:
             self._console.close()
@@ -372,7 +399,7 @@ class DashboardData:
     def drift(self, baseline: Mapping[str, Any], current: Mapping[str, Any]) -> pd.DataFrame:
         """Per layer drift of current vs baseline load (the trace's own drift rule): js, tv, threshold, flagged."""
         return self._cached(
-            ("drift", _sel_key(baseline), _sel_key(current)),
+            ("drift", sel_key(baseline), sel_key(current)),
             lambda: self.trace.drift(baseline=_clean(baseline), current=_clean(current)),
         )
 
@@ -391,7 +418,7 @@ class DashboardData:
             df["share"] = df["assignments"] / total.where(total > 0)
             return df.sort_values(["layer", "expert"]).reset_index(drop=True)
 
-        return self._cached(("expert_shares", _sel_key(sel)), compute)
+        return self._cached(("expert_shares", sel_key(sel)), compute)
 
     # -- tokens --------------------------------------------------------------------------------------
 

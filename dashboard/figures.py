@@ -13,7 +13,6 @@ from typing import Any
 
 import pandas as pd
 import plotly.graph_objects as go
-import plotly.io as pio
 
 #: Distinct, colour-blind-aware hues for the first experts (Observable 10, then ten more of similar weight).
 _EXPERT_BASE = (
@@ -64,19 +63,24 @@ def status_color(status: str) -> str:
 
 
 def _template() -> go.layout.Template:
-    t = go.layout.Template(pio.templates["plotly_white"])
-    t.layout.font = {"family": FONT, "size": 12, "color": INK}
-    t.layout.title = {"font": {"size": 15, "color": INK}, "x": 0.0, "xanchor": "left", "xref": "paper", "y": 0.97}
-    t.layout.margin = {"l": 64, "r": 24, "t": 52, "b": 52}
-    t.layout.colorway = list(_EXPERT_BASE)
-    t.layout.paper_bgcolor = "white"
-    t.layout.plot_bgcolor = "white"
-    t.layout.xaxis = {"gridcolor": GRID, "zerolinecolor": GRID, "linecolor": "#c9ced6", "ticks": "outside",
-                      "tickcolor": "#c9ced6", "title": {"standoff": 8}}
-    t.layout.yaxis = {"gridcolor": GRID, "zerolinecolor": GRID, "linecolor": "#c9ced6", "title": {"standoff": 8}}
-    t.layout.hoverlabel = {"font": {"family": FONT, "size": 12}, "bgcolor": "white"}
-    t.layout.legend = {"font": {"size": 11}, "bgcolor": "rgba(255,255,255,0.8)"}
-    return t
+    """The dashboard's light theme: layout defaults only (a lean template keeps building a figure cheap)."""
+    axis = {"gridcolor": GRID, "zerolinecolor": GRID, "linecolor": "#c9ced6", "showline": True, "ticks": "outside",
+            "tickcolor": "#c9ced6", "automargin": True, "title": {"standoff": 8}}
+    return go.layout.Template(
+        layout={
+            "font": {"family": FONT, "size": 12, "color": INK},
+            "title": {"font": {"size": 15, "color": INK}, "x": 0.0, "xanchor": "left", "xref": "paper", "y": 0.97},
+            "margin": {"l": 64, "r": 24, "t": 52, "b": 52},
+            "colorway": list(_EXPERT_BASE),
+            "paper_bgcolor": "white",
+            "plot_bgcolor": "white",
+            "xaxis": axis,
+            "yaxis": {**axis, "ticks": ""},
+            "hoverlabel": {"font": {"family": FONT, "size": 12}, "bgcolor": "white"},
+            "hovermode": "closest",
+            "legend": {"font": {"size": 11}, "bgcolor": "rgba(255,255,255,0.8)"},
+        }
+    )
 
 
 TEMPLATE = _template()

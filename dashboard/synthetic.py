@@ -131,9 +131,14 @@ def make_trace(
                     p = _probs(kind, shape, step, layer, tag)
                     n_tok = shape.tokens_per_step
                     n_keep = shape.seqs * shape.seq_len if keep else 0
-                    ids, w = _route(rng, p, n_tok, shape.top_k)
-                    counts = np.bincount(ids.reshape(-1), minlength=shape.experts)
-                    wsum = np.bincount(ids.reshape(-1), weights=w.reshape(-1), minlength=shape.experts)
+                    if n_keep:
+                        ids, w = _route(rng, p, n_tok, shape.top_k)
+                        counts = np.bincount(ids.reshape(-1), minlength=shape.experts)
+                        wsum = np.bincount(ids.reshape(-1), weights=w.reshape(-1), minlength=shape.experts)
+                    else:
+                        # Counts-only steps need no per-token draws: a multinomial of the assignments is enough.
+                        counts = rng.multinomial(n_tok * shape.top_k, p)
+                        wsum = counts / shape.top_k
                     load_rows.append(
                         pd.DataFrame(
                             {

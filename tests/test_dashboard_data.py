@@ -400,7 +400,7 @@ def test_synthetic_trace_is_a_valid_trace(trace_root: Path) -> None:
     import moescope
 
     tr = moescope.open(trace_root)
-    n = tr.sql("SELECT COUNT(*) FROM assignments").fetchone()[0]
+    n = tr.con.execute("SELECT COUNT(*) FROM assignments").fetchone()[0]
     assert n == 2 * data_rows_per_run() * SHAPE.top_k
     assert os.path.isfile(trace_root / "collapse" / "manifest.json")
     tr.close()

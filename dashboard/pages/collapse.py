@@ -31,28 +31,32 @@ def layout(**query: Any) -> html.Div:
     def lm() -> pd.DataFrame:
         return data.load_metrics(run, steps)
 
+    key = (run, layer, steps)
+
+    def curve(gid: str, column: str, title: str, ytitle: str, **kw: Any) -> Any:
+        return C.figure(data, gid, key, lambda: F.metric_curves(lm(), column, title, ytitle, layer, **kw))
+
     return html.Div(
         [
             C.header("Collapse", "When and where the health rules fire: dead experts, collapse onto a few experts, "
                      "load imbalance, router logit growth."),
             C.selection_bar(state, data),
-            C.card(C.guard("timeline", lambda: C.graph(
-                F.findings_timeline(data.health(run), data.layers(run), run, layer), id="col-timeline"))),
+            C.card(C.guard("timeline", lambda: C.figure(data, "col-timeline", (run, layer), lambda: (
+                F.findings_timeline(data.health(run), data.layers(run), run, layer))))),
             C.row(
-                C.card(C.guard("min utilization", lambda: C.graph(F.metric_curves(
-                    lm(), "min_utilization", "Least-used expert: min N·f", "min N·f", layer, threshold=0.05,
-                    threshold_label="dead expert < 0.05"), id="col-minutil"))),
-                C.card(C.guard("top-m share", lambda: C.graph(F.metric_curves(
-                    lm(), "top_m_share", "Share of the m busiest experts", "share", layer,
-                    threshold=0.9, threshold_label="collapse ≥ 0.9"), id="col-topm"))),
+                C.card(C.guard("min utilization", lambda: curve(
+                    "col-minutil", "min_utilization", "Least-used expert: min N·f", "min N·f", threshold=0.05,
+                    threshold_label="dead expert < 0.05"))),
+                C.card(C.guard("top-m share", lambda: curve(
+                    "col-topm", "top_m_share", "Share of the m busiest experts", "share (m = max(k, N/4))",
+                    threshold=0.9, threshold_label="collapse ≥ 0.9"))),
             ),
             C.row(
-                C.card(C.guard("maxvio", lambda: C.graph(F.metric_curves(
-                    lm(), "maxvio", "MaxVio: max / mean load − 1", "MaxVio", layer, threshold=1.0,
-                    threshold_label="WARN > 1", threshold2=3.0, threshold2_label="FAIL > 3"), id="col-maxvio"))),
-                C.card(C.guard("router entropy", lambda: C.graph(F.metric_curves(
-                    lm(), "router_entropy", "Router entropy H(p)/ln N", "entropy", layer),
-                    id="col-entropy"))),
+                C.card(C.guard("maxvio", lambda: curve(
+                    "col-maxvio", "maxvio", "MaxVio: max / mean load − 1", "MaxVio", threshold=1.0,
+                    threshold_label="WARN > 1", threshold2=3.0, threshold2_label="FAIL > 3"))),
+                C.card(C.guard("router entropy", lambda: curve(
+                    "col-entropy", "router_entropy", "Router entropy H(p)/ln N", "entropy"))),
             ),
             C.card(C.guard("findings", lambda: _findings_table(data.health(run), layer)),
                    title=f"Findings in layer {layer}"),

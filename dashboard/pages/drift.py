@@ -8,6 +8,7 @@ import dash
 import pandas as pd
 from dash import html
 from moescope_dashboard import components as C
+from moescope_dashboard import data as D
 from moescope_dashboard import figures as F
 from moescope_dashboard.data import ALL_TAGS, default_drift_sides, describe_side, drift_side
 
@@ -50,6 +51,7 @@ def layout(**query: Any) -> html.Div:
         tv_min = float(DriftConfig().tv_min)
     except Exception:  # noqa: BLE001 - the threshold line is a guide; the rule itself lives in moescope
         tv_min = 0.05
+    key = (D.sel_key(base), D.sel_key(cur))
     return html.Div(
         [
             head,
@@ -62,9 +64,10 @@ def layout(**query: Any) -> html.Div:
                 className="ms-selbar ms-drift-ctl",
             ),
             C.message(f"Baseline: {describe_side(base)}   →   current: {describe_side(cur)}", "info"),
-            C.card(C.guard("drift", lambda: C.graph(F.drift_bars(data.drift(base, cur), tv_min), id="drift-bars"))),
-            C.card(C.guard("expert deltas", lambda: C.graph(F.expert_deltas(
-                data.expert_shares(base), data.expert_shares(cur), state.layer), id="drift-deltas"))),
+            C.card(C.guard("drift", lambda: C.figure(data, "drift-bars", key, lambda: F.drift_bars(
+                data.drift(base, cur), tv_min)))),
+            C.card(C.guard("expert deltas", lambda: C.figure(data, "drift-deltas", (*key, state.layer), lambda: (
+                F.expert_deltas(data.expert_shares(base), data.expert_shares(cur), state.layer))))),
             C.card(C.guard("drift table", lambda: _table(data.drift(base, cur))), title="Per layer"),
         ]
     )

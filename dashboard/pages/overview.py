@@ -67,8 +67,8 @@ def layout(**query: Any) -> html.Div:
             C.guard("summary", lambda: _stats(data)),
             C.card(C.guard("runs", lambda: _runs_table(data.runs())), title="Runs"),
             C.card(
-                C.guard("health grid", lambda: C.graph(F.health_grid(data.health_grid(), data.run_names()),
-                                                        id="ov-health-grid")),
+                C.guard("health grid", lambda: C.figure(data, "ov-health-grid", (), lambda: F.health_grid(
+                    data.health_grid(), data.run_names()))),
                 html.P("Worst status of the health rules per run and layer. Click a cell to open its findings over "
                        "steps.", className="ms-note"),
                 title="Health",

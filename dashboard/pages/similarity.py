@@ -44,9 +44,9 @@ def layout(**query: Any) -> html.Div:
         *([C.choice("matrix", "Spectra matrix", matrices, matrix, width="150px")] if matrices else []),
     ])
     heatmaps = [
-        C.card(C.guard(m, lambda m=m: C.graph(F.similarity_heatmap(
-            sim[sim["metric"] == m], f"Layer {layer}, step {ckpt}: {METRIC_NAMES.get(m, m)}"),
-            id=f"sim-{m.replace('_', '-')}")))
+        C.card(C.guard(m, lambda m=m: C.figure(
+            data, f"sim-{m.replace('_', '-')}", (run, layer, ckpt), lambda: F.similarity_heatmap(
+                sim[sim["metric"] == m], f"Layer {layer}, step {ckpt}: {METRIC_NAMES.get(m, m)}"))))
         for m in metrics
     ] or [C.message(f"No similarity rows for layer {layer} at step {ckpt}.", "info")]
     pairs = [heatmaps[i : i + 2] for i in range(0, len(heatmaps), 2)]
@@ -55,8 +55,7 @@ def layout(**query: Any) -> html.Div:
             head,
             bar,
             *[C.row(*p) for p in pairs],
-            C.card(C.guard("spectra", lambda: C.graph(F.spectra_lines(
-                spectra, matrix or "", f"Layer {layer}, step {ckpt}: singular values of {matrix}"),
-                id="sim-spectra"))),
+            C.card(C.guard("spectra", lambda: C.figure(data, "sim-spectra", (run, layer, ckpt, matrix), lambda: (
+                F.spectra_lines(spectra, matrix or "", f"Layer {layer}, step {ckpt}: singular values of {matrix}"))))),
         ]
     )

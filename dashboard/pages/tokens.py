@@ -74,9 +74,9 @@ def _page(data: Any, state: Any, query: dict[str, Any]) -> html.Div:
             C.selection_bar(state, data, steps=False, extra=[
                 step_ctl, C.choice("seq", "Sequence", keys, key, labels=labels, width="300px")]),
             C.card(
-                html.Div(C.guard("token heatmap", lambda: C.graph(F.token_heatmap(
-                    tok, n, f"{run}, step {step}, {tag or 'untagged'} seq {seq}: first-choice expert per layer "
-                    "(cell text: all chosen experts)"), id="tok-heatmap")), className="ms-scroll-x"),
+                html.Div(C.guard("token heatmap", lambda: C.figure(data, "tok-heatmap", (run, step, key), lambda: (
+                    F.token_heatmap(tok, n, f"{run}, step {step}, {tag or 'untagged'} seq {seq}: first-choice "
+                                    "expert per layer (cell text: all chosen experts)")))), className="ms-scroll-x"),
                 _legend(n),
             ),
             C.card(

@@ -18,24 +18,31 @@ def layout(**query: Any) -> html.Div:
     if state.run is None or state.layer is None:
         return html.Div([C.header("Utilization"), C.message("This trace has no MoE layers to show.", "warn")])
     run, layer, steps = state.run, state.layer, state.steps
+    key = (run, layer, steps)
+
+    def util() -> Any:
+        return data.utilization(run, steps)
+
+    def lm() -> Any:
+        return data.load_metrics(run, steps)
+
     return html.Div(
         [
             C.header("Utilization", "Share of assignments each expert receives, as N·f (1 = fair share), "
                      "and the router losses over steps."),
             C.selection_bar(state, data),
-            C.card(C.guard("utilization heatmap", lambda: C.graph(
-                F.utilization_heatmap(data.utilization(run, steps), layer), id="util-heatmap"))),
-            C.card(C.guard("load lines", lambda: C.graph(
-                F.load_lines(data.utilization(run, steps), layer), id="util-lines"))),
+            C.card(C.guard("utilization heatmap", lambda: C.figure(
+                data, "util-heatmap", key, lambda: F.utilization_heatmap(util(), layer)))),
+            C.card(C.guard("load lines", lambda: C.figure(
+                data, "util-lines", key, lambda: F.load_lines(util(), layer)))),
             C.row(
-                C.card(C.guard("aux loss", lambda: C.graph(F.metric_curves(
-                    data.load_metrics(run, steps), "aux_loss", "Switch aux loss N·Σ f·P (1 = uniform)", "aux loss",
-                    layer, threshold=1.0, threshold_label="uniform"), id="util-aux"))),
-                C.card(C.guard("z-loss", lambda: C.graph(F.metric_curves(
-                    data.load_metrics(run, steps), "z_loss", "Router z-loss: mean logsumexp(logits)²", "z-loss",
-                    layer), id="util-z"))),
+                C.card(C.guard("aux loss", lambda: C.figure(data, "util-aux", key, lambda: F.metric_curves(
+                    lm(), "aux_loss", "Switch aux loss N·Σ f·P (1 = uniform)", "aux loss", layer, threshold=1.0,
+                    threshold_label="uniform")))),
+                C.card(C.guard("z-loss", lambda: C.figure(data, "util-z", key, lambda: F.metric_curves(
+                    lm(), "z_loss", "Router z-loss: mean logsumexp(logits)²", "z-loss", layer)))),
             ),
-            C.card(C.guard("layer heatmap", lambda: C.graph(
-                F.layer_expert_heatmap(data.layer_utilization(run, steps), layer), id="util-layers"))),
+            C.card(C.guard("layer heatmap", lambda: C.figure(
+                data, "util-layers", key, lambda: F.layer_expert_heatmap(data.layer_utilization(run, steps), layer)))),
         ]
     )

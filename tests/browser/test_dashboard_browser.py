@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from selenium.webdriver.common.action_chains import ActionChains
 from selenium.webdriver.common.keys import Keys
 
 from moescope import dashboard
@@ -150,6 +151,20 @@ def test_selection_travels_in_the_url(dash_duo: Any, start_dashboard: Any, brows
     assert {"util-heatmap", "util-lines"} <= {c["id"] for c in charts}
     ticks = json.loads(_figure(dash_duo, "util-heatmap"))[0][0]
     assert min(ticks) >= 5 and max(ticks) <= 20  # the step window came along
+
+
+def test_health_cell_opens_collapse_page(dash_duo: Any, start_dashboard: Any, browser_trace: Path) -> None:
+    """Clicking a run × layer cell of the overview's health grid opens that run and layer on the Collapse page."""
+    base = start_dashboard(browser_trace)
+    dash_duo.wait_for_page(base + "/")
+    _charts(dash_duo, 1)
+    drag = dash_duo.find_element("#ov-health-grid .nsewdrag")
+    ActionChains(dash_duo.driver).move_to_element(drag).click().perform()  # the middle of the grid
+    _wait(lambda: "/collapse?" in dash_duo.driver.current_url, what="the Collapse page")
+    url = dash_duo.driver.current_url
+    assert "run=" in url and "layer=" in url
+    _charts(dash_duo, 5)
+    assert not _severe(dash_duo)
 
 
 def test_sql_console_rows_refusals_and_timeout(
