@@ -158,8 +158,10 @@ def capacity_drops(
         if r in cov and (source == "routing" or (source == "auto" and (mode != "batch" or not sampled))):
             df = run_analysis(c, "whatif_capacity", {**params, "mode": mode, "group_size": gsize})
             df["source"] = "routing"
-            if sampled:
-                note = "replayed on the recorded token sample; capacity groups hold only recorded sequences"
+            if sampled and mode == "sequence":
+                note = f"replayed on the recorded sequences ({cov[r]:.0%} of tokens)"
+            elif sampled:
+                note = f"replayed on a token sample ({cov[r]:.0%}): capacity groups hold only recorded sequences"
         elif mode == "batch" and source in ("auto", "counts"):
             df = run_analysis(c, "whatif_capacity_counts", params)
             df["source"] = "counts"
@@ -181,6 +183,16 @@ def capacity_drops(
     for col in CAPACITY_COLUMNS:
         if col not in out:
             out[col] = np.nan
+    for col in (
+        "window",
+        "window_start",
+        "window_end",
+        "tokens",
+        "assignments",
+        "dropped_assignments",
+        "routed_tokens",
+    ):
+        out[col] = pd.to_numeric(out[col]).round().astype("Int64")  # counts stay integers beside skip rows
     return out[CAPACITY_COLUMNS].sort_values(["run", "layer", "window", "capacity_factor"], ignore_index=True)
 
 

@@ -164,7 +164,7 @@ def test_capacity_on_a_token_sample(cap_root: Path) -> None:
     assert auto["source"] == "counts" and auto["drop_rate"] == 0 and "covers 50%" in auto["note"]
     forced = whatif.capacity_drops(con, run="samp", factors=(1.0,), source="routing").iloc[0]
     assert forced["drop_rate"] == pytest.approx(0.5) and forced["coverage"] == pytest.approx(0.5)
-    assert "token sample" in forced["note"]
+    assert "token sample (50%)" in forced["note"]
     # whole sequences are kept, so per-sequence groups replay exactly on the sample
     seq = whatif.capacity_drops(con, run="samp", factors=(1.0,), group="sequence").iloc[0]
     assert seq["source"] == "routing" and seq["drop_rate"] == pytest.approx(0.5)

@@ -87,6 +87,13 @@ def register(subparsers: Any) -> None:
         metavar="W",
         help="step windows: 'all' (one per run), 'thirds', or a width in steps (default: all)",
     )
+    g.add_argument(
+        "--source",
+        choices=["auto", "routing", "counts"],
+        default="auto",
+        help="replay token-level routing, or per-step counts (batch groups only; exact when a step is one "
+        "forward pass, else a lower bound); auto: routing, except batch groups on a token sample (default: auto)",
+    )
     g = p.add_argument_group("placement")
     g.add_argument("--devices", type=int, default=8, metavar="D", help="expert-parallel devices (default: 8)")
     g.add_argument(
@@ -132,12 +139,19 @@ def _emit(df: pd.DataFrame, fmt: str) -> None:
     """Write a DataFrame to stdout as a table, CSV or JSON records."""
     if fmt == "csv":
         df.to_csv(sys.stdout, index=False)
-    elif fmt == "json":
+        return
+    if fmt == "json":
         sys.stdout.write(df.to_json(orient="records") + "\n")
-    elif df.empty:
+        return
+    if df.empty:
         sys.stdout.write("(no rows)\n")
-    else:
-        sys.stdout.write(df.to_string(index=False, float_format=lambda x: f"{x:.4g}", na_rep="-") + "\n")
+        return
+    # a terminal table: columns with nothing in them go, and notes print once under the table, not per row
+    notes = [n for n in dict.fromkeys(df.pop("note")) if isinstance(n, str) and n] if "note" in df else []
+    df = df.dropna(axis=1, how="all")
+    sys.stdout.write(df.to_string(index=False, float_format=lambda x: f"{x:.4g}", na_rep="-") + "\n")
+    for n in notes:
+        sys.stdout.write(f"note: {n}\n")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -149,7 +163,9 @@ def run(args: argparse.Namespace) -> int:
     try:
         if args.analysis == "capacity":
             window: Any = int(args.window) if str(args.window).isdigit() else args.window
-            df = whatif.capacity_drops(tr, run=args.run, factors=args.factors, group=args.group, window=window)
+            df = whatif.capacity_drops(
+                tr, run=args.run, factors=args.factors, group=args.group, window=window, source=args.source
+            )
             if args.format == "table":
                 df = df.drop(columns=["window", "group"])
         elif args.analysis == "placement":
