@@ -10,6 +10,7 @@ from __future__ import annotations
 import ast
 import functools
 import io
+import os
 import random
 import sysconfig
 import tokenize
@@ -43,7 +44,11 @@ class Corpus:
 def stdlib_files(root: str | Path | None = None) -> list[Path]:
     """All .py files of the standard library (sorted, without site-packages and test suites)."""
     base = Path(root or sysconfig.get_paths()["stdlib"])
-    files = [p for p in base.rglob("*.py") if not _SKIP_DIRS.intersection(p.relative_to(base).parts[:-1])]
+    files = []
+    for dirpath, dirnames, filenames in os.walk(base):
+        # prune in place: site-packages can be far larger than the standard library itself
+        dirnames[:] = [d for d in dirnames if d not in _SKIP_DIRS]
+        files.extend(Path(dirpath, f) for f in filenames if f.endswith(".py"))
     return sorted(files, key=lambda p: p.relative_to(base).as_posix())
 
 

@@ -197,9 +197,17 @@ def sorted_dispatch(experts: Experts, x: torch.Tensor, weights: torch.Tensor, id
         down = experts.down_proj.to(xs.dtype).transpose(1, 2)  # [E, I, H]
         ys = torch._grouped_mm(F.silu(gate) * up, down, offs=offs)  # [T·k, H]
     else:
-        # one host sync for the split sizes, then E small dense matmul chains over contiguous rows
-        chunks = xs.split(counts.tolist(), dim=0)
-        ys = torch.cat([experts.expert_forward(e, c) for e, c in enumerate(chunks) if c.shape[0] > 0], dim=0)
+        # one host sync for the split sizes, then E small dense matmul chains over contiguous rows.
+        # unbind once: indexing gate_up_proj[e] per expert would make autograd allocate a full
+        # [E, 2I, H] zero gradient per expert (O(E²) memory traffic in backward)
+        gate_up_w, down_w = experts.gate_up_proj.unbind(0), experts.down_proj.unbind(0)
+        ys_list = []
+        for e, xe in enumerate(xs.split(counts.tolist(), dim=0)):
+            if xe.shape[0] == 0:
+                continue
+            gate, up = F.linear(xe, gate_up_w[e]).chunk(2, dim=-1)  # 2 × [n_e, I]
+            ys_list.append(F.linear(F.silu(gate) * up, down_w[e]))  # [n_e, H]
+        ys = torch.cat(ys_list, dim=0)  # [T·k, H]
     ys = ys * weights.reshape(-1)[order, None].to(ys.dtype)  # [T·k, H] gate-weighted
     out = torch.zeros(T, H, dtype=ys.dtype, device=x.device)
     return out.index_add_(0, token_of_slot, ys)  # [T, H], sums each token's k slots

@@ -51,7 +51,8 @@ class Scenario:
 
 def _base_config(quick: bool) -> MoEConfig:
     # small enough for 2 CPU cores: all four scenarios in a few minutes, --quick in well under a minute
-    return MoEConfig(d_model=64, n_layers=2, n_heads=4, n_experts=8, top_k=2, d_expert=128, max_seq_len=256)
+    # 16 experts top-2: the collapse rule's "busiest max(k, N/4) experts" is then 4 of 16
+    return MoEConfig(d_model=64, n_layers=2, n_heads=4, n_experts=16, top_k=2, d_expert=128, max_seq_len=256)
 
 
 def build_scenarios(quick: bool = False) -> dict[str, Scenario]:
@@ -68,10 +69,10 @@ def build_scenarios(quick: bool = False) -> dict[str, Scenario]:
         ),
         "collapse": Scenario(
             name="collapse",
-            description="no aux loss, no z-loss, learned router bias, router LR x30: rich-get-richer routing",
-            config=dataclasses.replace(base, aux_loss_coef=0.0, z_loss_coef=0.0, router_bias=True),
+            description="no aux loss, no z-loss, learned router bias, router LR x100, router init std 0.3",
+            config=dataclasses.replace(base, aux_loss_coef=0.0, z_loss_coef=0.0, router_bias=True, router_init_std=0.3),
             steps=steps,
-            router_lr_mult=30.0,
+            router_lr_mult=100.0,
         ),
         "shift": Scenario(
             name="shift",
