@@ -1,6 +1,7 @@
 -- layer_info: N (n_experts) and k (top_k) per run × layer. The manifest's `layers` (table manifest_layers)
 -- wins; where it is silent, N = max expert id + 1 seen in expert_load and k = assignments / tokens
--- (expert_load over router_stats), rounded. N never goes below the largest expert id seen.
+-- (expert_load over router_stats), rounded; still unknown k is filled from the routing lists (engine.py), else 1.
+-- N never goes below the largest expert id seen.
 
 -- stage: seen_load
 SELECT run, layer, MAX(expert) + 1 AS n_seen, SUM(CAST(tokens AS DOUBLE)) AS assignments
@@ -22,7 +23,7 @@ SELECT run, layer FROM seen_tok
 -- stage: layer_info
 SELECT k.run, k.layer,
        CAST(NULLIF(GREATEST(COALESCE(m.n_experts, 0), COALESCE(s.n_seen, 0)), 0) AS INTEGER) AS n_experts,
-       CAST(COALESCE(m.top_k, GREATEST(1, ROUND(s.assignments / NULLIF(t.tokens, 0))), 1) AS INTEGER) AS top_k,
+       CAST(COALESCE(m.top_k, CASE WHEN t.tokens > 0 THEN GREATEST(1, ROUND(s.assignments / t.tokens)) END) AS INTEGER) AS top_k,
        m.router_kind, m.module
 FROM layer_keys k
 LEFT JOIN manifest_layers m ON m.run = k.run AND m.layer = k.layer

@@ -134,3 +134,19 @@ def test_selection_filters(two_runs):
     assert set(u["run"]) == {"nested/b"} and pd.api.types.is_float_dtype(u["utilization"])
     assert tr.utilization(run="a", steps=(100, 200)).empty
     assert isinstance(pa.Table, type)
+
+
+def test_top_k_from_routing_when_manifest_and_stats_are_silent(make_run, trace_root):
+    make_run("r", expert_load=load_frame([(0, 0, [3, 3, 0])]),
+             routing=routing_frame([{"pos": i, "experts": [i % 2, 1 - i % 2]} for i in range(3)]))
+    tr = moescope.open(trace_root)
+    assert tr.sql("SELECT n_experts, top_k FROM layer_info").fetchall() == [(3, 2)]
+
+
+def test_metrics_from_several_threads(two_runs):
+    from concurrent.futures import ThreadPoolExecutor
+
+    tr = moescope.open(two_runs)
+    with ThreadPoolExecutor(4) as ex:
+        results = list(ex.map(lambda _: len(tr.load_metrics(window="all")), range(8)))
+    assert len(set(results)) == 1 and results[0] > 0

@@ -73,23 +73,23 @@ def _resolve(tr: Trace, spec: Mapping[str, Any]) -> tuple[Trace, Selection, bool
 
 
 def _counts(tr: Trace, sel: Selection) -> pd.DataFrame:
-    return run_analysis(tr.con, "drift_load", {"filter": sel.filter()})
+    return run_analysis(tr.cursor(), "drift_load", {"filter": sel.filter()})
 
 
 def _top_k(tr: Trace, sel: Selection) -> dict[int, int]:
     f = Selection(run=sel.run, layer=sel.layer).filter(tag=False).sql  # layer_info has no step or tag
-    df = tr.con.execute(f"SELECT layer, MAX(top_k) AS k FROM layer_info WHERE {f} GROUP BY layer").df()
+    df = tr.cursor().execute(f"SELECT layer, MAX(top_k) AS k FROM layer_info WHERE {f} GROUP BY layer").df()
     return {int(r.layer): int(r.k) for r in df.itertuples()}
 
 
 def _units(tr: Trace, sel: Selection) -> tuple[pd.DataFrame, str]:
     """Bootstrap units of the baseline: (unit id, layer, expert, c) rows and the unit kind."""
-    df = run_analysis(tr.con, "drift_units", {"filter": sel.filter()})
+    df = run_analysis(tr.cursor(), "drift_units", {"filter": sel.filter()})
     if len(df):
         key = ["run", "rank", "step", "tag", "seq"]
         df["unit"] = df.groupby(key, sort=False, dropna=False).ngroup()
         return df[["unit", "layer", "expert", "c"]], "sequence"
-    df = run_analysis(tr.con, "drift_step_units", {"filter": sel.filter()})
+    df = run_analysis(tr.cursor(), "drift_step_units", {"filter": sel.filter()})
     df["unit"] = df.groupby(["run", "step"], sort=False).ngroup()
     return df[["unit", "layer", "expert", "c"]], "step"
 

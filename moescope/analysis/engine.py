@@ -28,17 +28,23 @@ def ensure_layer_info(con: duckdb.DuckDBPyConnection) -> None:
         return
     if not _has_table(con, "manifest_layers"):
         con.execute(
-            "CREATE TEMP TABLE manifest_layers (run VARCHAR, layer SMALLINT, n_experts INTEGER, top_k INTEGER, "
+            "CREATE TABLE manifest_layers (run VARCHAR, layer SMALLINT, n_experts INTEGER, top_k INTEGER, "
             "router_kind VARCHAR, module VARCHAR)"
         )
     try:
-        con.execute(f"CREATE TEMP TABLE layer_info AS {render('view_layer_info')}")
+        con.execute(f"CREATE TABLE layer_info AS {render('view_layer_info')}")
+        # k still unknown (no manifest entry, no router_stats): the routing lists' length says it, if any.
+        if con.execute("SELECT COUNT(*) FROM layer_info WHERE top_k IS NULL").fetchone()[0]:
+            con.execute(
+                "UPDATE layer_info SET top_k = COALESCE((SELECT MAX(len(r.experts)) FROM routing r "
+                "WHERE r.run = layer_info.run AND r.layer = layer_info.layer), 1) WHERE top_k IS NULL"
+            )
         row = con.execute("SELECT COALESCE(MAX(n_experts), 0) FROM layer_info").fetchone()
         n = min(int(row[0] if row else 0), _MAX_EXPERTS)
         # A numbers table is the portable way to densify expert ids (no generate_series in the analyses).
-        con.execute("CREATE TEMP TABLE expert_ids AS SELECT CAST(i AS SMALLINT) AS i FROM range(?) t(i)", [max(n, 1)])
+        con.execute("CREATE TABLE expert_ids AS SELECT CAST(i AS SMALLINT) AS i FROM range(?) t(i)", [max(n, 1)])
         con.execute(
-            "CREATE TEMP TABLE layer_experts AS SELECT li.run, li.layer, x.i AS expert "
+            "CREATE TABLE layer_experts AS SELECT li.run, li.layer, x.i AS expert "
             "FROM layer_info li JOIN expert_ids x ON x.i < li.n_experts"
         )
     except duckdb.Error as e:

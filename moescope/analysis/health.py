@@ -189,7 +189,7 @@ def _router_rules(cfg: HealthConfig, lm: pd.DataFrame, names: list[str]) -> list
 
 def _clone_rule(cfg: HealthConfig, tr: Trace, sel: Selection, runs: list[str]) -> list[dict[str, Any]]:
     r = cfg.clones
-    df = M.clones(tr.con, sel, r.metrics)
+    df = M.clones(tr.cursor(), sel, r.metrics)
     out: list[dict[str, Any]] = []
     if df.empty:
         for run in runs:
@@ -236,9 +236,9 @@ def health(tr: Trace, run: Any = None, config: HealthConfig | str | os.PathLike[
     for wkey, names in by_window.items():
         window: Window = wkey
         try:
-            lm = M.load_metrics(tr.con, sel, window)
+            lm = M.load_metrics(tr.cursor(), sel, window)
             load_names = [n for n in names if n in _LOAD_RULES]
-            util = M.utilization(tr.con, sel, window) if {"dead_expert", "maxvio", "collapse"} & set(load_names) else pd.DataFrame()
+            util = M.utilization(tr.cursor(), sel, window) if {"dead_expert", "maxvio", "collapse"} & set(load_names) else pd.DataFrame()
             rows += _load_rules(cfg, lm, util, load_names)
             rows += _router_rules(cfg, lm, [n for n in names if n in _ROUTER_RULES])
         except TraceError:

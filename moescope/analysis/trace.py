@@ -266,8 +266,8 @@ class Trace:
         layers_df = _layers_frame(self._runs)
         con.register("_runs_df", runs_df)
         con.register("_layers_df", layers_df)
-        con.execute("CREATE TEMP TABLE runs AS SELECT * FROM _runs_df")
-        con.execute("CREATE TEMP TABLE manifest_layers AS SELECT * FROM _layers_df")
+        con.execute("CREATE TABLE runs AS SELECT * FROM _runs_df")
+        con.execute("CREATE TABLE manifest_layers AS SELECT * FROM _layers_df")
         con.unregister("_runs_df")
         con.unregister("_layers_df")
         ensure_layer_info(con)
@@ -311,6 +311,10 @@ class Trace:
             rows = self.con.execute(f"DESCRIBE {name}").fetchall()
             out[name] = [(r[0], r[1]) for r in rows]
         return out
+
+    def cursor(self) -> duckdb.DuckDBPyConnection:
+        """A new DuckDB cursor over the same views and tables: use one per thread (a connection is not thread-safe)."""
+        return self.con.cursor()
 
     def sql(self, query: str) -> duckdb.DuckDBPyRelation:
         """Run SQL over the views and return a DuckDB relation (locked: checked, limited, already executed)."""
@@ -397,7 +401,7 @@ class Trace:
 
         window: None = thirds of each run's steps, "all", or a width in steps.
         """
-        return M.utilization(self.con, self._sel(run, tag, steps, layer), window)
+        return M.utilization(self.cursor(), self._sel(run, tag, steps, layer), window)
 
     def load_metrics(
         self, run: Any = None, window: Window = None, *, tag: Any = None, steps: tuple[int, int] | None = None,
@@ -405,35 +409,35 @@ class Trace:
     ) -> pd.DataFrame:
         """Per run × layer × window: cv, maxvio, load_entropy, gini, aux_loss, z_loss, router_entropy, router_margin,
         nonfinite, dropped, drop_rate, min/max_utilization, m90, collapse_m, top_m_share, expected_per_expert."""
-        return M.load_metrics(self.con, self._sel(run, tag, steps, layer), window)
+        return M.load_metrics(self.cursor(), self._sel(run, tag, steps, layer), window)
 
     def coactivation(
         self, run: Any = None, window: Window = "all", *, tag: Any = None, steps: tuple[int, int] | None = None,
         layer: Any = None,
     ) -> pd.DataFrame:
         """Per run × layer × window × ordered pair (expert_a, expert_b): n_a, n_b, n_ab, p_b_given_a, lift."""
-        return M.coactivation(self.con, self._sel(run, tag, steps, layer), window)
+        return M.coactivation(self.cursor(), self._sel(run, tag, steps, layer), window)
 
     def temporal_locality(
         self, run: Any = None, window: Window = "all", *, tag: Any = None, steps: tuple[int, int] | None = None,
         layer: Any = None,
     ) -> pd.DataFrame:
         """Per run × layer × window: pairs, first_choice, any_expert and their chance levels."""
-        return M.temporal_locality(self.con, self._sel(run, tag, steps, layer), window)
+        return M.temporal_locality(self.cursor(), self._sel(run, tag, steps, layer), window)
 
     def domain_specialization(
         self, run: Any = None, window: Window = "all", *, tag: Any = None, steps: tuple[int, int] | None = None,
         layer: Any = None,
     ) -> pd.DataFrame:
         """Per run × layer × window × tag × expert: share, chance (k/N), specialization, expert_tag_share."""
-        return M.domain_specialization(self.con, self._sel(run, tag, steps, layer), window)
+        return M.domain_specialization(self.cursor(), self._sel(run, tag, steps, layer), window)
 
     def vocab_specialization(
         self, run: Any = None, window: Window = "all", *, tag: Any = None, steps: tuple[int, int] | None = None,
         layer: Any = None, min_count: int = 5, by_token: bool = False,
     ) -> pd.DataFrame:
         """Per run × layer × window: token_ids, tokens, specialization, weighted_specialization, chance (k/N)."""
-        return M.vocab_specialization(self.con, self._sel(run, tag, steps, layer), window, min_count, by_token)
+        return M.vocab_specialization(self.cursor(), self._sel(run, tag, steps, layer), window, min_count, by_token)
 
     def saturation(
         self,
@@ -452,7 +456,7 @@ class Trace:
         if checkpoint is None and final is None:
             if run is None:
                 raise ValueError("saturation needs checkpoint= and final= selections, or run=")
-            row = self.con.execute("SELECT MAX(step) FROM routing WHERE run = ?", [run]).fetchone()
+            row = self.cursor().execute("SELECT MAX(step) FROM routing WHERE run = ?", [run]).fetchone()
             if not row or row[0] is None:
                 raise ValueError(f"saturation: run {run!r} has no token-level routing")
             last = int(row[0])
@@ -460,14 +464,14 @@ class Trace:
             final = {"run": run, "steps": (last, last)}
         if checkpoint is None or final is None:
             raise ValueError("saturation needs both checkpoint= and final=")
-        return M.saturation(self.con, Selection.of(checkpoint), Selection.of(final), on)
+        return M.saturation(self.cursor(), Selection.of(checkpoint), Selection.of(final), on)
 
     def similarity(
         self, run: Any = None, *, metric: str | Sequence[str] | None = None, steps: tuple[int, int] | None = None,
         layer: Any = None,
     ) -> pd.DataFrame:
         """Expert × expert similarity: run, step, layer, expert_a, expert_b, metric, value (from snapshot_experts)."""
-        return M.similarity(self.con, self._sel(run, None, steps, layer), metric)
+        return M.similarity(self.cursor(), self._sel(run, None, steps, layer), metric)
 
     def health(self, run: Any = None, config: HealthConfig | PathLike | None = None) -> pd.DataFrame:
         """Findings of the health rules, one row per rule × run × layer × window.
