@@ -35,6 +35,15 @@ CAPACITY_COLUMNS = [
     "tokens", "assignments", "dropped_assignments", "drop_rate", "token_drop_rate", "full_drop_rate",
     "first_choice_drop_rate", "routed_tokens", "coverage", "reported_drop_rate", "note",
 ]  # fmt: skip
+_CAPACITY_COUNTS = (
+    "window",
+    "window_start",
+    "window_end",
+    "tokens",
+    "assignments",
+    "dropped_assignments",
+    "routed_tokens",
+)
 PLACEMENT_COLUMNS = [
     "run", "step", "layer", "devices", "assignments", "mean_load", "max_load", "balancedness", "straggler",
     "routed_assignments", "a2a_assignments", "a2a_fraction",
@@ -126,8 +135,8 @@ def capacity_drops(
     per step, exact for group "batch" when a step is one forward pass and a lower bound otherwise (only
     drop_rate); "auto" replays routing where a run has it, except for group "batch" on a token sample (a
     batch of only the recorded sequences is too small), where counts answer. A run that cannot answer gets
-    one row per layer with source "none" and the reason in `note`. `coverage` = recorded tokens / routed tokens (token sampling);
-    `reported_drop_rate` is router_stats.dropped / tokens where the model reported drops. `tag` and `steps`
+    one row per layer with source "none" and the reason in `note`. `coverage` = recorded / routed tokens;
+    `reported_drop_rate` = router_stats.dropped / tokens where the model reported drops. `tag` and `steps`
     (inclusive) narrow the selection.
     """
     c = _con(con)
@@ -183,15 +192,7 @@ def capacity_drops(
     for col in CAPACITY_COLUMNS:
         if col not in out:
             out[col] = np.nan
-    for col in (
-        "window",
-        "window_start",
-        "window_end",
-        "tokens",
-        "assignments",
-        "dropped_assignments",
-        "routed_tokens",
-    ):
+    for col in _CAPACITY_COUNTS:
         out[col] = pd.to_numeric(out[col]).round().astype("Int64")  # counts stay integers beside skip rows
     return out[CAPACITY_COLUMNS].sort_values(["run", "layer", "window", "capacity_factor"], ignore_index=True)
 
