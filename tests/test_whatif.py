@@ -156,6 +156,21 @@ def test_capacity_groups(cap_root: Path, group, rate: float) -> None:
     assert df["drop_rate"].iloc[0] == pytest.approx(rate)
 
 
+def test_capacity_groups_are_per_rank(tmp_path: Path) -> None:
+    # N=2, k=1, one step on two data-parallel ranks: rank 0 sends both tokens to expert 0, rank 1 to expert 1.
+    # Each rank routes its own batch (T=2, capacity 1), so each drops one token; pooled they would drop none.
+    layers = [{"layer": 0, "module": "m", "n_experts": 2, "top_k": 1, "router_kind": "topk"}]
+    for rank, e in ((0, 0), (1, 1)):
+        routing = _routing([(0, 0, 0, [e]), (0, 0, 1, [e])])
+        write_run(tmp_path / "dp", {**_counts(routing, 2), "routing": routing}, run="dp", layers=layers, rank=rank)
+    con = _con(tmp_path)
+    for source in ("routing", "counts"):
+        r = whatif.capacity_drops(con, factors=(1.0,), source=source).iloc[0]
+        assert (r["tokens"], r["dropped_assignments"]) == (4, 2), source
+    # expert-parallel load sums the ranks: 2 + 2 on two devices is perfectly balanced
+    assert whatif.placement_stats(con, devices=2)["balancedness"].iloc[0] == 1.0
+
+
 def test_capacity_on_a_token_sample(cap_root: Path) -> None:
     con = _con(cap_root)
     # batch groups: the recorded half-batch (seq 0 alone, both tokens on expert 0) would drop 1 of 2, the
