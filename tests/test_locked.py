@@ -60,11 +60,18 @@ def test_non_select_statements_are_refused(locked, query, needle):
         "SELECT * FROM read_text('/etc/hostname')",
         "SELECT * FROM glob('/*')",
         "SELECT * FROM read_parquet('/usr/**/*.parquet')",
+        "SELECT * FROM read_csv('http://example.com/x.csv')",
     ],
 )
 def test_files_outside_the_trace_are_refused(locked, query):
     with pytest.raises(QueryError, match="refused|Permission|disabled"):
         locked.sql(query)
+    _still_answers(locked)
+
+
+def test_path_traversal_out_of_the_root_is_refused(locked, trace_root):
+    with pytest.raises(QueryError, match="refused"):
+        locked.sql(f"SELECT * FROM read_text('{trace_root}/a/../../../../etc/hostname')")
     _still_answers(locked)
 
 
