@@ -44,7 +44,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def _list_views(tr: object) -> str:
     lines = []
     for name, cols in tr.views().items():  # type: ignore[attr-defined]
-        n = tr.con.execute(f"SELECT count(*) FROM {name}").fetchone()[0]  # type: ignore[attr-defined]
+        # counting the unnested view would unnest every list; the list lengths give the same number
+        count = "SELECT COALESCE(sum(len(experts)), 0) FROM routing" if name == "assignments" else f"SELECT count(*) FROM {name}"
+        n = tr.con.execute(count).fetchone()[0]  # type: ignore[attr-defined]
         lines.append(f"{name} ({n:,} rows)")
         lines += [f"    {c:<18} {t}" for c, t in cols]
     return "\n".join(lines) + "\n"
