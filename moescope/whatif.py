@@ -714,12 +714,18 @@ def simulate_cache(
     """Hits of one request stream (per token, its experts) for each cache size: cache_size, requests, hits, hit_rate."""
     if policy not in POLICIES:
         raise ValueError(f"unknown cache policy {policy!r}; use one of {', '.join(POLICIES)}")
-    return _hits_frame(_requests(requests), n_experts, sizes, policy)
+    return _hits_frame([_requests(requests)], n_experts, sizes, policy)
 
 
-def _hits_frame(reqs: list[list[int]], n_experts: int, sizes: Sequence[int] | None, policy: str) -> pd.DataFrame:
-    hist = _depths(reqs, n_experts, policy)
-    total = sum(len(r) for r in reqs)
+def _hits_frame(
+    streams: Sequence[list[list[int]]], n_experts: int, sizes: Sequence[int] | None, policy: str
+) -> pd.DataFrame:
+    """Hits per cache size of independent request streams (one cache each), summed."""
+    hists = [_depths(reqs, n_experts, policy) for reqs in streams]
+    hist = np.zeros(max([n_experts, *(len(h) for h in hists)]), dtype=np.int64)
+    for h in hists:
+        hist[: len(h)] += h
+    total = sum(len(r) for reqs in streams for r in reqs)
     cum = np.concatenate([[0], np.cumsum(hist)])
     sizes = list(range(1, n_experts + 1)) if sizes is None else [int(s) for s in sizes]
     if any(s < 1 for s in sizes):
@@ -737,19 +743,23 @@ def _hits_frame(reqs: list[list[int]], n_experts: int, sizes: Sequence[int] | No
 
 def _token_lists(
     con: duckdb.DuckDBPyConnection, run: str, layer: int, steps: tuple[int, int] | None = None
-) -> list[list[int]]:
-    """A run-layer's per-token expert lists in token order, read through Arrow (no per-row Python objects)."""
+) -> list[list[list[int]]]:
+    """A run-layer's per-token expert lists in token order, one stream per rank (read through Arrow)."""
     sql = render("whatif_token_experts", {"filter": Selection(run=run, layer=layer, steps=steps).filter()})
     try:
         rel = con.sql(sql)
         # duckdb 2 names it to_arrow_table; pyproject still allows duckdb 1.x, where it is arrow()
         fetch = getattr(rel, "to_arrow_table", None) or rel.arrow
-        col = fetch().column("experts").combine_chunks()
+        tbl = fetch()
     except duckdb.Error as e:
         raise translate(e) from None
+    col = tbl.column("experts").combine_chunks()
+    ranks = tbl.column("rank").to_numpy()
     offsets = col.offsets.to_numpy()
     values = col.values.to_numpy(zero_copy_only=False).tolist()
-    return [values[offsets[i] : offsets[i + 1]] for i in range(len(col))]
+    tokens = [values[offsets[i] : offsets[i + 1]] for i in range(len(col))]
+    cuts = [0, *(np.flatnonzero(np.diff(ranks)) + 1).tolist(), len(tokens)]  # rows come ordered by rank
+    return [tokens[a:b] for a, b in zip(cuts[:-1], cuts[1:]) if b > a]
 
 
 def cache_hit_rates(
@@ -763,7 +773,8 @@ def cache_hit_rates(
 ) -> pd.DataFrame:
     """Per-layer expert-cache hit rates vs cache size under LRU, LFU and the Belady optimum (offloaded experts).
 
-    Replays token-level routing in token order (step, rank, tag, seq, pos); one cache per layer; `sizes`
+    Replays token-level routing in token order (step, tag, seq, pos) with one cache per layer and rank (each
+    data-parallel replica holds its own; hits and requests summed over ranks); `sizes`
     defaults to 1..N; `layer` and `steps` (inclusive) narrow the work. Raises ValueError when no selected
     run has token-level routing.
     """
@@ -786,16 +797,16 @@ def cache_hit_rates(
     for r, lay, n in layers[["run", "layer", "n_experts"]].itertuples(index=False):
         if r not in token_runs:
             continue
-        reqs = _requests(_token_lists(c, r, int(lay), steps))
-        if not reqs:
+        streams = [_requests(t) for t in _token_lists(c, r, int(lay), steps)]
+        if not streams:
             continue
         for p in pols:
-            f = _hits_frame(reqs, int(n), sizes, p)
+            f = _hits_frame(streams, int(n), sizes, p)
             f.insert(0, "policy", p)
             f.insert(0, "layer", int(lay))
             f.insert(0, "run", r)
             f["n_experts"] = int(n)
-            f["tokens"] = len(reqs)
+            f["tokens"] = sum(len(t) for t in streams)
             frames.append(f)
     if not frames:
         return pd.DataFrame(columns=CACHE_COLUMNS)

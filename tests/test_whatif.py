@@ -163,12 +163,19 @@ def test_capacity_groups_are_per_rank(tmp_path: Path) -> None:
     for rank, e in ((0, 0), (1, 1)):
         routing = _routing([(0, 0, 0, [e]), (0, 0, 1, [e])])
         write_run(tmp_path / "dp", {**_counts(routing, 2), "routing": routing}, run="dp", layers=layers, rank=rank)
+    # both ranks ask 0 then 1: with a cache of 2 per rank every request is a first (cold) request
+    for rank in (0, 1):
+        routing = _routing([(0, 0, 0, [0]), (0, 0, 1, [1])])
+        write_run(tmp_path / "dp2", {**_counts(routing, 2), "routing": routing}, run="dp2", layers=layers, rank=rank)
     con = _con(tmp_path)
     for source in ("routing", "counts"):
-        r = whatif.capacity_drops(con, factors=(1.0,), source=source).iloc[0]
+        r = whatif.capacity_drops(con, run="dp", factors=(1.0,), source=source).iloc[0]
         assert (r["tokens"], r["dropped_assignments"]) == (4, 2), source
     # expert-parallel load sums the ranks: 2 + 2 on two devices is perfectly balanced
-    assert whatif.placement_stats(con, devices=2)["balancedness"].iloc[0] == 1.0
+    assert whatif.placement_stats(con, run="dp", devices=2)["balancedness"].iloc[0] == 1.0
+    # each rank holds its own cache, so rank 1 gains nothing from rank 0's loads (one shared cache: 2 hits)
+    hits = whatif.cache_hit_rates(con, run="dp2", sizes=[2], policies=("lru",)).iloc[0]
+    assert (hits["tokens"], hits["requests"], hits["hits"]) == (4, 4, 0)
 
 
 def test_capacity_on_a_token_sample(cap_root: Path) -> None:
