@@ -27,7 +27,7 @@ import moescope  # noqa: E402
 
 pytestmark = pytest.mark.hf
 
-from transformers import AutoModelForCausalLM  # noqa: E402
+from transformers import AutoModel, AutoModelForCausalLM  # noqa: E402
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING  # noqa: E402
 
 # Shrinks any family's config: applied where the config class has the field.
@@ -75,6 +75,7 @@ class Case:
 
     model_type: str
     overrides: dict[str, Any] = field(default_factory=dict)
+    base: bool = False  # build the family's base model (AutoModel: text towers of multimodal families)
     softmax_topk: bool = False  # the family selects the top-k of softmax(logits): ids == top-k of output_router_logits
     aux: bool = False  # the model's aux_loss is transformers' load_balancing_loss_func over those logits
     truth: str = "tuple"  # how this test reads ground truth off the router (see _truth)
@@ -185,9 +186,16 @@ CASES: dict[str, Case] = {
         },
         **SOFTMAX,
     ),
+    "axk2": Case("axk2", setup=_bias),
+    # text towers of multimodal families (base models)
+    "qwen3_vl_moe": Case("qwen3_vl_moe_text", base=True),
+    "mistral_large4": Case("mistral_large4_text", base=True),
+    "muse_spark": Case("muse_spark_text", base=True, setup=_bias),
+    "openai_privacy_filter": Case("openai_privacy_filter", base=True),
     # output layouts of their own
     "llama4": Case("llama4_text", truth="llama4"),
     "jetmoe": Case("jetmoe", truth="jetmoe", softmax_topk=False),
+    "doge": Case("doge", {"is_moe": True, "num_experts": 16, "num_experts_per_tok": 2}, truth="doge"),
     "dbrx": Case(
         "dbrx",
         {
@@ -272,6 +280,13 @@ def _mk_hook(name: str, kind: str, calls: dict[str, list[dict[str, Any]]], mod: 
                     w[order[j]] = gates[j]
                     j += 1
             rec = {"logits": logits, "ids": ids.reshape(-1, k), "weights": w.reshape(-1, k)}
+        elif kind == "doge":
+            # the family's product-key selection, redone from its per-key logits [2, T, K]
+            (sx, sy), (ix, iy) = out[1].topk(module.num_keys, dim=-1)
+            scores = (sx.unsqueeze(-1) + sy.unsqueeze(-2)).flatten(-2)
+            index = (ix.unsqueeze(-1) * module.num_keys + iy.unsqueeze(-2)).flatten(-2)
+            ids = index.gather(-1, scores.topk(module.top_k, dim=-1).indices)
+            rec = {"logits": None, "ids": ids, "weights": torch.ones(ids.shape)}  # weights are not observable
         elif kind == "probs":
             # Gemma 4 returns softmax probabilities where other families return logits: log p is their logits
             rec = {"logits": out[0].clamp_min(torch.finfo(torch.float32).tiny).log(), "ids": out[2], "weights": out[1]}
@@ -291,7 +306,7 @@ def _mk_hook(name: str, kind: str, calls: dict[str, list[dict[str, Any]]], mod: 
         else:
             logits, weights, ids = out[0], out[1], out[2]
             rec = {"logits": logits, "ids": ids, "weights": weights}
-        calls.setdefault(name, []).append({k: v.detach().clone() for k, v in rec.items()})
+        calls.setdefault(name, []).append({k: v.detach().clone() for k, v in rec.items() if v is not None})
 
     return hook
 
@@ -321,7 +336,8 @@ def build(case: Case) -> Any:
     kw = {k: v for k, v in TINY.items() if k in fields}
     kw.update(case.overrides)
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(cls(**kw)).eval()
+    auto = AutoModel if case.base else AutoModelForCausalLM
+    model = auto.from_config(cls(**kw)).eval()
     if case.setup is not None:
         case.setup(model)
     return model
@@ -396,6 +412,9 @@ def check_trace(case: Case, run: Path, calls: dict[str, list[dict[str, Any]]], o
             assert lo.tokens.tolist() == counts.tolist(), f"{module} step {step}: expert_load ≠ bincount"
             st = stats[(stats.step == step) & (stats.layer == layer)]
             assert int(st.tokens.iloc[0]) == int(valid.sum())
+            if "logits" not in truth:  # no per-expert logits (Doge): nothing recorded for them either
+                assert float(st.lse_sq_sum.iloc[0]) == 0.0
+                continue
             logits = truth["logits"].reshape(B * S, -1).float()[valid]
             lse_sq = torch.logsumexp(logits, -1).pow(2).sum().item()
             got_lse = float(st.lse_sq_sum.iloc[0])

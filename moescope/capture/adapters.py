@@ -41,7 +41,7 @@ SELECTIONS = (
 )
 PROBS = ("softmax", "sigmoid")
 IDS_LAYOUTS = ("topk", "sorted_by_expert")
-LOGITS_ARE = ("logits", "probs")
+LOGITS_ARE = ("logits", "probs", "none")
 
 
 class AdapterError(ValueError):
@@ -63,7 +63,8 @@ class RouterSpec:
     onehot: bool = False
     ids_layout: str = "topk"  # "topk": ids [T, k]; "sorted_by_expert": JetMoE (slot order, gates, sizes by expert)
     expert_sizes: int | None = None  # sorted_by_expert: index of the per-expert slot counts in the output
-    logits_are: str = "logits"  # "probs": the output holds softmax probabilities; their log is stored as logits
+    # "probs": the output holds softmax probabilities (their log is stored as logits); "none": no per-expert logits
+    logits_are: str = "logits"
     skip_expert: bool = False  # last logits column is a skip class the router masks to (id 0, weight 0)
     weights_from: str = "output"  # "output", "probs" (probability of each selected expert), "ones"
     selection: str = "softmax_topk"  # for source="logits", and to fill missing weights
@@ -265,7 +266,7 @@ def select(logits: torch.Tensor, k: int, rule: str) -> tuple[torch.Tensor, torch
 
 def extract_router_output(spec: RouterSpec, out: Any, n_experts: int, top_k: int) -> RouterEvent | None:
     """Normalise a router's forward output into a RouterEvent (ids/weights may be filled later, experts_input)."""
-    logits = _pick(out, spec.logits)
+    logits = None if spec.logits_are == "none" else _pick(out, spec.logits)
     if logits is not None:
         logits = logits.detach().reshape(-1, logits.shape[-1]).float()  # [T, E]
         if spec.logits_are == "probs":
@@ -373,7 +374,7 @@ def describe(spec: RouterSpec) -> str:
         how = f"forward hook for logits + pre-hook on '{spec.experts}' for ids/weights"
     else:
         how = f"forward hook on logits, ids/weights by {spec.selection}"
-    how += f", logits=output[{spec.logits}]" if spec.logits is not None else ""
+    how += f", logits=output[{spec.logits}]" if spec.logits is not None and spec.logits_are != "none" else ""
     return how + (" (probabilities)" if spec.logits_are == "probs" else "")
 
 
