@@ -71,6 +71,9 @@ def _layers(con: duckdb.DuckDBPyConnection, run: str | None = None) -> pd.DataFr
     ensure_layer_info(con)
     df = con.execute("SELECT run, layer, n_experts, top_k FROM layer_info ORDER BY run, layer").df()
     if run is not None:
+        if run not in set(df["run"]):
+            known = ", ".join(sorted(set(df["run"]))) or "none"
+            raise ValueError(f"run {run!r} is not in the trace (runs: {known})")
         df = df[df["run"] == run]
     df = df.dropna(subset=["n_experts"])
     return df.astype({"layer": int, "n_experts": int, "top_k": int}).reset_index(drop=True)
@@ -452,6 +455,8 @@ def _windows(
             raise ValueError(f"run {run!r} has {len(steps)} step(s); a held-out evaluation needs at least 2")
         half = len(steps) // 2
         return (int(steps[0]), int(steps[half - 1])), (int(steps[half]), int(steps[-1]))
+    if fit_steps is not None and not ((steps >= fit_steps[0]) & (steps <= fit_steps[1])).any():
+        raise ValueError(f"run {run!r}: the fit window {fit_steps[0]}..{fit_steps[1]} holds no recorded steps")
     if fit_steps is None:
         assert eval_steps is not None
         before = steps[steps < eval_steps[0]]

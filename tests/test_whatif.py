@@ -211,6 +211,8 @@ def test_capacity_rejects_bad_arguments(cap_root: Path) -> None:
         whatif.capacity_drops(con, group="epoch")
     with pytest.raises(ValueError, match="positive"):
         whatif.capacity_drops(con, factors=(0.0,))
+    with pytest.raises(ValueError, match="not in the trace"):
+        whatif.capacity_drops(con, run="nope")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -502,6 +504,8 @@ def test_cli_whatif(cap_root: Path, tmp_path: Path, capsys: pytest.CaptureFixtur
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "token-level routing" in err
     assert main(["whatif", str(cap_root), "capacity", "--group", "epoch"]) == 2
+    assert main(["whatif", str(cap_root), "placement", "--run", "nope"]) == 2
+    assert "not in the trace" in capsys.readouterr().err
     capsys.readouterr()
     assert main(["whatif", str(tmp_path / "nope"), "capacity"]) == 3
 
