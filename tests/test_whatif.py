@@ -377,6 +377,13 @@ def test_cache_token_requests_together() -> None:
         assert hits == {1: 2, 2: 2, 3: 3}, policy
 
 
+def test_cache_requests_ignore_padding_and_repeats() -> None:
+    # -1 pads a token that routed to fewer experts; a repeated id is one request
+    df = whatif.simulate_cache([[0, -1], [0, 0], [1, 0]], 2, policy="lru").set_index("cache_size")
+    # C=1 and C=2 alike: the second token hits 0, the third hits 0 again (its second choice) and misses 1
+    assert (df["requests"] == 4).all() and df.loc[1, "hits"] == 2 and df.loc[2, "hits"] == 2
+
+
 def _reference(reqs: list[list[int]], size: int, policy: str) -> int:
     """Straightforward per-size simulation of the documented semantics (the stack algorithm must agree)."""
     cache: set[int] = set()
@@ -487,6 +494,9 @@ def test_cache_hit_rates_from_trace(tmp_path: Path) -> None:
 
 
 def test_cli_whatif(cap_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as ex:
+        main(["whatif", "--help"])
+    assert ex.value.code == 0 and "Belady" in capsys.readouterr().out
     assert main(["whatif", str(cap_root), "capacity", "--run", "tok", "--factors", "1", "--format", "json"]) == 0
     rows = json.loads(capsys.readouterr().out)
     assert rows[0]["drop_rate"] == pytest.approx(1 / 16)
