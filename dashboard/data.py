@@ -143,6 +143,10 @@ class DashboardData:
 
     # -- plumbing ------------------------------------------------------------------------------------
 
+    def cached(self, key: Hashable, compute: Callable[[], T]) -> T:
+        """compute() once per key (under the connection lock), then from the LRU: for pages added later."""
+        return self._cached(key, compute)
+
     def _cached(self, key: Hashable, compute: Callable[[], T]) -> T:
         def locked() -> T:
             with self._lock:

@@ -390,13 +390,13 @@ def drift_bars(drift: pd.DataFrame, tv_threshold: float = 0.05) -> go.Figure:
     fig.add_trace(go.Bar(x=x, y=df["tv"], name="TV", marker={"color": "#97bbf5"}, offsetgroup="tv",
                          hovertemplate="%{x}<br>TV %{y:.4f}<extra></extra>"))
     if "threshold" in df:
-        fig.add_trace(
-            go.Scatter(
-                x=x, y=df["threshold"], mode="markers", name="JS threshold",
-                marker={"symbol": "line-ew", "size": 34, "line": {"width": 3, "color": status_color("FAIL")}},
-                hovertemplate="%{x}<br>JS threshold %{y:.4f}<extra></extra>",
-            )
-        )
+        # A short red line over each layer's JS bar (JS sits left of centre in its group, TV right of it).
+        for i, thr in enumerate(df["threshold"]):
+            if pd.notna(thr):
+                fig.add_shape(type="line", xref="x", yref="y", x0=i - 0.34, x1=i - 0.01, y0=thr, y1=thr,
+                              line={"color": status_color("FAIL"), "width": 3})
+        fig.add_trace(go.Scatter(x=[None], y=[None], mode="lines", name="JS threshold",
+                                 line={"color": status_color("FAIL"), "width": 3}, hoverinfo="skip"))
     fig.add_hline(y=tv_threshold, line={"color": MUTED, "dash": "dot", "width": 1},
                   annotation_text=f"TV {tv_threshold:g}", annotation_position="top right",
                   annotation_font={"size": 11, "color": MUTED})

@@ -17,16 +17,27 @@ from moescope import dashboard
 
 pytestmark = pytest.mark.browser
 
-#: Page path, screenshot name, and the least number of charts with data it must draw.
+#: Page path, screenshot name, the least number of charts with data it must draw, and which run it shows
+#: (the least healthy run makes the health pages worth a picture; the healthiest one colours the tokens).
 PAGES = [
-    ("/", "overview", 1),
-    ("/utilization", "utilization", 5),
-    ("/collapse", "collapse", 5),
-    ("/similarity", "similarity", 2),
-    ("/drift", "drift", 2),
-    ("/tokens", "tokens", 1),
-    ("/sql", "sql", 0),
+    ("/", "overview", 1, "worst"),
+    ("/utilization", "utilization", 5, "worst"),
+    ("/collapse", "collapse", 5, "worst"),
+    ("/similarity", "similarity", 2, "worst"),
+    ("/drift", "drift", 2, "worst"),
+    ("/tokens", "tokens", 1, "best"),
+    ("/sql", "sql", 0, "worst"),
 ]
+
+
+def _runs_by_health(trace: Path) -> dict[str, str]:
+    """{'worst': run with the most FAIL/WARN findings, 'best': the one with the fewest}."""
+    data = dashboard.module("data").DashboardData(trace)
+    grid = data.health_grid()
+    score = (grid.assign(s=grid["fail"] * 100 + grid["warn"]).groupby("run")["s"].sum()
+             .reindex(data.run_names(), fill_value=0))
+    data.close()
+    return {"worst": str(score.idxmax()), "best": str(score.idxmin())}
 
 # Plotly keeps the figure as sent (typed arrays base64-encoded); _fullData holds the decoded arrays.
 _PLAIN_JS = """
@@ -96,8 +107,9 @@ def _wait(cond: Any, timeout: float = 30.0, what: str = "condition") -> Any:
 def test_every_page_loads_and_draws(dash_duo: Any, start_dashboard: Any, browser_trace: Path, shot_dir: Path) -> None:
     """Each page: no severe console error, its charts drawn with data, a 1280×800 screenshot."""
     base = start_dashboard(browser_trace)
-    for path, name, n_charts in PAGES:
-        dash_duo.wait_for_page(base + path)
+    pick = _runs_by_health(browser_trace)
+    for path, name, n_charts, which in PAGES:
+        dash_duo.wait_for_page(f"{base}{path}?run={pick[which]}")
         dash_duo.wait_for_element(".ms-title", timeout=30)
         charts = _charts(dash_duo, n_charts)
         if name == "sql":  # run the default query so the screenshot shows a result
