@@ -525,6 +525,11 @@ def test_formatters_handle_nan_and_escaping(tmp_path: Path) -> None:
     assert len(ann) == 3  # FAIL, ERROR as errors; WARN as a warning; SKIP and PASS silent
     assert all(re.match(r"^::(error|warning) ", ln) for ln in ann)
     assert all("\n" not in ln for ln in ann)
+    # Under --fail-on warn a warning fails the job, so it is annotated as an error.
+    strict_ann = [
+        ln for ln in format_github(CheckResult(_findings(), {}, fail_on="warn")).splitlines() if ln[:2] == "::"
+    ]
+    assert sum(ln.startswith("::error") for ln in strict_ann) == 3
     fail_ann = next(ln for ln in ann if "dead_expert" in ln)
     assert "file=traces/run%2C a%3Ab," in fail_ann
     assert "a|b,c second line" in fail_ann and "50%25" in fail_ann  # one line per annotation, % escaped
