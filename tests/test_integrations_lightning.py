@@ -258,3 +258,18 @@ def test_docs_lightning_example_runs(tmp_path: Path, monkeypatch: pytest.MonkeyP
     assert sorted(st.step.unique()) == list(range(8)) and (st.tokens == 2 * 8 * 32).all()
     with open(next((tmp_path / "logs").rglob("metrics.csv"))) as fh:
         assert "moescope/layer1/dead_experts" in fh.readline()
+
+
+@pytest.mark.dist
+def test_ddp_each_rank_writes_its_own_parts(tmp_path: Path) -> None:
+    # Two gloo processes on CPU (ddp_spawn): about a minute here, hence the dist marker.
+    run = tmp_path / "run"
+    t = trainer(
+        tmp_path, max_steps=3, devices=2, strategy="ddp_spawn", callbacks=[MoEScopeCallback(run, flush_every=2)]
+    )
+    t.fit(TinyLM(tiny_mixtral()), loader(8))
+    load = pq.read_table(run / "expert_load").to_pandas()
+    assert {r: sorted(g.step.unique()) for r, g in load.groupby("rank")} == {0: [0, 1, 2], 1: [0, 1, 2]}
+    assert (load.groupby(["rank", "step", "layer"]).tokens.sum() == BATCH * SEQ * K).all()
+    for p in (run / "expert_load").iterdir():
+        assert set(pq.read_table(p).column("rank").to_pylist()) == {int(p.name.split("-")[1])}
