@@ -416,3 +416,15 @@ def test_empty_frames_do_not_break_tables() -> None:
     t = C.table(pd.DataFrame({"a": [1.5, None], "b": [[1, 2], None]}), "t")
     assert t.data == [{"a": 1.5, "b": "1, 2"}, {"a": None, "b": None}]
     assert C.table(pd.DataFrame(columns=["x"]), "t2").data == []
+
+
+def test_counts_only_trace_pages_say_what_is_missing(tmp_path: Path) -> None:
+    """A run recorded with tokens=0 and no snapshots: Tokens and Similarity explain, nothing breaks."""
+    shape = SYN.Shape(layers=1, experts=4, top_k=1, steps=6, tokens_per_step=64, routing_every=0)
+    root = SYN.make_trace(tmp_path / "counts", kinds=("balanced",), shape=shape, snapshots=False, tags=("",))
+    app = glue.create_app(root, warm=False)
+    for page in PAGES:
+        text = _layout(app, page)
+        assert "ms-msg-error" not in text, (page, text[:1500])
+    assert "without token-level routing" in _layout(app, "tokens")
+    assert "no expert snapshots" in _layout(app, "similarity")
