@@ -150,3 +150,15 @@ def test_metrics_from_several_threads(two_runs):
     with ThreadPoolExecutor(4) as ex:
         results = list(ex.map(lambda _: len(tr.load_metrics(window="all")), range(8)))
     assert len(set(results)) == 1 and results[0] > 0
+
+
+def test_corrupt_data_pages_name_the_file(make_run, trace_root):
+    rows = [(s, 0, [(s * 7 + e * 13) % 1000 for e in range(8)]) for s in range(2000)]
+    make_run("c", layers=[layer_spec(0, 8, 2)], expert_load=load_frame(rows))
+    part = next((trace_root / "c" / "expert_load").glob("*.parquet"))
+    data = bytearray(part.read_bytes())
+    data[200 : len(data) // 2] = b"\x55" * (len(data) // 2 - 200)  # footer intact, pages garbage
+    part.write_bytes(bytes(data))
+    with pytest.raises(TraceError) as e:
+        Trace(trace_root).load_metrics()
+    assert str(part) in str(e.value) and "\n" not in str(e.value)

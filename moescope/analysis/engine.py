@@ -48,15 +48,47 @@ def ensure_layer_info(con: duckdb.DuckDBPyConnection) -> None:
             "FROM layer_info li JOIN expert_ids x ON x.i < li.n_experts"
         )
     except duckdb.Error as e:
-        raise translate(e) from None
+        raise translate(e, con) from None
 
 
-def translate(e: Exception) -> Exception:
-    """Turn a DuckDB error while reading trace files into a one-line TraceError; pass others through."""
+#: DuckDB errors that are about the query, never about the files it read.
+_QUERY_ERRORS = tuple(
+    getattr(duckdb, n)
+    for n in ("ParserException", "BinderException", "CatalogException", "InterruptException", "PermissionException",
+              "SyntaxException", "ConstraintException", "NotImplementedException")
+    if hasattr(duckdb, n)
+)
+
+
+def find_corrupt_file(con: duckdb.DuckDBPyConnection) -> tuple[str, str] | None:
+    """Read every trace file (listed in `trace_files`) with pyarrow; the first that fails and why, else None."""
+    import pyarrow.parquet as pq
+
+    try:
+        paths = [r[0] for r in con.execute("SELECT path FROM trace_files ORDER BY path").fetchall()]
+    except duckdb.Error:
+        return None
+    for path in paths:
+        try:
+            pf = pq.ParquetFile(path)
+            for i in range(pf.num_row_groups):  # one row group at a time keeps memory flat
+                pf.read_row_group(i)
+        except Exception as e:  # pyarrow raises several types for broken data
+            text = str(e).strip().splitlines()[0] if str(e).strip() else e.__class__.__name__
+            return path, text
+    return None
+
+
+def translate(e: Exception, con: duckdb.DuckDBPyConnection | None = None) -> Exception:
+    """Turn a DuckDB error caused by broken trace data into a one-line TraceError naming the file; pass others on."""
     msg = str(e).strip().splitlines()[0] if str(e).strip() else e.__class__.__name__
-    if isinstance(e, (duckdb.IOException, duckdb.InvalidInputException)) and (
-        ".parquet" in msg or "Parquet" in msg or "parquet" in msg
-    ):
+    if isinstance(e, _QUERY_ERRORS) or not isinstance(e, duckdb.Error):
+        return e
+    # Only now, on the error path, is it worth reading every file to find the broken one.
+    found = find_corrupt_file(con) if con is not None else None
+    if found is not None:
+        return TraceError(f"{found[0]}: corrupt Parquet data ({found[1]}; DuckDB: {msg})")
+    if "parquet" in msg.lower():
         return TraceError(f"unreadable trace data: {msg}")
     return e
 
@@ -68,7 +100,7 @@ def run_analysis(con: duckdb.DuckDBPyConnection, name: str, params: dict[str, An
     try:
         df = con.execute(sql).df()
     except duckdb.Error as e:
-        raise translate(e) from None
+        raise translate(e, con) from None
     if "win" in df.columns:
         df = df.rename(columns={"win": "window"})
     return df

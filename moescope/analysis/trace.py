@@ -262,6 +262,13 @@ class Trace:
                 present.update(_check_file(f))
             con.execute(f"CREATE VIEW {table} AS {_table_view_sql(table, files, present)}")
         con.execute(f"CREATE VIEW assignments AS {render('view_assignments')}")
+        files_df = pd.DataFrame(
+            [(t, info.run, str(f)) for info in self._runs for t, fs in info.files.items() for f in fs],
+            columns=["tbl", "run", "path"],
+        )
+        con.register("_files_df", files_df)
+        con.execute("CREATE TABLE trace_files AS SELECT * FROM _files_df")
+        con.unregister("_files_df")
         runs_df = _runs_frame(self._runs)
         layers_df = _layers_frame(self._runs)
         con.register("_runs_df", runs_df)
@@ -307,7 +314,7 @@ class Trace:
     def views(self) -> dict[str, list[tuple[str, str]]]:
         """Each view's (column, type) pairs, the views a user queries."""
         out: dict[str, list[tuple[str, str]]] = {}
-        for name in (*VIEWS, "layer_info"):
+        for name in (*VIEWS, "layer_info", "trace_files"):
             rows = self.con.execute(f"DESCRIBE {name}").fetchall()
             out[name] = [(r[0], r[1]) for r in rows]
         return out
@@ -322,7 +329,7 @@ class Trace:
             try:
                 return self.con.sql(query)
             except duckdb.Error as e:
-                raise translate(e) from None
+                raise translate(e, self.con) from None
         return self._locked_sql(query)
 
     def query(self, query: str) -> pd.DataFrame:
