@@ -631,6 +631,68 @@ def test_pos_is_the_same_with_and_without_position_ids(tmp_path: Path) -> None:
     assert a == b, (a, b)
 
 
+# Routers whose families need a multimodal model to run end to end: the router module alone, built from its own
+# (tiny) config and fed random hidden states, must be read exactly by its spec. (model type, router class).
+ROUTER_ONLY: list[tuple[str, str, dict[str, Any]]] = [
+    ("mistral4", "Mistral4TopkRouter", {}),
+    ("glm4v_moe_text", "Glm4vMoeTextTopkRouter", {}),
+    ("glm5_next_text", "Glm5NextTextTopkRouter", {"qk_rope_head_dim": 0}),  # its DSA layers are NoPE-only
+    ("ernie4_5_vl_moe_text", "Ernie4_5_VLMoeMoeTopKRouter", {"moe_intermediate_size": [32, 32], "moe_k": 2}),
+    ("qwen3_omni_moe_text", "Qwen3OmniMoeTextTopKRouter", {}),
+    ("qwen3_omni_moe_text", "Qwen3OmniMoeThinkerTextTopKRouter", {}),
+    ("qwen3_omni_moe_talker_text", "Qwen3OmniMoeTalkerTextTopKRouter", {}),
+    ("deepseek_ocr2_text", "DeepseekOcr2TextTopkRouter", {}),
+    ("unlimited_ocr_text", "UnlimitedOcrTextTopkRouter", {}),
+    ("diffusion_gemma_text", "DiffusionGemmaTextRouter", {}),
+    ("mimo_v2_flash", "MiMoV2FlashTopkRouter", {}),
+    ("qwen4_exp_text", "Qwen4ExpTextTopKRouter", {}),
+    ("step3p7:Step3p7TextConfig", "Step3p7TopKRouter", {}),
+]
+
+
+def _config_class(name: str) -> Any:
+    """A config class by model type, or 'dir:ClassName' for sub-configs the auto mapping does not list."""
+    import importlib
+
+    if ":" in name:
+        pkg, cls_name = name.split(":")
+        return getattr(importlib.import_module(f"transformers.models.{pkg}.configuration_{pkg}"), cls_name)
+    return CONFIG_MAPPING[name]
+
+
+@pytest.mark.parametrize(("model_type", "router_cls", "overrides"), ROUTER_ONLY)
+def test_router_module_alone_is_read_exactly(model_type: str, router_cls: str, overrides: dict[str, Any]) -> None:
+    """The spec's output indices, n_experts and top_k fit the router as transformers defines it."""
+    import importlib
+
+    from moescope.capture import adapters as A
+
+    cls = _config_class(model_type)
+    fields = {f.name for f in dataclasses.fields(cls)} if dataclasses.is_dataclass(cls) else set()
+    kw = {k: v for k, v in {**TINY, **overrides}.items() if k in fields}
+    cfg = cls(**kw)
+    mod = importlib.import_module(cls.__module__.replace(".configuration_", ".modeling_"))
+    torch.manual_seed(0)
+    router = getattr(mod, router_cls)(cfg)
+    torch.nn.init.normal_(next(router.parameters()))
+    spec = A.resolve(router)
+    assert spec is not None, f"{router_cls} resolves to no spec"
+    n, k = A.router_shape(router, spec, None)
+    assert (n, k) == (8, 2)
+    hidden = torch.randn(B * S, cfg.hidden_size)
+    extra = [torch.zeros(8)] if "bias" in str(router.forward.__code__.co_varnames) else []
+    with torch.no_grad():
+        out = router(hidden, *extra)
+    ev = A.extract_router_output(spec, out, n, k)
+    assert ev is not None and torch.equal(ev.ids, out[2].reshape(B * S, k).long())
+    torch.testing.assert_close(ev.weights, out[1].reshape(B * S, k).float())
+    assert ev.logits is not None and ev.logits.shape == (B * S, n)
+    if spec.logits_are == "probs":
+        torch.testing.assert_close(torch.softmax(ev.logits, -1), out[0].float())
+    else:
+        assert torch.equal(ev.logits, out[0].reshape(B * S, n).float())
+
+
 if __name__ == "__main__":  # triage: python tests/test_hf_families.py FAMILY...
     import sys
     import tempfile
