@@ -161,6 +161,9 @@ def _runs_frame(runs: list[RunInfo]) -> pd.DataFrame:
                     "rank": rank,
                     "path": str(info.path),
                     "created": str(m.get("created", "")) or None,
+                    "updated": None if m.get("updated") is None else str(m.get("updated")),
+                    "closed": None if m.get("closed") is None else bool(m.get("closed")),
+                    "world_size": m.get("world_size"),
                     "moescope_version": m.get("moescope_version"),
                     "model_class": model.get("class"),
                     "n_params": model.get("n_params"),
@@ -175,8 +178,9 @@ def _runs_frame(runs: list[RunInfo]) -> pd.DataFrame:
     df = pd.DataFrame(rows)
     for col in ("token_fraction",):
         df[col] = pd.to_numeric(df[col], errors="coerce").astype("float64")
-    for col in ("n_params", "dropped_records"):
+    for col in ("n_params", "dropped_records", "world_size"):
         df[col] = pd.to_numeric(df[col], errors="coerce").astype("Int64")
+    df["closed"] = df["closed"].astype("boolean")
     for col in ("flush_interval",):
         df[col] = df[col].map(lambda v: None if v is None else str(v)).astype("object")
     return df
