@@ -245,6 +245,7 @@ class Recorder:
         self._forwards = 0
         self._tag_stack: list[str] = []
         self._cur: _Forward | None = None
+        self._depth = 0  # nesting of entry-module forwards; 0 between forwards
         self._pending: dict[tuple[int, str], _Acc] = {}
         self._pending_rows = 0
         self._last_step: int | None = None
@@ -331,7 +332,9 @@ class Recorder:
     # -- hooks --------------------------------------------------------------------------------
     def _attach(self) -> None:
         h = self._handles
-        h.add(self.model.register_forward_pre_hook(self._on_model_forward, with_kwargs=True))
+        for mod in self._entry_modules():
+            h.add(mod.register_forward_pre_hook(self._on_enter, with_kwargs=True))
+            h.add(mod.register_forward_hook(self._on_exit, always_call=True))
         for info in self.layers:
             router_hook, experts_hook = self._make_hooks(info)
             h.add(self.model.get_submodule(info.module).register_forward_hook(router_hook))
@@ -340,7 +343,42 @@ class Recorder:
                 experts = self.model.get_submodule(info.experts_module)
                 h.add(experts.register_forward_pre_hook(experts_hook, with_kwargs=True))
 
-    def _on_model_forward(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+    def _entry_modules(self) -> list[nn.Module]:
+        """The model and every module that encloses all routers: where a forward's token grid can be read.
+
+        A Lightning module whose training_step calls `self.model(...)` never runs its own forward, so the
+        enclosing modules are hooked too; the outermost one that fires starts the forward.
+        """
+        names = [li.module for li in self.layers]
+        common = names[0].split(".")[:-1]
+        for n in names[1:]:
+            parts = n.split(".")[:-1]
+            i = 0
+            while i < min(len(common), len(parts)) and common[i] == parts[i]:
+                i += 1
+            common = common[:i]
+        mods = [self.model]
+        for i in range(1, len(common) + 1):
+            mods.append(self.model.get_submodule(".".join(common[:i])))
+        return mods
+
+    def _on_enter(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        outer = self._depth == 0
+        self._depth += 1
+        if outer:
+            self._begin_forward()
+        if self._cur is None:  # a resumed step being skipped
+            return
+        ids = kwargs.get("input_ids")
+        if ids is None and args and isinstance(args[0], torch.Tensor) and not args[0].is_floating_point():
+            ids = args[0]
+        if isinstance(ids, torch.Tensor) and ids.dim() == 2 and not ids.is_floating_point():
+            self._cur = self._token_grid(ids, kwargs)
+
+    def _on_exit(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+        self._depth = max(0, self._depth - 1)
+
+    def _begin_forward(self) -> None:
         self._forwards += 1
         step = self.step
         if self._resume_step is not None and step <= self._resume_step:
@@ -351,29 +389,30 @@ class Recorder:
         if self._last_step is not None and step != self._last_step:
             self._maybe_flush(step)
         self._last_step = step
-        ids = kwargs.get("input_ids")
-        if ids is None and args and isinstance(args[0], torch.Tensor) and not args[0].is_floating_point():
-            ids = args[0]
-        if ids is None or ids.dim() != 2:
-            self._cur = _Forward(step, self.current_tag, None, None, None, None, None)
-            return
+        self._cur = _Forward(step, self.current_tag, None, None, None, None, None)
+
+    def _token_grid(self, ids: torch.Tensor, kwargs: dict[str, Any]) -> _Forward:
+        """Token ids, padding mask, absolute positions and the sampled sequences of one forward."""
+        assert self._cur is not None
+        step, tag = self._cur.step, self._cur.tag
         b, s = ids.shape
+        dev = ids.device
         mask = kwargs.get("attention_mask")
+        pos_ids = kwargs.get("position_ids")
+        cache_pos = kwargs.get("cache_position")
         valid = None
-        offset = 0
         if isinstance(mask, torch.Tensor) and mask.dim() == 2 and mask.shape[0] == b:
             # During cached decoding the mask covers past + new tokens; the routers see only the new ones.
-            offset = mask.shape[1] - s
             valid = mask[:, -s:].reshape(-1).to(torch.float32)  # [B*S]
-        cache_pos = kwargs.get("cache_position")
-        pos_ids = kwargs.get("position_ids")
-        dev = ids.device
-        if isinstance(cache_pos, torch.Tensor) and cache_pos.numel() == s:
-            pos = cache_pos.reshape(1, s).expand(b, s)
-        elif isinstance(pos_ids, torch.Tensor) and pos_ids.shape[-1] == s:
+        if isinstance(pos_ids, torch.Tensor) and pos_ids.shape[-1] == s:
             pos = pos_ids.reshape(-1, s).expand(b, s)
+        elif valid is not None:
+            # Position = number of real tokens before this one, as generate() numbers left-padded prompts.
+            pos = (mask.long().cumsum(-1) - 1).clamp_min(0)[:, -s:]  # [B, S]
+        elif isinstance(cache_pos, torch.Tensor) and cache_pos.numel() == s:
+            pos = cache_pos.reshape(1, s).expand(b, s)
         else:
-            pos = (torch.arange(s, device=dev) + offset).reshape(1, s).expand(b, s)  # [B, S]
+            pos = torch.arange(s, device=dev).reshape(1, s).expand(b, s)  # [B, S]
         keep_rows = keep_seq = None
         if self.tokens > 0:
             seqs = [i for i in range(b) if _keep_sequence(self.seed, step, i, self.tokens)]
@@ -382,7 +421,7 @@ class Recorder:
                 rows = (kept[:, None] * s + torch.arange(s)[None, :]).reshape(-1)  # [n]
                 keep_rows = rows.to(dev, non_blocking=True)
                 keep_seq = kept.repeat_interleave(s).to(dev, non_blocking=True)
-        self._cur = _Forward(step, self.current_tag, ids.detach(), valid, pos, keep_rows, keep_seq, b, s)
+        return _Forward(step, tag, ids.detach(), valid, pos, keep_rows, keep_seq, b, s)
 
     def _make_hooks(self, info: LayerInfo) -> tuple[Callable[..., None], Callable[..., None]]:
         """The router forward hook and, for experts_input specs, the experts pre-hook of one layer."""
@@ -408,10 +447,13 @@ class Recorder:
     def _accumulate(self, info: LayerInfo, ev: A.RouterEvent) -> None:
         """Fold one router call into the device-side accumulators (no host sync)."""
         cur = self._cur
-        if cur is None:
+        if self._depth == 0:
+            # A router called outside any entry module (user code calling a block directly): no token grid.
             if self._resume_step is not None and self.step <= self._resume_step:
                 return
             cur = _Forward(self.step, self.current_tag, None, None, None, None, None)
+        elif cur is None:
+            return  # a resumed step being skipped
         ids, w = ev.ids, ev.weights  # [T, k]
         t, k = ids.shape
         e = info.n_experts

@@ -1,0 +1,66 @@
+"""The wheel ships the content folders and reads traces without torch, in a fresh venv."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+CHECK = textwrap.dedent(
+    """
+    import sys
+    import moescope
+    from moescope._paths import content_dir
+    assert "torch" not in sys.modules, "import moescope pulled in torch"
+    for name in ("hooks", "analyses", "dashboard"):
+        d = content_dir(name)
+        assert "site-packages" in str(d), d
+        assert any(d.iterdir()), d
+    tr = moescope.open({trace!r})
+    n = tr.sql("SELECT sum(tokens) FROM expert_load").fetchall()[0][0]
+    assert n == 24, n
+    h = tr.health()
+    assert len(h) > 0
+    assert "torch" not in sys.modules, "reading a trace pulled in torch"
+    print("ok", n)
+    """
+)
+
+
+@pytest.mark.slow
+def test_wheel_installs_without_torch_and_opens_a_trace(tmp_path: Path) -> None:
+    import pandas as pd
+
+    from moescope.trace import write_run
+
+    trace = tmp_path / "traces"
+    write_run(
+        trace / "run-a",
+        {
+            "expert_load": pd.DataFrame(
+                {"step": [0] * 4, "tag": [""] * 4, "layer": [0] * 4, "expert": [0, 1, 2, 3],
+                 "tokens": [6, 6, 6, 6], "prob_sum": [3.0] * 4, "weight_sum": [3.0] * 4}
+            ),
+            "router_stats": pd.DataFrame({"step": [0], "tag": [""], "layer": [0], "tokens": [12]}),
+        },
+        layers=[{"layer": 0, "module": "m", "n_experts": 4, "top_k": 2, "router_kind": "softmax_topk"}],
+    )
+    dist = tmp_path / "dist"
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(dist), str(ROOT)], check=True)
+    wheel = next(dist.glob("moescope-*.whl"))
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    py = venv / "bin" / "python"
+    subprocess.run([str(py), "-m", "pip", "install", "-q", str(wheel)], check=True)
+    out = subprocess.run(
+        [str(py), "-c", CHECK.format(trace=str(trace))], capture_output=True, text=True, cwd=tmp_path
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.strip() == "ok 24"
+    torch_there = subprocess.run([str(py), "-c", "import torch"], capture_output=True)
+    assert torch_there.returncode != 0  # the venv really has no torch
