@@ -226,6 +226,14 @@ def test_probabilities_in_place_of_logits() -> None:
     torch.testing.assert_close(torch.logsumexp(ev.logits, -1), torch.zeros(5), atol=1e-6, rtol=0)
 
 
+def test_no_logits_in_the_output() -> None:
+    """Doge: output[1] holds per-key logits, not per-expert ones: logits_are='none' keeps them out of the event."""
+    spec = _spec(source="experts_input", logits=1, logits_are="none")
+    ev = A.extract_router_output(spec, (torch.zeros(2, 3), torch.randn(2, 6, 4)), 16, 2)
+    assert ev is not None and ev.logits is None and ev.ids.shape == (0, 2)
+    assert "logits" not in A.describe(spec)
+
+
 def test_skip_expert_slots_are_stored_as_the_last_class() -> None:
     """Zaya: a slot masked to (id 0, weight 0) is the skip class E; a real expert 0 keeps its id."""
     ids = torch.tensor([[0], [0], [3]])

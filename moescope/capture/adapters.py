@@ -371,7 +371,8 @@ def describe(spec: RouterSpec) -> str:
         how += " (sorted by expert)" if spec.ids_layout == "sorted_by_expert" else ""
         how += f", weights=output[{spec.weights}]" if spec.weights is not None else f", weights={spec.weights_from}"
     elif spec.source == "experts_input":
-        how = f"forward hook for logits + pre-hook on '{spec.experts}' for ids/weights"
+        how = f"pre-hook on '{spec.experts}' for ids/weights"
+        how = how if spec.logits_are == "none" else "forward hook for logits + " + how
     else:
         how = f"forward hook on logits, ids/weights by {spec.selection}"
     how += f", logits=output[{spec.logits}]" if spec.logits is not None and spec.logits_are != "none" else ""
