@@ -267,3 +267,32 @@ def test_sigkill_leaves_a_readable_trace(tmp_path: Path) -> None:
         assert pq.ParquetFile(part).metadata.num_rows > 0
     # temporary files of an interrupted write are hidden (dot-prefixed), so no reader globbing part-* sees them
     assert all(t.name.startswith(".") for t in out.rglob("*.tmp"))
+
+
+def test_wrapper_whose_forward_is_not_called(tmp_path: Path) -> None:
+    """Lightning-style: the recorded module's own forward never runs; its inner model's does."""
+
+    class Wrapper(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = _model()
+
+        def training_step(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+            return self.model(x, attention_mask=mask)
+
+    w = Wrapper()
+    x = torch.randint(0, 64, (2, 5))
+    mask = torch.ones(2, 5, dtype=torch.long)
+    mask[1, :2] = 0
+    with moescope.record(w, tmp_path / "r", tokens=1.0) as rec:
+        for s in range(3):
+            rec.step = s
+            with rec.tag("train" if s < 2 else "val"):
+                w.training_step(x, mask)
+    got = q(tmp_path, "SELECT step, tag, count(*), min(pos), max(pos) FROM '$R/r/routing/*.parquet' WHERE layer=0 "
+                      "GROUP BY ALL ORDER BY step")
+    assert got == [(0, "train", 8, 0, 4), (1, "train", 8, 0, 4), (2, "val", 8, 0, 4)]
+    # the padded row's first real token is position 0, as generate() numbers left-padded prompts
+    assert q(tmp_path, "SELECT pos FROM '$R/r/routing/*.parquet' WHERE layer=0 AND step=0 AND seq=1 ORDER BY pos") == [
+        (0,), (1,), (2,)
+    ]
