@@ -26,7 +26,7 @@ def _sync(device: torch.device) -> None:
 
 def time_fwd_bwd(block: MoEBlock, x: torch.Tensor, dispatch: str, amp: bool) -> tuple[float, torch.Tensor]:
     """One forward+backward of `block` with the given dispatch: (seconds, output)."""
-    block.dispatch = dispatch
+    block.experts.dispatch = dispatch
     x = x.detach().requires_grad_(True)
     block.zero_grad(set_to_none=True)
     _sync(x.device)

@@ -104,18 +104,22 @@ def load_corpus(max_bytes: int = 1_200_000, eval_fraction: float = 0.1, seed: in
     """Read up to `max_bytes` of stdlib source (seeded file order) and split it by file and domain."""
     files = stdlib_files()
     random.Random(seed).shuffle(files)  # deterministic: the list was sorted first
-    chosen: list[Path] = []
-    total = 0
+    eval_files: list[Path] = []
+    train_files: list[Path] = []
+    eval_bytes = train_bytes = 0
     for p in files:
-        if total >= max_bytes:
+        if eval_bytes + train_bytes >= max_bytes:
             break
         size = p.stat().st_size
         if size > max_bytes // 4:  # one giant file would dominate the corpus
             continue
-        chosen.append(p)
-        total += size
-    n_eval = max(1, int(round(len(chosen) * eval_fraction)))
-    eval_files, train_files = chosen[:n_eval], chosen[n_eval:]
+        # the first files (in seeded order) fill the eval split up to its share of bytes, the rest train
+        if eval_bytes < eval_fraction * max_bytes:
+            eval_files.append(p)
+            eval_bytes += size
+        else:
+            train_files.append(p)
+            train_bytes += size
 
     def encode(paths: list[Path]) -> tuple[torch.Tensor, torch.Tensor]:
         eng, code = [], []

@@ -155,6 +155,7 @@ class Experts(nn.Module):
         super().__init__()
         self.n_experts = cfg.n_experts
         self.d_expert = cfg.d_expert
+        self.dispatch = cfg.dispatch  # "sorted" or "textbook"
         # same layout as transformers v5 fused experts: gate rows first, then up rows
         self.gate_up_proj = nn.Parameter(torch.empty(cfg.n_experts, 2 * cfg.d_expert, cfg.d_model))
         self.down_proj = nn.Parameter(torch.empty(cfg.n_experts, cfg.d_model, cfg.d_expert))
@@ -164,9 +165,11 @@ class Experts(nn.Module):
         gate, up = F.linear(x, self.gate_up_proj[e]).chunk(2, dim=-1)  # 2 × [n, I]
         return F.linear(F.silu(gate) * up, self.down_proj[e])  # [n, H]
 
-    def forward(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        """Sorted dispatch: x [T, H], weights/ids [T, k] -> weighted sum of expert outputs [T, H]."""
-        return sorted_dispatch(self, x, weights, ids)
+    def forward(self, x: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
+        """x [T, H], ids/weights [T, k] (transformers v5 argument order) -> weighted sum of expert outputs [T, H]."""
+        if self.dispatch == "textbook":
+            return textbook_dispatch(self, x, top_k_weights, top_k_index)
+        return sorted_dispatch(self, x, top_k_weights, top_k_index)
 
 
 def _use_grouped_mm(x: torch.Tensor) -> bool:
@@ -236,7 +239,6 @@ class MoEBlock(nn.Module):
         super().__init__()
         self.n_experts = cfg.n_experts
         self.top_k = cfg.top_k
-        self.dispatch = cfg.dispatch
         self.router = Router(cfg)
         self.experts = Experts(cfg)
         # assignments per expert since the last bias update (for aux-loss-free balancing)
@@ -249,10 +251,7 @@ class MoEBlock(nn.Module):
         B, S, H = x.shape
         flat = x.reshape(B * S, H)  # [T, H]
         logits, weights, ids = self.router(flat)
-        if self.dispatch == "textbook":
-            y = textbook_dispatch(self.experts, flat, weights, ids)
-        else:
-            y = sorted_dispatch(self.experts, flat, weights, ids)
+        y = self.experts(flat, ids, weights)  # a module call, so hooks on the experts see (x, ids, weights)
         keep = None if token_mask is None else token_mask.reshape(-1).bool()  # [T]
         aux, z = balance_losses(logits, ids, self.n_experts, keep)
         if self.training:

@@ -1,9 +1,23 @@
 """Training scenarios of the reference MoE for `moescope demo`: real runs whose routing outcome comes from training.
 
-balanced   aux loss 0.01 + z-loss: healthy routing.
-collapse   no balancing at all (no aux loss, no z-loss) with a hot router: a few experts end up with the traffic.
-shift      trained on English only, evaluated on held-out English and on code (tags "english" and "code").
-upcycled   experts copied from one trained dense FFN plus small noise: near-clones, snapshotted at checkpoints.
+All four train the same architecture (2 layers, d_model 64, 16 SwiGLU experts top-2, bytes, AdamW lr 1e-3,
+batch 16 x 64 tokens) on the standard library's source; they differ only where the scenario says.
+
+balanced   Switch aux loss 0.01 + z-loss 0.001 on English and code: every expert keeps a fair share.
+collapse   no aux loss, no z-loss, a learned per-expert router logit bias (GPT-OSS routers have one), router LR
+           100x the model's and router init std 0.3. Why it collapses: with renormalised top-k gates the router
+           gradient of a token only compares the experts it picked (dL/dl_1 = -dL/dl_2 = w1 w2 <g, E_1(x) - E_2(x)>),
+           so the expert that is better on average gains logit on *every* token through the shared bias, gets more
+           tokens, trains more, and is better still: rich-get-richer. Nothing pulls a starved expert back: without
+           an aux loss an expert nobody picks gets no router gradient at all, so it stays dead. The hot router LR
+           turns thousands of steps into tens; the larger init makes early decisions sharper. Measured (seed 0,
+           quick): at step 0 the busiest 4 of 16 experts carry ~40% of assignments (fair: 25%); within ~40 steps
+           ~95% in layer 1, with 6-10 of the 16 experts dead. Without the learned bias the same settings level
+           off at 60-85%: token identity in the router input keeps routing diverse.
+shift      trained on English only (docstrings, comments); held-out English and code evaluated every few steps
+           under rec.tag("english") / rec.tag("code"): the routing learned on prose misroutes code.
+upcycled   a dense model (one expert) is trained first, then its FFN is copied into all 16 experts plus 1% noise
+           (sparse upcycling): near-clones, snapshotted with moescope.snapshot_experts at checkpoints.
 
 Every run records through `moescope.record` with its config and seeds in the manifest's `meta`.
 """
@@ -35,7 +49,7 @@ class Scenario:
     description: str
     config: MoEConfig
     steps: int
-    lr: float = 3e-3
+    lr: float = 1e-3
     router_lr_mult: float = 1.0  # the router's learning rate relative to the rest of the model
     batch_size: int = 16
     seq_len: int = 64
@@ -58,8 +72,9 @@ def _base_config(quick: bool) -> MoEConfig:
 def build_scenarios(quick: bool = False) -> dict[str, Scenario]:
     """The four demo scenarios (shorter runs with quick=True)."""
     base = _base_config(quick)
-    steps = 120 if quick else 300
-    evals = 20 if quick else 30
+    # quick: the collapse run is fully collapsed by ~40 steps; 80 leaves a clear second half
+    steps = 80 if quick else 240
+    evals = 10 if quick else 30
     return {
         "balanced": Scenario(
             name="balanced",
@@ -129,7 +144,8 @@ def _optimizer(model: MoEModel, sc: Scenario) -> torch.optim.Optimizer:
     rest = [p for n, p in model.named_parameters() if ".router." not in n]
     groups = [{"params": rest, "lr": sc.lr}, {"params": router, "lr": sc.lr * sc.router_lr_mult}]
     # no weight decay: it would quietly pull a runaway router back, and the collapse run must show one
-    return torch.optim.AdamW(groups, betas=(0.9, 0.95), weight_decay=0.0)
+    # fused: one kernel per step for all parameters instead of a Python loop over them (CPU and CUDA)
+    return torch.optim.AdamW(groups, betas=(0.9, 0.95), weight_decay=0.0, fused=True)
 
 
 def _batch(corpus: Corpus, domain: str, sc: Scenario, gen: torch.Generator) -> torch.Tensor:
