@@ -503,9 +503,13 @@ class Trace:
         n_boot: int | None = None,
         seed: int | None = None,
     ) -> pd.DataFrame:
-        """Per layer drift of current vs baseline expert load: layer, js, tv, psi, chi2, threshold, flagged, status,
-        message (+ n_baseline, n_current, n_units, unit). Selections: {"run", "tag", "steps": (a, b), "layer",
-        "root": another Trace or path}."""
+        """Per layer drift of current vs baseline expert load (see moescope.analysis.drift).
+
+        Columns: layer, js (Jensen–Shannon distance, base 2), tv, psi (+1 smoothing), chi2, threshold (the JS limit
+        applied: max(js_min, bootstrap)), flagged (JS > threshold and TV > tv_min), status (WARN/PASS/SKIP), message,
+        bootstrap (the seeded bootstrap quantile), n_baseline, n_current (tokens), n_units, unit ("sequence" from
+        routing, else "step"). Selections: {"run", "tag", "steps": (a, b), "layer", "root": another Trace or path}.
+        """
         from .drift import drift
 
         return drift(self, baseline or {}, current or {}, config=config, n_boot=n_boot, seed=seed)
