@@ -111,12 +111,11 @@ class RecordingSession:
             return
         step = int(step)
         if step not in self._window:
-            # The recorder flushes on its own only when the hooked module's own forward runs; a Lightning
-            # module's training_step usually calls a submodule, so the session flushes at step boundaries.
+            # Flushing from the trainer's step events (not only from the recorder's forward hooks) keeps
+            # windows aligned to global steps and lets HF flush at the end of a step, when logs are written.
             self._flush_if_full()
             self._window.add(step)
         self.recorder.step = step
-        self._drop_stale_forward()
 
     def end_step(self) -> None:
         """The current step is complete (optimizer stepped): flush now if it fills the window."""
@@ -136,26 +135,12 @@ class RecordingSession:
             self.recorder.step = int(step)
         self._tag_cm = contextlib.ExitStack()
         self._tag_cm.enter_context(self.recorder.tag(self.eval_tag))
-        self._drop_stale_forward()
 
     def leave_eval(self) -> None:
         """Stop tagging forwards as evaluation."""
         cm, self._tag_cm = self._tag_cm, None
         if cm is not None:
             cm.close()
-            self._drop_stale_forward()
-
-    def _drop_stale_forward(self) -> None:
-        """Forget the recorder's last top-level forward once step or tag moved on.
-
-        Workaround for a recorder limitation: router calls outside the hooked module's forward (training_step
-        calling self.model while validation_step calls self(x)) are otherwise attributed to that last
-        forward's step and tag. Remove once the recorder clears it after each top-level forward.
-        """
-        rec = self.recorder
-        cur = getattr(rec, "_cur", None)
-        if cur is not None and (cur.step, cur.tag) != (rec.step, rec.current_tag):
-            rec._cur = None
 
     # -- flushes ------------------------------------------------------------------------------
     def _on_flush(self, recorder: Any, tables: dict[str, pa.Table]) -> None:
