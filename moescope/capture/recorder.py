@@ -277,6 +277,11 @@ class Recorder:
             self._tag_stack.pop()
 
     @property
+    def closed(self) -> bool:
+        """True once the recorder has been closed (or before it started)."""
+        return not self._open
+
+    @property
     def current_tag(self) -> str:
         """The innermost active tag ('' when none)."""
         return self._tag_stack[-1] if self._tag_stack else ""
