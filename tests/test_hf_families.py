@@ -399,9 +399,11 @@ def check_trace(case: Case, run: Path, calls: dict[str, list[dict[str, Any]]], o
             truth = calls[module][step]
             ids, w = truth["ids"].reshape(B * S, -1), truth["weights"].reshape(B * S, -1).float()
             rows = routing[(routing.step == step) & (routing.layer == layer)].sort_values(["seq", "pos"])
-            seq, pos = rows.seq.to_numpy(), rows.pos.to_numpy()
-            flat = torch.as_tensor(seq * S + pos)
-            assert torch.equal(flat, valid.nonzero().reshape(-1)), f"{module} step {step}: rows ≠ valid tokens"
+            # one row per real token; pos = its position in its text (real tokens before it), padding skipped
+            want_seq = torch.arange(B).repeat_interleave(S)[valid]
+            want_pos = (mask.cumsum(-1) - 1).reshape(-1)[valid]
+            assert rows.seq.tolist() == want_seq.tolist(), f"{module} step {step}: rows ≠ valid tokens"
+            assert rows.pos.tolist() == want_pos.tolist(), f"{module} step {step}: pos"
             got_ids = torch.as_tensor(np.stack(rows.experts.to_numpy()).astype(np.int64))
             got_w = torch.as_tensor(np.stack(rows.weights.to_numpy()).astype(np.float32))
             assert torch.equal(got_ids, ids[valid]), f"{module} step {step}: stored ids ≠ the router's ids"
@@ -608,12 +610,6 @@ def test_generate_records_prefill_and_every_decode_step(left_pad: int, tmp_path:
             assert torch.equal(got, truth["ids"].reshape(valid.numel(), -1)[valid])
 
 
-@pytest.mark.xfail(
-    reason="recorder: `pos` is the column index when the caller passes no position_ids (plain forward: a "
-    "left-padded sequence starts at pos = n_pad) but the model's position_ids under generate() (starts at 0); "
-    "see recorder.py _on_model_forward (pos from cache_position / position_ids / arange + offset)",
-    strict=True,
-)
 def test_pos_is_the_same_with_and_without_position_ids(tmp_path: Path) -> None:
     """A left-padded prompt's first real token has the same pos whether or not position_ids are passed."""
     model = build(CASES["mixtral"])
