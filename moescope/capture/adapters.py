@@ -330,7 +330,9 @@ def _sorted_by_expert(
     order = order.reshape(-1).long()  # [T*k]: slot index (t*k + s) of each sorted position
     sizes_t = torch.as_tensor(sizes, device=order.device, dtype=torch.long)  # [E]
     # the sorted positions hold expert 0's slots first, then expert 1's, ...: their expert is known by position
-    sorted_expert = torch.repeat_interleave(torch.arange(len(sizes_t), device=order.device), sizes_t)  # [T*k]
+    # output_size: known on the host, so no device sync to size the result
+    experts = torch.arange(len(sizes_t), device=order.device)
+    sorted_expert = torch.repeat_interleave(experts, sizes_t, output_size=order.numel())  # [T*k]
     ids = torch.empty_like(order)
     ids[order] = sorted_expert
     w = torch.empty(order.shape, dtype=torch.float32, device=order.device)
