@@ -88,7 +88,16 @@ def _shell(data: DashboardData) -> html.Div:
                 ],
                 className="ms-topbar",
             ),
-            html.Main(dash.page_container, className="ms-main"),
+            html.Main(
+                # A page that computes for a while (a new drift comparison on a big trace) dims the old one
+                # and shows a spinner instead of looking frozen.
+                dcc.Loading(
+                    dash.page_container, target_components={"_pages_content": "children"}, delay_show=400,
+                    type="circle", color="#1f4e9e", overlay_style={"visibility": "visible", "opacity": 0.45},
+                    parent_className="ms-loading", show_initially=False,
+                ),
+                className="ms-main",
+            ),
         ],
         className="ms-app",
     )

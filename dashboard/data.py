@@ -172,7 +172,7 @@ class DashboardData:
                 lambda r=run: self.layer_utilization(r), lambda r=run: self.similarity(r),
                 lambda r=run: self.snapshot_steps(r), lambda r=run: self.sequences(r),
             ]
-        base, cur = default_drift_sides(self.run_names(), self.tags(), self.step_ranges())
+        base, cur = default_drift_sides(self.run_names(), self.tags_by_run(), self.step_ranges())
         steps.append(lambda: self.drift(base, cur))
         for step in steps:
             if self._closed:
@@ -206,8 +206,8 @@ class DashboardData:
                 "FROM layer_info GROUP BY run"
             )
             steps = self._df(
-                "SELECT run, MIN(step) AS first_step, MAX(step) AS last_step, COUNT(DISTINCT step) AS steps, "
-                "string_agg(DISTINCT tag, ', ' ORDER BY tag) AS tags FROM expert_load GROUP BY run"
+                "SELECT run, MIN(step) AS first_step, MAX(step) AS last_step, COUNT(DISTINCT step) AS steps "
+                "FROM expert_load GROUP BY run"
             )
             tokens = self._df(
                 "SELECT run, SUM(tokens) AS tokens FROM ("
@@ -223,6 +223,13 @@ class DashboardData:
                 "  SELECT run, step FROM expert_similarity UNION ALL SELECT run, step FROM expert_spectra"
                 ") GROUP BY run"
             )
+            tag_rows = self._df("SELECT DISTINCT run, tag FROM expert_load ORDER BY run, tag")
+            labels = {}
+            for run, g in tag_rows.groupby("run"):
+                named = [str(t) for t in g["tag"] if t]
+                text = ", ".join(named) or "—"  # rows recorded outside any rec.tag(...) have tag ''
+                labels[run] = text + (" (+ untagged)" if named and (g["tag"] == "").any() else "")
+            steps["tags"] = steps["run"].map(labels)
             out = base
             for other in (layers, steps, tokens[["run", "tokens"]], routed, snaps):
                 out = out.merge(other, on="run", how="left")
@@ -284,6 +291,10 @@ class DashboardData:
             return [str(t) for t in df["tag"] if t is not None]
 
         return self._cached(("tags", run), compute)
+
+    def tags_by_run(self) -> dict[str, list[str]]:
+        """Run -> its tags."""
+        return {r: self.tags(r) for r in self.run_names()}
 
     def context(self) -> tuple[list[str], dict[str, list[int]], dict[str, tuple[int, int]]]:
         """(runs, layers per run, step range per run): what `state.resolve` checks a selection against."""
@@ -504,10 +515,10 @@ class DashboardData:
 
 
 def _clean(sel: Mapping[str, Any] | None) -> dict[str, Any]:
-    """A selection dict without empty entries (None, '', empty steps)."""
+    """A selection dict without unset entries (None, empty steps; '' stays for tag: the untagged rows)."""
     out: dict[str, Any] = {}
     for k, v in (sel or {}).items():
-        if v is None or v == "" or (k == "steps" and not v):
+        if v is None or (k == "steps" and not v) or (v == "" and k != "tag"):
             continue
         out[k] = tuple(v) if k == "steps" else v
     return out
@@ -526,19 +537,24 @@ def current() -> DashboardData:
 
 #: The tag choice meaning "every tag" in the dashboard's controls.
 ALL_TAGS = "*"
+#: The tag choice meaning the empty tag (rows recorded outside any rec.tag(...)): URLs drop empty values.
+UNTAGGED = "~"
 
 
 def default_drift_sides(
-    runs: list[str], tags: list[str], step_ranges: Mapping[str, tuple[int, int]]
+    runs: list[str], tags: Mapping[str, list[str]], step_ranges: Mapping[str, tuple[int, int]]
 ) -> tuple[dict[str, Any], dict[str, Any]]:
-    """A sensible first comparison: two tags of the first run, else the first two runs, else early vs late steps."""
+    """A sensible first comparison: two tags of the first run that has two (English vs code), else the first
+    two runs, else the early and late halves of the only run. `tags`: run -> its tags."""
     if not runs:
         return {}, {}
-    first = runs[0]
-    if len(tags) >= 2:
-        return {"run": first, "tag": tags[0]}, {"run": first, "tag": tags[1]}
+    for run in runs:
+        named = [t for t in tags.get(run, []) if t]
+        if len(named) >= 2:
+            return {"run": run, "tag": named[0]}, {"run": run, "tag": named[1]}
     if len(runs) >= 2:
         return {"run": runs[0]}, {"run": runs[1]}
+    first = runs[0]
     lo, hi = step_ranges.get(first, (0, 0))
     mid = lo + (hi - lo) // 2
     return {"run": first, "steps": (lo, mid)}, {"run": first, "steps": (min(mid + 1, hi), hi)}
@@ -551,7 +567,8 @@ def drift_side(query: Mapping[str, Any], prefix: str, default: Mapping[str, Any]
 
     run = query.get(f"{prefix}run") or default.get("run")
     run = run if run in runs else (runs[0] if runs else None)
-    tag = query.get(f"{prefix}tag", default.get("tag") or ALL_TAGS) or ALL_TAGS
+    tag = query.get(f"{prefix}tag") or (default["tag"] if default.get("tag") is not None else ALL_TAGS)
+    tag = "" if tag == UNTAGGED else tag
     steps = parse_steps(query.get(f"{prefix}steps")) or default.get("steps")
     if steps is not None and run in step_ranges:
         lo, hi = step_ranges[run]
@@ -569,7 +586,8 @@ def drift_side(query: Mapping[str, Any], prefix: str, default: Mapping[str, Any]
 def describe_side(side: Mapping[str, Any]) -> str:
     """'collapse · tag code · steps 0–99' for a drift selection."""
     parts = [str(side.get("run", "?"))]
-    parts.append(f"tag {side['tag']}" if side.get("tag") else "all tags")
+    tag = side.get("tag")
+    parts.append("all tags" if tag is None else (f"tag {tag}" if tag else "untagged"))
     if side.get("steps"):
         a, b = side["steps"]
         parts.append(f"steps {a}–{b}")

@@ -17,7 +17,7 @@ import plotly.graph_objects as go
 #: Distinct, colour-blind-aware hues for the first experts (Observable 10, then ten more of similar weight).
 _EXPERT_BASE = (
     "#4269d0", "#efb118", "#ff725c", "#6cc5b0", "#3ca951", "#ff8ab7", "#a463f2", "#97bbf5", "#9c6b4e", "#9498a0",
-    "#1b9e77", "#d95f02", "#7570b3", "#e7298a", "#66a61e", "#c49a00", "#a6761d", "#0f4c81", "#b8336a", "#5f9ea0",
+    "#1b9e77", "#d95f02", "#17becf", "#e7298a", "#b5bd00", "#1d3557", "#a6761d", "#6a3d9a", "#b8336a", "#5f9ea0",
 )
 
 STATUS_COLORS = {

@@ -114,14 +114,17 @@ def test_worst_status_and_token_text() -> None:
 
 def test_drift_sides() -> None:
     ranges = {"a": (0, 99), "b": (0, 9)}
-    assert D.default_drift_sides(["a", "b"], ["code", "english"], ranges) == (
-        {"run": "a", "tag": "code"}, {"run": "a", "tag": "english"})
-    assert D.default_drift_sides(["a", "b"], [""], ranges) == ({"run": "a"}, {"run": "b"})
-    assert D.default_drift_sides(["a"], [], ranges) == ({"run": "a", "steps": (0, 49)}, {"run": "a", "steps": (50, 99)})
+    assert D.default_drift_sides(["a", "b"], {"a": [""], "b": ["", "code", "english"]}, ranges) == (
+        {"run": "b", "tag": "code"}, {"run": "b", "tag": "english"})
+    assert D.default_drift_sides(["a", "b"], {"a": [""], "b": ["x"]}, ranges) == ({"run": "a"}, {"run": "b"})
+    assert D.default_drift_sides(["a"], {}, ranges) == ({"run": "a", "steps": (0, 49)}, {"run": "a", "steps": (50, 99)})
     side = D.drift_side({"b_run": "b", "b_tag": "*", "b_steps": "5-500"}, "b_", {"run": "a"}, ["a", "b"], ranges)
     assert side == {"run": "b", "steps": (5, 9)}
     assert D.drift_side({}, "c_", {"run": "zz", "tag": "code"}, ["a"], ranges) == {"run": "a", "tag": "code"}
     assert D.describe_side({"run": "a", "tag": "code", "steps": (1, 2)}) == "a · tag code · steps 1–2"
+    assert D.drift_side({"b_tag": "~"}, "b_", {"run": "a"}, ["a"], ranges) == {"run": "a", "tag": ""}
+    assert D.describe_side({"run": "a", "tag": ""}) == "a · untagged"
+    assert D.describe_side({"run": "a"}) == "a · all tags"
 
 
 def test_expert_palette_is_fixed_and_distinct() -> None:
@@ -210,6 +213,8 @@ def test_drift_and_shares(data: Any) -> None:
     assert s0.loc[3] > b0.loc[3] and s0.loc[6] > b0.loc[6]
     same = data.drift(base, base)
     assert not same["flagged"].any()
+    untagged = data.expert_shares({"run": "balanced", "tag": ""})
+    assert untagged.empty  # every synthetic row is tagged: '' selects the untagged rows, not all of them
 
 
 def test_cache_hits(data: Any) -> None:

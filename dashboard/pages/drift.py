@@ -10,7 +10,7 @@ from dash import html
 from moescope_dashboard import components as C
 from moescope_dashboard import data as D
 from moescope_dashboard import figures as F
-from moescope_dashboard.data import ALL_TAGS, default_drift_sides, describe_side, drift_side
+from moescope_dashboard.data import ALL_TAGS, UNTAGGED, default_drift_sides, describe_side, drift_side
 
 dash.register_page(__name__, path="/drift", name="Drift", title="moescope · Drift", order=4)
 
@@ -23,7 +23,9 @@ def _side_controls(prefix: str, name: str, side: dict[str, Any], data: Any) -> l
     return [
         html.Div(name, className=f"ms-side-name {'base' if prefix == 'b_' else 'cur'}"),
         C.choice(f"{prefix}run", "Run", data.run_names(), run),
-        C.choice(f"{prefix}tag", "Tag", [ALL_TAGS, *tags], side.get("tag", ALL_TAGS), labels=["all tags", *tags]),
+        C.choice(f"{prefix}tag", "Tag", [ALL_TAGS, *[t or UNTAGGED for t in tags]],
+                 ALL_TAGS if side.get("tag") is None else (side["tag"] or UNTAGGED),
+                 labels=["all tags", *[t or "untagged" for t in tags]]),
         C.steps_slider(f"{prefix}steps", "Steps", lo, hi, side.get("steps")),
     ]
 
@@ -38,7 +40,7 @@ def layout(**query: Any) -> html.Div:
     """The drift page (extra URL keys: b_run, b_tag, b_steps, c_run, c_tag, c_steps)."""
     data, state = C.page_state(query)
     runs, ranges = data.run_names(), data.step_ranges()
-    d_base, d_cur = default_drift_sides(runs, data.tags(), ranges)
+    d_base, d_cur = default_drift_sides(runs, data.tags_by_run(), ranges)
     base = drift_side(query, "b_", d_base, runs, ranges)
     cur = drift_side(query, "c_", d_cur, runs, ranges)
     head = C.header("Drift", "Does routing differ between two slices (English vs code, train vs eval, early vs late)? "

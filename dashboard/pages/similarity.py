@@ -28,9 +28,12 @@ def layout(**query: Any) -> html.Div:
     run, layer = state.run, state.layer
     steps = data.snapshot_steps(run)
     if not steps:
+        runs = data.runs()
+        others = [r for r, n in zip(runs["run"], runs["snapshots"]) if n > 0]
+        hint = f" Runs with snapshots: {', '.join(others)}." if others else ""
         return html.Div([head, C.selection_bar(state, data, steps=False), C.message(
-            f"Run {run!r} has no expert snapshots. Write them with moescope.snapshot_experts(model, path, step=...).",
-            "info")])
+            f"Run {run!r} has no expert snapshots. Write them with moescope.snapshot_experts(model, path, step=...)."
+            + hint, "info")])
     ckpt = as_int(query.get("ckpt"))
     ckpt = ckpt if ckpt in steps else steps[-1]
     sim = data.similarity(run)

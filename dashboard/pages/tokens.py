@@ -54,9 +54,12 @@ def _page(data: Any, state: Any, query: dict[str, Any]) -> html.Div:
     run, layer = state.run, state.layer
     seqs = data.sequences(run)
     if seqs.empty:
+        runs = data.runs()
+        others = [r for r, n in zip(runs["run"], runs["routing_rows"]) if n > 0]
+        hint = f" Runs with token-level routing: {', '.join(others)}." if others else ""
         return html.Div([head, C.selection_bar(state, data, steps=False), C.message(
             f"Run {run!r} was recorded without token-level routing (tokens=0). Record with "
-            "moescope.record(model, path, tokens=0.25) to keep whole sequences.", "info")])
+            "moescope.record(model, path, tokens=0.25) to keep whole sequences." + hint, "info")])
     steps = sorted(int(s) for s in seqs["step"].unique())
     step = as_int(query.get("tstep"))
     step = step if step in steps else steps[-1]

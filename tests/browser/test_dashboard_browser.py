@@ -23,21 +23,27 @@ PAGES = [
     ("/", "overview", 1, "worst"),
     ("/utilization", "utilization", 5, "worst"),
     ("/collapse", "collapse", 5, "worst"),
-    ("/similarity", "similarity", 2, "worst"),
+    ("/similarity", "similarity", 2, "snapshots"),
     ("/drift", "drift", 2, "worst"),
-    ("/tokens", "tokens", 1, "best"),
+    ("/tokens", "tokens", 1, "tokens"),
     ("/sql", "sql", 0, "worst"),
 ]
 
 
 def _runs_by_health(trace: Path) -> dict[str, str]:
-    """{'worst': run with the most FAIL/WARN findings, 'best': the one with the fewest}."""
+    """'worst': the run with the most FAIL/WARN findings; 'snapshots': the worst run with expert snapshots;
+    'tokens': the healthiest run with token-level routing."""
     data = dashboard.module("data").DashboardData(trace)
     grid = data.health_grid()
+    runs = data.runs().set_index("run")
     score = (grid.assign(s=grid["fail"] * 100 + grid["warn"]).groupby("run")["s"].sum()
              .reindex(data.run_names(), fill_value=0))
     data.close()
-    return {"worst": str(score.idxmax()), "best": str(score.idxmin())}
+    snap = score[runs["snapshots"].reindex(score.index) > 0]
+    tok = score[runs["routing_rows"].reindex(score.index) > 0]
+    worst = str(score.idxmax())
+    return {"worst": worst, "snapshots": str(snap.idxmax()) if len(snap) else worst,
+            "tokens": str(tok.idxmin()) if len(tok) else worst}
 
 # Plotly keeps the figure as sent (typed arrays base64-encoded); _fullData holds the decoded arrays.
 _PLAIN_JS = """
@@ -159,6 +165,7 @@ def test_selection_travels_in_the_url(dash_duo: Any, start_dashboard: Any, brows
     assert link.get_attribute("href").endswith(f"/utilization?run={run}&layer=1&steps=5-20")
     link.click()
     _wait(lambda: "/utilization?" in dash_duo.driver.current_url, what="navigation")
+    dash_duo.wait_for_element("#util-heatmap .js-plotly-plot", timeout=30)  # the old page's charts are gone
     charts = _charts(dash_duo, 5)
     assert {"util-heatmap", "util-lines"} <= {c["id"] for c in charts}
     ticks = json.loads(_figure(dash_duo, "util-heatmap"))[0][0]
