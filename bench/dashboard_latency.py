@@ -155,6 +155,14 @@ def main(argv: list[str] | None = None) -> int:
         extra = "".join(f"{t:>11.3f}s" if i == 0 else f"{t:>16.3f}s" for i, t in enumerate(times[len(views):]))
         print(f"{path:<14}{cells}{extra}")
         worst_after = max(worst_after, *times[1:])
+    # A new drift comparison (other slices) is a first open of its own: the bootstrap reads the baseline's sequences.
+    tags = [t for t in data.tags(runs[0]) if t]
+    if len(tags) >= 2:
+        mid = lo + (hi - lo) // 2
+        search = f"?run={runs[0]}&b_run={runs[0]}&b_tag={tags[1]}&b_steps={lo}-{mid}&c_run={runs[-1]}&c_tag={tags[0]}"
+        first, _ = client.open("/drift", search)
+        again, _ = client.open("/drift", search)
+        print(f"/drift with other slices: first {first:.3f}s, again {again:.3f}s")
     cold = max(t[0] for _, t in rows)
     print()
     print(f"slowest first open: {cold:.2f} s; slowest view after the first open: {worst_after:.2f} s "
