@@ -3,6 +3,10 @@
 Skipped with a reason when dash[testing], Chromium or chromedriver is missing. Screenshots go to
 $MOESCOPE_SCREENSHOT_DIR when set (e.g. `docs` to refresh the README images), else to a temporary folder;
 $MOESCOPE_DASHBOARD_TRACE points the tests at another trace (e.g. sample_traces) instead of the synthetic one.
+The README images were made with
+
+    moescope demo --quick --out /tmp/demo
+    MOESCOPE_DASHBOARD_TRACE=/tmp/demo MOESCOPE_SCREENSHOT_DIR=docs pytest tests/browser -k every_page
 """
 
 from __future__ import annotations
