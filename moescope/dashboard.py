@@ -77,9 +77,23 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+def exposure_warning(host: str) -> str | None:
+    """The warning to print when `host` is reachable from other machines (None for loopback)."""
+    if is_loopback(host):
+        return None
+    return (
+        f"moescope: warning: binding {host}: the dashboard has no authentication and anyone who can reach this "
+        "address can read the trace; use --host 127.0.0.1 unless that is what you want"
+    )
+
+
 def serve(
     trace_root: str | os.PathLike[str], host: str = "127.0.0.1", port: int = 8050, debug: bool = False, **kwargs: Any
 ) -> None:
-    """Build the app and serve it until interrupted (Dash's built-in server; binds `host`)."""
+    """Build the app and serve it until interrupted (Dash's built-in server; binds `host`, loopback by default)."""
     app = create_app(trace_root, **kwargs)
+    warning = exposure_warning(host)
+    if warning:
+        sys.stderr.write(warning + "\n")
+    sys.stderr.write(f"moescope dashboard: serving {trace_root} on http://{host}:{port}/ (Ctrl+C stops)\n")
     app.run(host=host, port=port, debug=debug)

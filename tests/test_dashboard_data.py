@@ -271,6 +271,7 @@ def test_never_writes_to_the_trace(trace_root: Path) -> None:
         d.runs(), d.health_grid(), d.utilization(run), d.load_metrics(run), d.similarity(run), d.sequences(run)
         d.drift({"run": run, "tag": "english"}, {"run": run, "tag": "code"})
     d.run_sql("SELECT * FROM assignments LIMIT 5")
+    assert d.trace.locked and d.console.locked  # both connections are locked (read-only) traces
     d.close()
     assert _snapshot(trace_root) == before
 
@@ -356,6 +357,7 @@ def test_glue_locates_the_content_folder() -> None:
     assert (folder / "app.py").is_file() and (folder / "pages").is_dir() and (folder / "assets").is_dir()
     assert glue.package().__name__ == glue.PACKAGE
     assert glue.is_loopback("127.0.0.1") and glue.is_loopback("::1") and glue.is_loopback("localhost")
+    assert glue.exposure_warning("127.0.0.1") is None and "0.0.0.0" in (glue.exposure_warning("0.0.0.0") or "")
     assert not glue.is_loopback("0.0.0.0") and not glue.is_loopback("192.168.1.2") and not glue.is_loopback("x")
 
 
@@ -366,7 +368,16 @@ def _cli(argv: list[str], monkeypatch: pytest.MonkeyPatch, capsys: pytest.Captur
     from moescope import cli
 
     seen: dict[str, Any] = {}
-    monkeypatch.setattr(glue, "serve", lambda trace, **kw: seen.update(trace=trace, **kw))
+
+    class FakeApp:
+        def run(self, **kw: Any) -> None:  # stands in for Dash.run: nothing is bound
+            seen.update(kw)
+
+    def fake_create_app(trace: Any, **kw: Any) -> FakeApp:
+        seen.update(trace=trace, **kw)
+        return FakeApp()
+
+    monkeypatch.setattr(glue, "create_app", fake_create_app)
     rc = cli.main(argv)
     return rc, capsys.readouterr().err, seen
 
@@ -375,6 +386,7 @@ def test_cli_binds_loopback_by_default(trace_root: Path, monkeypatch: pytest.Mon
                                        capsys: pytest.CaptureFixture[str]) -> None:
     rc, err, seen = _cli(["dashboard", str(trace_root)], monkeypatch, capsys)
     assert rc == 0 and seen["host"] == "127.0.0.1" and seen["port"] == 8050 and "warning" not in err
+    assert seen["trace"] == str(trace_root) and seen["sql_timeout"] == 10.0 and "http://127.0.0.1:8050/" in err
 
 
 def test_cli_warns_on_other_address(trace_root: Path, monkeypatch: pytest.MonkeyPatch,

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 from ..cli import CLIError
@@ -46,13 +45,7 @@ def run(args: argparse.Namespace) -> int:
         raise CLIError(f"{args.trace}: no such trace", 3)
     if not 0 < args.port < 65536:
         raise CLIError(f"--port must be between 1 and 65535, got {args.port}", 2)
-    if not dashboard.is_loopback(args.host):
-        sys.stderr.write(
-            f"moescope: warning: binding {args.host}: the dashboard has no authentication and anyone who can reach "
-            "this address can read the trace; use --host 127.0.0.1 unless that is what you want\n"
-        )
-    sys.stderr.write(f"moescope dashboard: serving {args.trace} on http://{args.host}:{args.port}/ (Ctrl+C stops)\n")
-    try:
+    try:  # serve() prints the warning when --host is not a loopback address
         dashboard.serve(args.trace, host=args.host, port=args.port, debug=args.debug, sql_timeout=args.sql_timeout)
     except ImportError as e:  # dash or plotly missing: say which extra to install
         raise CLIError(str(e), 2) from None
