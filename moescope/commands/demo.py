@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 EPILOG = """scenarios (each a real training run on the Python standard library's own source, bytes as tokens):
-  balanced   Switch aux loss 0.01 + z-loss: healthy routing
+  balanced   Switch aux loss 0.01 + z-loss + aux-loss-free bias balancing: healthy routing
   collapse   no aux loss, no z-loss, learned router bias, hot router: the router collapses through training
   shift      trained on English (docstrings, comments), evaluated on English and code (tags english, code)
   upcycled   experts copied from one dense FFN plus small noise: near-clones (expert snapshots at checkpoints)
@@ -189,7 +189,10 @@ def _print_findings(df: Any) -> None:
 
 
 def load_summary(out: Path, names: list[str]) -> list[dict[str, Any]]:
-    """Per run and layer, from the expert_load Parquet files: top-m share, min utilization, experts used."""
+    """Per run, tag and layer over the run's second half of steps, from the expert_load Parquet files: share of
+    the busiest max(k, N/4) experts, lowest and highest utilization N·f, experts under 5% of their fair share."""
+    import json
+
     import pyarrow.dataset as ds
 
     rows: list[dict[str, Any]] = []
@@ -197,7 +200,14 @@ def load_summary(out: Path, names: list[str]) -> list[dict[str, Any]]:
         d = out / name / "expert_load"
         if not d.is_dir():
             continue
-        t = ds.dataset(str(d), format="parquet").to_table(columns=["tag", "layer", "expert", "tokens"]).to_pandas()
+        try:
+            layers = json.loads((out / name / "manifest.json").read_text()).get("layers", [])
+            top_k = {int(ly["layer"]): int(ly["top_k"]) for ly in layers}
+        except (OSError, ValueError, KeyError, TypeError):
+            top_k = {}
+        cols = ["step", "tag", "layer", "expert", "tokens"]
+        t = ds.dataset(str(d), format="parquet").to_table(columns=cols).to_pandas()
+        t = t[t["step"] >= (int(t["step"].max()) + 1) // 2]  # the second half of the run: where routing ended up
         for (tag, layer), g in t.groupby(["tag", "layer"]):
             per = g.groupby("expert")["tokens"].sum()
             n = int(per.index.max()) + 1
@@ -205,12 +215,13 @@ def load_summary(out: Path, names: list[str]) -> list[dict[str, Any]]:
             total = counts.sum()
             if total == 0:
                 continue
+            m = max(top_k.get(int(layer), 2), n // 4)
+            util = n * counts / total
             rows.append({
-                "run": name, "tag": tag, "layer": int(layer), "n_experts": n,
-                "top2_share": float(counts[:2].sum() / total),
-                "top_quarter_share": float(counts[: max(2, n // 4)].sum() / total),
-                "min_utilization": float(n * counts[-1] / total),
-                "max_utilization": float(n * counts[0] / total),
+                "run": name, "tag": tag, "layer": int(layer), "n_experts": n, "m": m,
+                "top_m_share": float(counts[:m].sum() / total),
+                "min_utilization": float(util[-1]), "max_utilization": float(util[0]),
+                "dead": int((util < 0.05).sum()),
             })
     return rows
 
@@ -221,8 +232,9 @@ def print_load_summary(out: Path, names: list[str]) -> None:
     if not rows:
         print("no expert_load data found")
         return
-    print("expert load per run and layer (utilization N*f: 1.0 = fair share):")
-    print(f"  {'run':<9} {'tag':<8} {'layer':>5}  {'top-2 share':>11}  {'min util':>8}  {'max util':>8}")
+    print("expert load in the second half of each run (utilization N*f: 1.0 = fair share; tag '-' = training):")
+    print(f"  {'run':<9} {'tag':<8} {'layer':>5}  {'busiest m':>9}  {'their share':>11}  {'min util':>8}  "
+          f"{'max util':>8}  {'dead':>4}")
     for r in rows:
-        print(f"  {r['run']:<9} {r['tag'] or '-':<8} {r['layer']:>5}  {r['top2_share']:>11.2f}  "
-              f"{r['min_utilization']:>8.2f}  {r['max_utilization']:>8.2f}")
+        print(f"  {r['run']:<9} {r['tag'] or '-':<8} {r['layer']:>5}  {r['m']:>4} of {r['n_experts']:<2}  "
+              f"{r['top_m_share']:>11.2f}  {r['min_utilization']:>8.2f}  {r['max_utilization']:>8.2f}  {r['dead']:>4}")
