@@ -579,8 +579,18 @@ def summary_line(result: CheckResult) -> str:
     """One line: overall result, counts by status and what was checked."""
     s = result.summary
     counts = ", ".join(f"{s[k.lower()]} {k.lower()}" for k in STATUS_ORDER)
-    ref = f" against {result.meta['reference']}" if result.meta.get("reference") else ""
-    return f"moescope check: {s['result'].upper()} ({counts}) for {result.meta.get('trace', 'trace')}{ref}"
+    meta = result.meta
+    trace = meta.get("trace", "trace")
+    ref = ""
+    if meta.get("reference") and meta["reference"] != trace:
+        ref = f" against {meta['reference']}"
+    if meta.get("tag") is not None or meta.get("reference_tag") is not None:
+
+        def name(t: Any) -> str:
+            return "all data" if t is None else f"tag {t!r}"
+
+        ref += f" (drift: {name(meta.get('tag'))} vs {name(meta.get('reference_tag'))})"
+    return f"moescope check: {s['result'].upper()} ({counts}) for {trace}{ref}"
 
 
 def format_text(result: CheckResult, *, verbose: bool = False) -> str:
