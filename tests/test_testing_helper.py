@@ -76,4 +76,3 @@ def test_open_trace_object_is_left_open(runs: dict[str, Path]) -> None:
         # A slice compared with the trace's own (here untagged) data needs no second path.
         result = check_trace(tr, reference_tag="")
         assert "drift" in set(result.findings["rule"])
-
