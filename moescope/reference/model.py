@@ -23,6 +23,8 @@ import torch.nn.functional as F
 
 @dataclass
 class MoEConfig:
+    """Every knob of the reference MoE; the defaults are a small but complete Mixtral-style model."""
+
     vocab_size: int = 256  # byte-level
     d_model: int = 128
     n_layers: int = 2
@@ -47,6 +49,8 @@ class MoEConfig:
 
 @dataclass
 class MoEOutput:
+    """What MoEModel.forward returns (attribute names as transformers' causal-LM outputs)."""
+
     logits: torch.Tensor  # [B, S, V]
     loss: torch.Tensor | None  # lm_loss + aux_loss_coef·aux_loss + z_loss_coef·z_loss (None without labels)
     lm_loss: torch.Tensor | None
@@ -55,6 +59,8 @@ class MoEOutput:
 
 
 class RMSNorm(nn.Module):
+    """Root-mean-square layer norm with a learned scale (no bias, no mean subtraction)."""
+
     def __init__(self, dim: int, eps: float = 1e-6) -> None:
         super().__init__()
         self.eps = eps
@@ -84,6 +90,8 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 class Attention(nn.Module):
+    """Multi-head causal self-attention with rotary position embeddings."""
+
     def __init__(self, cfg: MoEConfig) -> None:
         super().__init__()
         assert cfg.d_model % cfg.n_heads == 0
@@ -278,6 +286,8 @@ def balance_losses(
 
 
 class DecoderLayer(nn.Module):
+    """Pre-norm block: x + attn(norm(x)), then x + moe(norm(x))."""
+
     def __init__(self, cfg: MoEConfig) -> None:
         super().__init__()
         self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
