@@ -45,6 +45,8 @@ def run(args: argparse.Namespace) -> int:
         raise CLIError(f"{args.trace}: no such trace", 3)
     if not 0 < args.port < 65536:
         raise CLIError(f"--port must be between 1 and 65535, got {args.port}", 2)
+    if not args.sql_timeout > 0:
+        raise CLIError(f"--sql-timeout must be a positive number of seconds, got {args.sql_timeout:g}", 2)
     try:  # serve() prints the warning when --host is not a loopback address
         dashboard.serve(args.trace, host=args.host, port=args.port, debug=args.debug, sql_timeout=args.sql_timeout)
     except ImportError as e:  # dash or plotly missing: say which extra to install
