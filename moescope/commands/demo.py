@@ -166,8 +166,29 @@ def print_health(out: Path, names: list[str]) -> None:
         print_load_summary(out, names)
         return
     _print_findings(df)
+    if "shift" in names:
+        _print_drift(out)
     print()
     print_load_summary(out, names)
+
+
+def _print_drift(out: Path) -> None:
+    """Print the shift run's routing drift from English to code, layer by layer."""
+    import moescope
+
+    try:
+        tr = moescope.open(out)
+        try:
+            d = tr.drift(baseline={"run": "shift", "tag": "english"}, current={"run": "shift", "tag": "code"})
+        finally:
+            tr.close()
+    except Exception as e:  # drift is an extra here; the findings above already printed
+        print(f"(drift unavailable: {e.__class__.__name__}: {e})")
+        return
+    print("shift: routing drift, held-out English (baseline) -> code (moescope check --tag code --reference-tag english):")
+    for _, r in d.iterrows():
+        print(f"    {r['status']:<5} layer {int(r['layer'])}: JS distance {r['js']:.3f} (threshold {r['threshold']:.3f}), "
+              f"TV {r['tv']:.3f}")
 
 
 def _print_findings(df: Any) -> None:
