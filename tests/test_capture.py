@@ -214,7 +214,16 @@ def test_resume_continues_without_duplicates(tmp_path: Path) -> None:
     assert got == [(s, 8) for s in range(6)]
 
 
-def test_drop_when_queue_full_is_counted(tmp_path: Path) -> None:
+def test_drop_when_queue_full_is_counted(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import moescope.trace as trace_mod
+
+    real_write = trace_mod.write_part
+
+    def slow_write(*a: object, **kw: object) -> Path:
+        time.sleep(0.05)  # a slow disk: the queue stays occupied while training goes on
+        return real_write(*a, **kw)
+
+    monkeypatch.setattr(trace_mod, "write_part", slow_write)
     m = _model()
     x = torch.randint(0, 64, (8, 16))
     with moescope.record(m, tmp_path / "r", tokens=1.0, flush_every=1, max_queue_mb=1e-6, on_full="drop") as rec:

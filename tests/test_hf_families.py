@@ -627,14 +627,6 @@ def test_pos_is_the_same_with_and_without_position_ids(tmp_path: Path) -> None:
     assert a == b, (a, b)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="recorder: one token grid per forward, read from the top-level input_ids/attention_mask. Decoder "
-    "routers of encoder-decoder models (Switch, NLLB-MoE) see decoder_input_ids: with equal lengths they get the "
-    "encoder's padding mask and token ids, with different lengths no routing rows at all (recorder.py "
-    "_token_grid, and _accumulate's `cur.batch * cur.seqlen == t` row gate). Needs a grid per stack: hook "
-    "model.get_encoder()/get_decoder() and read each stack's own input_ids/attention_mask.",
-)
 @pytest.mark.parametrize("dec_len", [6, 4])
 def test_switch_encoder_decoder_decoder_tokens(dec_len: int, tmp_path: Path) -> None:
     """Decoder routers are recorded against the decoder's own tokens (ids, mask), not the encoder's."""

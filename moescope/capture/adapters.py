@@ -239,8 +239,12 @@ def _pick(out: Any, index: int | None) -> torch.Tensor | None:
     return None
 
 
-def _probs(logits: torch.Tensor, kind: str) -> torch.Tensor:
+def router_probs(logits: torch.Tensor, kind: str) -> torch.Tensor:
+    """Router probabilities [T, E] from logits [T, E] by the spec's `probs` kind."""
     return torch.sigmoid(logits) if kind == "sigmoid" else torch.softmax(logits, dim=-1)
+
+
+_probs = router_probs
 
 
 def select(logits: torch.Tensor, k: int, rule: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -382,6 +386,7 @@ def describe(spec: RouterSpec) -> str:
 
 
 __all__ = [
+    "router_probs",
     "AdapterError",
     "RouterEvent",
     "RouterSpec",

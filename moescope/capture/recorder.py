@@ -73,6 +73,7 @@ class LayerInfo:
     router_kind: str
     spec: A.RouterSpec
     experts_module: str | None = None
+    grid_owners: tuple[str, ...] = ()  # enclosing modules, nearest first
 
     def to_manifest(self) -> dict[str, Any]:
         """The manifest's `layers` entry."""
@@ -246,6 +247,7 @@ class Recorder:
         self._tag_stack: list[str] = []
         self._cur: _Forward | None = None
         self._depth = 0  # nesting of entry-module forwards; 0 between forwards
+        self._grids: dict[str, _Forward] = {}  # token grid per entry module that received token ids
         self._pending: dict[tuple[int, str], _Acc] = {}
         self._pending_rows = 0
         self._last_step: int | None = None
@@ -337,8 +339,9 @@ class Recorder:
     # -- hooks --------------------------------------------------------------------------------
     def _attach(self) -> None:
         h = self._handles
-        for mod in self._entry_modules():
-            h.add(mod.register_forward_pre_hook(self._on_enter, with_kwargs=True))
+        for name, mod in self._entry_modules().items():
+            h.add(mod.register_forward_pre_hook(
+                lambda m, a, kw, _n=name: self._on_enter(_n, a, kw), with_kwargs=True))
             h.add(mod.register_forward_hook(self._on_exit, always_call=True))
         for info in self.layers:
             router_hook, experts_hook = self._make_hooks(info)
@@ -348,26 +351,25 @@ class Recorder:
                 experts = self.model.get_submodule(info.experts_module)
                 h.add(experts.register_forward_pre_hook(experts_hook, with_kwargs=True))
 
-    def _entry_modules(self) -> list[nn.Module]:
-        """The model and every module that encloses all routers: where a forward's token grid can be read.
+    def _entry_modules(self) -> dict[str, nn.Module]:
+        """The model and every module enclosing a router: where a forward's token grid can be read.
 
-        A Lightning module whose training_step calls `self.model(...)` never runs its own forward, so the
-        enclosing modules are hooked too; the outermost one that fires starts the forward.
+        A Lightning module whose training_step calls `self.model(...)` never runs its own forward, and an
+        encoder-decoder runs its decoder stack on other tokens than its encoder: so every ancestor of a router
+        is hooked, the outermost one that fires starts the forward, and each router reads the token grid of its
+        nearest ancestor that received token ids.
         """
-        names = [li.module for li in self.layers]
-        common = names[0].split(".")[:-1]
-        for n in names[1:]:
-            parts = n.split(".")[:-1]
-            i = 0
-            while i < min(len(common), len(parts)) and common[i] == parts[i]:
-                i += 1
-            common = common[:i]
-        mods = [self.model]
-        for i in range(1, len(common) + 1):
-            mods.append(self.model.get_submodule(".".join(common[:i])))
+        mods: dict[str, nn.Module] = {"": self.model}
+        for li in self.layers:
+            parts = li.module.split(".")[:-1]
+            chain = [".".join(parts[:i]) for i in range(len(parts), 0, -1)] + [""]
+            li.grid_owners = tuple(chain)  # nearest first
+            for name in chain:
+                if name and name not in mods:
+                    mods[name] = self.model.get_submodule(name)
         return mods
 
-    def _on_enter(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+    def _on_enter(self, name: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         outer = self._depth == 0
         self._depth += 1
         if outer:
@@ -375,10 +377,16 @@ class Recorder:
         if self._cur is None:  # a resumed step being skipped
             return
         ids = kwargs.get("input_ids")
+        if ids is None:
+            ids = kwargs.get("decoder_input_ids") if name == "" and "decoder_input_ids" in kwargs else None
         if ids is None and args and isinstance(args[0], torch.Tensor) and not args[0].is_floating_point():
             ids = args[0]
         if isinstance(ids, torch.Tensor) and ids.dim() == 2 and not ids.is_floating_point():
-            self._cur = self._token_grid(ids, kwargs)
+            for g in self._grids.values():
+                # Inner modules handed the same ids (DeepSeek-V4's hash router) add nothing and lack the mask.
+                if g.token_ids is not None and g.token_ids.shape == ids.shape and g.token_ids.data_ptr() == ids.data_ptr():
+                    return
+            self._grids[name] = self._token_grid(ids, kwargs)
 
     def _on_exit(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
         self._depth = max(0, self._depth - 1)
@@ -395,6 +403,7 @@ class Recorder:
             self._maybe_flush(step)
         self._last_step = step
         self._cur = _Forward(step, self.current_tag, None, None, None, None, None)
+        self._grids = {}
 
     def _token_grid(self, ids: torch.Tensor, kwargs: dict[str, Any]) -> _Forward:
         """Token ids, padding mask, absolute positions and the sampled sequences of one forward."""
@@ -459,6 +468,12 @@ class Recorder:
             cur = _Forward(self.step, self.current_tag, None, None, None, None, None)
         elif cur is None:
             return  # a resumed step being skipped
+        else:
+            for owner in info.grid_owners:
+                grid = self._grids.get(owner)
+                if grid is not None:
+                    cur = grid
+                    break
         ids, w = ev.ids, ev.weights  # [T, k]
         t, k = ids.shape
         e = info.n_experts
@@ -477,7 +492,7 @@ class Recorder:
         if logits is not None:
             finite = torch.isfinite(logits).all(-1)  # [T]
             lg = torch.where(finite[:, None], logits, torch.zeros_like(logits))  # [T, E]
-            p = torch.sigmoid(lg) if info.spec.probs == "sigmoid" else torch.softmax(lg, -1)  # [T, E]
+            p = A.router_probs(lg, info.spec.probs)  # [T, E]
             vf = (vt * finite).to(torch.float32)  # [T]: tokens that count towards prob statistics
             load[:, 1] = (p * vf[:, None]).sum(0, dtype=torch.float64)
             pn = p / p.sum(-1, keepdim=True).clamp_min(1e-20)  # sigmoid routers: entropy of the normalised scores
