@@ -438,18 +438,23 @@ class DashboardData:
     # -- tokens --------------------------------------------------------------------------------------
 
     def sequences(self, run: str) -> pd.DataFrame:
-        """Token-level sequences kept in `run`: step, tag, seq, tokens (one scan of `routing` per run, cached)."""
+        """Token-level sequences kept in `run`: rank, step, tag, seq, tokens (one scan of `routing` per run, cached).
+
+        A sequence is (rank, step, tag, seq): every rank numbers its own batch from 0.
+        """
         return self._cached(
             ("sequences", run),
             lambda: self._df(
-                "SELECT step, tag, seq, COUNT(*) AS tokens FROM routing "
+                "SELECT CAST(rank AS INTEGER) AS rank, step, tag, seq, COUNT(*) AS tokens FROM routing "
                 "WHERE run = ? AND layer = (SELECT MIN(layer) FROM routing WHERE run = ?) "
-                "GROUP BY step, tag, seq ORDER BY step, tag, seq",
+                "GROUP BY rank, step, tag, seq ORDER BY step, rank, tag, seq",
                 [run, run],
             ),
         )
 
-    def token_routing(self, run: str, step: int, seq: int, tag: str | None = None) -> pd.DataFrame:
+    def token_routing(
+        self, run: str, step: int, seq: int, tag: str | None = None, rank: int | None = None
+    ) -> pd.DataFrame:
         """Every layer's routing of one sequence: layer, pos, token_id, text, experts, weights, expert0."""
 
         def compute() -> pd.DataFrame:
@@ -461,6 +466,9 @@ class DashboardData:
             if tag is not None:
                 q += " AND tag = ?"
                 params.append(tag)
+            if rank is not None:
+                q += " AND rank = ?"
+                params.append(int(rank))
             df = self._df(q + " ORDER BY layer, pos", params)
             df["experts"] = df["experts"].map(lambda v: [int(x) for x in v] if v is not None else [])
             df["weights"] = df["weights"].map(lambda v: [float(x) for x in v] if v is not None else [])
@@ -468,7 +476,7 @@ class DashboardData:
             df["text"] = df["token_id"].map(token_text)
             return df
 
-        return self._cached(("token_routing", run, int(step), int(seq), tag), compute)
+        return self._cached(("token_routing", run, int(step), int(seq), tag, rank), compute)
 
     # -- SQL console ---------------------------------------------------------------------------------
 

@@ -190,7 +190,7 @@ def test_similarity_spectra_tokens(data: Any) -> None:
     sp = data.spectra("collapse", 0, 29)
     assert set(sp["matrix"]) == {"w_in", "w_out"} and len(sp) == 8 * 2 * 16
     seqs = data.sequences("collapse")
-    assert list(seqs["step"].unique()) == [0, 10, 20] and set(seqs["tokens"]) == {16}
+    assert list(seqs["step"].unique()) == [0, 10, 20] and set(seqs["tokens"]) == {16} and set(seqs["rank"]) == {0}
     tag, seq = seqs.iloc[0]["tag"], int(seqs.iloc[0]["seq"])
     tok = data.token_routing("collapse", 0, seq, tag)
     assert len(tok) == 2 * 16 and list(tok["pos"][:3]) == [0, 1, 2]
@@ -445,3 +445,29 @@ def test_counts_only_trace_pages_say_what_is_missing(tmp_path: Path) -> None:
         assert "ms-msg-error" not in text, (page, text[:1500])
     assert "without token-level routing" in _layout(app, "tokens")
     assert "no expert snapshots" in _layout(app, "similarity")
+
+
+def test_sequence_keys_round_trip(app: Any) -> None:
+    tokens = sys.modules[f"{glue.PACKAGE}.pages.tokens"]
+    for rank, tag, seq in ((0, "code", 3), (2, "a:b", 0), (1, "", 7)):
+        assert tokens.parse_seq_key(tokens.seq_key(rank, tag, seq)) == (rank, tag, seq)
+
+
+def test_ranks_keep_their_own_sequences(tmp_path: Path) -> None:
+    """Two ranks number their sequences from 0 alike: the Tokens page shows one rank's tokens at a time."""
+    import moescope
+    from moescope.trace import write_run
+
+    shape = SYN.Shape(layers=1, experts=4, top_k=1, steps=2, tokens_per_step=8, routing_every=1, seqs=1, seq_len=8)
+    root = SYN.make_trace(tmp_path / "ranks", kinds=("balanced",), shape=shape, snapshots=False, tags=("",))
+    tr = moescope.open(root)
+    rank0 = tr.con.execute("SELECT * EXCLUDE (rank) FROM routing").df()
+    tr.close()
+    rank1 = rank0.assign(token_id=ord("Z"))
+    write_run(root / "balanced", {"routing": rank1}, run="balanced", rank=1)
+    d = D.DashboardData(root)
+    seqs = d.sequences("balanced")
+    assert sorted(set(seqs["rank"])) == [0, 1] and len(seqs) == 4
+    one = d.token_routing("balanced", 0, 0, "", rank=1)
+    assert len(one) == 8 and set(one["text"]) == {"Z"}
+    d.close()

@@ -32,6 +32,18 @@ def _strip(tok: pd.DataFrame, layer: int) -> Any:
     return html.Div(spans, className="ms-tokstrip", id="tok-strip")
 
 
+def seq_key(rank: Any, tag: Any, seq: Any) -> str:
+    """The URL value naming a sequence of a step: 'RANK:TAG:SEQ' (tags may hold ':', ranks and seqs do not)."""
+    return f"{int(rank)}:{tag}:{int(seq)}"
+
+
+def parse_seq_key(key: str) -> tuple[int, str, int]:
+    """(rank, tag, seq) from seq_key()'s text."""
+    rank, rest = key.split(":", 1)
+    tag, seq = rest.rsplit(":", 1)
+    return int(rank), tag, int(seq)
+
+
 def _legend(n: int) -> Any:
     return html.Div(
         [html.Span([html.Span(className="ms-swatch", style={"backgroundColor": F.expert_color(e)}), f"E{e}"],
@@ -41,7 +53,7 @@ def _legend(n: int) -> Any:
 
 
 def layout(**query: Any) -> html.Div:
-    """The tokens page (extra URL keys: tstep, seq as 'TAG:SEQ')."""
+    """The tokens page (extra URL keys: tstep, seq as 'RANK:TAG:SEQ')."""
     data, state = C.page_state(query)
     return C.guard("tokens", lambda: _page(data, state, query))
 
@@ -64,11 +76,15 @@ def _page(data: Any, state: Any, query: dict[str, Any]) -> html.Div:
     step = as_int(query.get("tstep"))
     step = step if step in steps else steps[-1]
     at = seqs[seqs["step"] == step]
-    keys = [f"{t}:{int(s)}" for t, s in zip(at["tag"], at["seq"])]
-    labels = [f"{t or 'untagged'} · seq {int(s)} ({int(n)} tokens)" for t, s, n in zip(at["tag"], at["seq"], at["tokens"])]
+    multi_rank = at["rank"].nunique() > 1
+    keys = [seq_key(r, t, s) for r, t, s in zip(at["rank"], at["tag"], at["seq"])]
+    labels = [
+        (f"rank {int(r)} · " if multi_rank else "") + f"{t or 'untagged'} · seq {int(s)} ({int(n)} tokens)"
+        for r, t, s, n in zip(at["rank"], at["tag"], at["seq"], at["tokens"])
+    ]
     key = query.get("seq") if query.get("seq") in keys else keys[0]
-    tag, seq = key.rsplit(":", 1)
-    tok = data.token_routing(run, step, int(seq), tag)
+    rank, tag, seq = parse_seq_key(key)
+    tok = data.token_routing(run, step, seq, tag, rank)
     n = data.n_experts(run)
     step_ctl = C.choice("tstep", "Step", steps, step, labels=[f"step {s}" for s in steps], width="140px")
     return html.Div(
