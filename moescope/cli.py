@@ -74,8 +74,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as e:  # never a traceback for a user; MOESCOPE_DEBUG=1 shows it
         if os.environ.get("MOESCOPE_DEBUG"):
             raise
-        sys.stderr.write(f"moescope: error: {e.__class__.__name__}: {e}\n")
+        msg = " ".join(str(e).split())
+        if _is_damaged_data(e):
+            # DuckDB finds a damaged data page only when a query reads it: still an unreadable trace (exit 3).
+            sys.stderr.write(f"moescope: error: unreadable trace data: {msg}\n")
+            return 3
+        sys.stderr.write(f"moescope: error: {e.__class__.__name__}: {msg}\n")
         return 1
+
+
+def _is_damaged_data(e: BaseException) -> bool:
+    """True for DuckDB errors that mean a trace file is corrupt or unreadable (not a bad query)."""
+    if type(e).__module__.split(".")[0] not in ("duckdb", "_duckdb"):
+        return False
+    text = str(e).lower()
+    return any(w in text for w in ("corrupt", "thrift", "parquet", "io error", "invalid input error: no magic"))
 
 
 if __name__ == "__main__":  # pragma: no cover
