@@ -1,52 +1,17 @@
-"""Shared fixtures: generic helpers that build tiny hand-made traces with moescope.trace.write_run."""
+"""Shared fixtures; the table builders live in trace_helpers.py (a conftest is not importable by name once
+tests/browser has its own conftest)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 import pytest
+from trace_helpers import layer_spec, load_frame, routing_frame, stats_frame  # noqa: F401
 
 from moescope.trace import write_run
-
-
-def layer_spec(layer: int, n_experts: int, top_k: int, module: str | None = None) -> dict[str, Any]:
-    """One manifest `layers` entry."""
-    return {"layer": layer, "module": module or f"layers.{layer}.moe.router", "n_experts": n_experts,
-            "top_k": top_k, "router_kind": "softmax_topk"}
-
-
-def load_frame(rows: Iterable[tuple[int, int, Sequence[float]]], tag: str = "",
-               prob: Sequence[Sequence[float]] | None = None) -> pd.DataFrame:
-    """expert_load rows from (step, layer, counts per expert); prob: optional prob_sum per expert per row."""
-    out = []
-    for i, (step, layer, counts) in enumerate(rows):
-        for e, c in enumerate(counts):
-            p = prob[i][e] if prob is not None else 0.0
-            out.append({"step": step, "tag": tag, "layer": layer, "expert": e, "tokens": int(c),
-                        "prob_sum": float(p), "weight_sum": 0.0})
-    return pd.DataFrame(out)
-
-
-def stats_frame(rows: Iterable[dict[str, Any]]) -> pd.DataFrame:
-    """router_stats rows from dicts with step, layer, tokens and any of the sums (the rest default to 0)."""
-    cols = {"tag": "", "entropy_sum": 0.0, "lse_sq_sum": 0.0, "lse_sum": 0.0, "lse_max": 0.0, "margin_sum": 0.0,
-            "nonfinite": 0, "dropped": 0}
-    return pd.DataFrame([{**cols, **r} for r in rows])
-
-
-def routing_frame(rows: Iterable[dict[str, Any]]) -> pd.DataFrame:
-    """routing rows from dicts with step, layer, seq, pos, experts (+ optional token_id, weights, tag)."""
-    out = []
-    for r in rows:
-        experts = list(r["experts"])
-        out.append({"step": r.get("step", 0), "tag": r.get("tag", ""), "layer": r.get("layer", 0),
-                    "seq": r.get("seq", 0), "pos": r.get("pos", 0), "token_id": r.get("token_id", 0),
-                    "experts": experts, "weights": r.get("weights", [1.0 / len(experts)] * len(experts)),
-                    "entropy": 0.0, "lse": 0.0, "margin": 0.0})
-    return pd.DataFrame(out)
 
 
 @pytest.fixture

@@ -6,7 +6,7 @@ import json
 
 import pyarrow.parquet as pq
 import pytest
-from conftest import layer_spec, load_frame, stats_frame
+from trace_helpers import layer_spec, load_frame, stats_frame
 
 from moescope.cli import main
 

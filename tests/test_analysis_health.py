@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pandas as pd
 import pytest
-from conftest import layer_spec, load_frame, stats_frame
+from trace_helpers import layer_spec, load_frame, stats_frame
 
 import moescope
 from moescope.analysis.health import COLUMNS, worst_status

@@ -6,7 +6,7 @@ import math
 
 import numpy as np
 import pytest
-from conftest import layer_spec, load_frame, routing_frame, stats_frame
+from trace_helpers import layer_spec, load_frame, routing_frame, stats_frame
 
 import moescope
 from moescope.analysis.metrics import gini, locality_chance

@@ -8,7 +8,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import layer_spec, load_frame, routing_frame, stats_frame
+from trace_helpers import layer_spec, load_frame, routing_frame, stats_frame
 
 import moescope
 from moescope.analysis.trace import VIEWS, Trace

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import layer_spec, routing_frame
+from trace_helpers import layer_spec, routing_frame
 from scipy.spatial.distance import jensenshannon
 from scipy.stats import chi2_contingency
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 
 import pytest
-from conftest import layer_spec, load_frame, stats_frame
+from trace_helpers import layer_spec, load_frame, stats_frame
 
 from moescope.analysis.trace import QueryError, Trace
 
