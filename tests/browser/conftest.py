@@ -3,10 +3,9 @@
 Skipped with a reason when dash[testing], Chromium or chromedriver is missing. Screenshots go to
 $MOESCOPE_SCREENSHOT_DIR when set (e.g. `docs` to refresh the README images), else to a temporary folder;
 $MOESCOPE_DASHBOARD_TRACE points the tests at another trace (e.g. sample_traces) instead of the synthetic one.
-The README images were made with
+The README images (docs/dashboard-*.png) were made from the committed demo traces with
 
-    moescope demo --quick --out /tmp/demo
-    MOESCOPE_DASHBOARD_TRACE=/tmp/demo MOESCOPE_SCREENSHOT_DIR=docs pytest tests/browser -k every_page
+    MOESCOPE_DASHBOARD_TRACE=sample_traces MOESCOPE_SCREENSHOT_DIR=docs pytest tests/browser -k every_page
 """
 
 from __future__ import annotations
