@@ -471,3 +471,19 @@ def test_ranks_keep_their_own_sequences(tmp_path: Path) -> None:
     one = d.token_routing("balanced", 0, 0, "", rank=1)
     assert len(one) == 8 and set(one["text"]) == {"Z"}
     d.close()
+
+
+SAMPLES = Path(__file__).resolve().parent.parent / "sample_traces"
+
+
+@pytest.mark.skipif(not SAMPLES.is_dir(), reason="sample_traces/ not present")
+def test_sample_traces_render_every_page_for_every_run() -> None:
+    """The committed demo traces: every page of every run renders without a failed panel."""
+    before = _snapshot(SAMPLES)
+    app = glue.create_app(SAMPLES, warm=False)
+    for run in app.moescope_data.run_names():
+        for page in PAGES:
+            text = _layout(app, page, run=run, layer="1")
+            assert "ms-msg-error" not in text, (run, page, text[:1500])
+    app.moescope_data.close()
+    assert _snapshot(SAMPLES) == before
