@@ -31,7 +31,7 @@ POLICY_STYLE = {
 
 
 def _cached(data: Any, key: tuple[Any, ...], compute: Any) -> Any:
-    return data._cached(key, compute)  # the dashboard's LRU plus its connection lock
+    return data.cached(key, compute)  # the dashboard's LRU plus its connection lock
 
 
 def capacity_data(data: Any, run: str, steps: tuple[int, int] | None) -> pd.DataFrame:
