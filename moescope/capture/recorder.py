@@ -29,7 +29,6 @@ from . import adapters as A
 
 #: Router stats accumulated per layer, in this order (see schema.ROUTER_STATS).
 _STAT_NAMES = ("tokens", "entropy_sum", "lse_sq_sum", "lse_sum", "lse_max", "margin_sum", "nonfinite", "dropped")
-_I_LSE_MAX = _STAT_NAMES.index("lse_max")
 
 
 class RecordError(RuntimeError):
@@ -168,15 +167,88 @@ class _Forward:
     keep_seq: torch.Tensor | None  # [n]
     batch: int = 0
     seqlen: int = 0
+    keep_all: bool = False  # every sequence sampled: rows need no gather
+    keep_pos: torch.Tensor | None = None  # [n]
+    keep_tok: torch.Tensor | None = None  # [n]
 
 
 @dataclass
 class _Acc:
-    """Device-side accumulators of one (step, tag): per layer load [E, 3] and stats [8]."""
+    """Device-side accumulators of one (step, tag): per layer the summed layer_stats vector and max logsumexp."""
 
-    load: dict[int, torch.Tensor] = field(default_factory=dict)
-    stats: dict[int, torch.Tensor] = field(default_factory=dict)
+    vec: dict[int, torch.Tensor] = field(default_factory=dict)
+    lse_max: dict[int, torch.Tensor] = field(default_factory=dict)
     rows: list[tuple[int, dict[str, torch.Tensor]]] = field(default_factory=list)
+
+
+#: Layout of the summable per-layer vector after the three [E] blocks (counts, prob_sum, weight_sum).
+_VEC_TAIL = ("tokens", "nonfinite", "dropped", "entropy_sum", "lse_sq_sum", "lse_sum", "margin_sum")
+
+
+def layer_stats(
+    logits: torch.Tensor | None,
+    ids: torch.Tensor,
+    weights: torch.Tensor,
+    valid: torch.Tensor,
+    n_experts: int,
+    probs: str = "softmax",
+    dropped: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None]:
+    """One router call as a summable float64 vector [3E + 7], its max logsumexp, and per-token (H, lse, margin).
+
+    This runs inside the forward of every MoE layer, and on small tensors each kernel costs its launch, not its
+    arithmetic: so everything is folded into as few kernels as possible (one index_add, one matmul).
+    """
+    t, k = ids.shape
+    e = n_experts
+    dev = ids.device
+    flat_ids = ids.reshape(-1).clamp(0, e - 1)  # [T*k]
+    vk = valid.repeat_interleave(k) if k > 1 else valid  # [T*k]
+    src = torch.cat([vk, weights.reshape(-1).float() * vk])  # [2*T*k]: assignments, then gate weights
+    counts = torch.zeros(2 * e, device=dev).index_add_(0, torch.cat([flat_ids, flat_ids + e]), src)  # [2E]
+    if logits is None:
+        flags = dropped.reshape(-1).float() if dropped is not None else torch.zeros(t, device=dev)  # [T]
+        tail = torch.stack([valid.sum(), valid.new_zeros(()), valid @ flags]).double()  # [3]
+        vec = torch.cat([counts[:e].double(), torch.zeros(e, dtype=torch.float64, device=dev),
+                         counts[e:].double(), tail, torch.zeros(4, dtype=torch.float64, device=dev)])
+        return vec, torch.full((), -math.inf, dtype=torch.float64, device=dev), None
+    lg = logits  # [T, E] float32
+    mx = lg.amax(-1, keepdim=True)  # [T, 1]
+    if probs == "softmax":
+        z = lg - mx  # [T, E]
+        ez = z.exp()
+        sz = ez.sum(-1, keepdim=True)  # [T, 1]
+        p = pn = ez / sz  # [T, E]
+        log_s = sz.log()  # [T, 1]
+        lse = mx + log_s  # [T, 1]
+        ent = log_s - (p * z.clamp_min(-1e4)).sum(-1, keepdim=True)  # [T, 1]: H = log Σe^z − Σ p·z
+    else:  # sigmoid routers: prob_sum of the sigmoid scores; entropy and margin of the normalised scores
+        p = torch.sigmoid(lg)  # [T, E]
+        lse = torch.logsumexp(lg, -1, keepdim=True)  # [T, 1]
+        pn = p / p.sum(-1, keepdim=True).clamp_min(1e-20)  # [T, E]
+        ent = -(pn * pn.clamp_min(1e-20).log()).sum(-1, keepdim=True)  # [T, 1]
+    top2 = pn.topk(2, -1).values if e > 1 else torch.cat([pn, torch.zeros_like(pn)], -1)  # [T, 2]
+    margin = top2[:, :1] - top2[:, 1:]  # [T, 1]
+    # NaN or +Inf anywhere in a row makes its logsumexp non-finite (a lone -Inf is a masked expert, not an error).
+    nonfinite = (lse.abs() == math.inf) | lse.isnan()  # [T, 1]
+    cols = [p, ent, lse * lse, lse, margin, torch.ones_like(lse), nonfinite.float()]
+    if dropped is not None:
+        cols.append(dropped.reshape(-1, 1).float())
+    x = torch.cat(cols, 1).nan_to_num(0.0, 0.0, 0.0)  # [T, E + 6 (+1)]
+    vf = valid * ~nonfinite.squeeze(-1)  # [T]: tokens whose probabilities count
+    sums = torch.stack([vf, valid]) @ x  # [2, E + 6 (+1)]: row 0 over finite tokens, row 1 over all tokens
+    tail = sums[1, e + 4 :] if dropped is not None else torch.cat([sums[1, e + 4 :], sums.new_zeros(1)])
+    vec = torch.cat([counts[:e], sums[0, :e], counts[e:], tail, sums[0, e : e + 4]]).double()  # [3E + 7]
+    lse_max = torch.where(vf > 0, lse.squeeze(-1), -math.inf).amax().double() if t else vec.new_tensor(-math.inf)
+    return vec, lse_max, (ent.squeeze(-1), lse.squeeze(-1), margin.squeeze(-1))
+
+
+def _split(vec: np.ndarray, lse_max: float, e: int) -> tuple[np.ndarray, np.ndarray]:
+    """Host side of layer_stats: load [E, 3] and stats [8] in _STAT_NAMES order."""
+    load = np.stack([vec[:e], vec[e : 2 * e], vec[2 * e : 3 * e]], 1)
+    tail = dict(zip(_VEC_TAIL, vec[3 * e :]))
+    tail["lse_max"] = lse_max
+    return load, np.array([tail[n] for n in _STAT_NAMES], np.float64)
 
 
 class Recorder:
@@ -427,15 +499,20 @@ class Recorder:
             pos = cache_pos.reshape(1, s).expand(b, s)
         else:
             pos = torch.arange(s, device=dev).reshape(1, s).expand(b, s)  # [B, S]
-        keep_rows = keep_seq = None
+        keep_rows = keep_seq = keep_pos = keep_tok = None
+        keep_all = False
         if self.tokens > 0:
             seqs = [i for i in range(b) if _keep_sequence(self.seed, step, i, self.tokens)]
             if seqs:
+                keep_all = len(seqs) == b
                 kept = torch.tensor(seqs, dtype=torch.long)
                 rows = (kept[:, None] * s + torch.arange(s)[None, :]).reshape(-1)  # [n]
                 keep_rows = rows.to(dev, non_blocking=True)
                 keep_seq = kept.repeat_interleave(s).to(dev, non_blocking=True)
-        return _Forward(step, tag, ids.detach(), valid, pos, keep_rows, keep_seq, b, s)
+                flat_pos, flat_tok = pos.reshape(-1), ids.detach().reshape(-1)  # [B*S]
+                keep_pos = flat_pos if keep_all else flat_pos[keep_rows]
+                keep_tok = flat_tok if keep_all else flat_tok[keep_rows]
+        return _Forward(step, tag, ids.detach(), valid, pos, keep_rows, keep_seq, b, s, keep_all, keep_pos, keep_tok)
 
     def _make_hooks(self, info: LayerInfo) -> tuple[Callable[..., None], Callable[..., None]]:
         """The router forward hook and, for experts_input specs, the experts pre-hook of one layer."""
@@ -475,77 +552,40 @@ class Recorder:
                     cur = grid
                     break
         ids, w = ev.ids, ev.weights  # [T, k]
-        t, k = ids.shape
-        e = info.n_experts
-        dev = ids.device
+        t = ids.shape[0]
         valid = cur.valid if cur.valid is not None and cur.valid.numel() == t else None
-        vt = valid if valid is not None else torch.ones(t, device=dev)  # [T]
-        logits = ev.logits
-        if logits is not None and logits.shape[0] != t:
-            logits = None
-        load = torch.zeros(e, 3, dtype=torch.float64, device=dev)  # [E, (tokens, prob_sum, weight_sum)]
-        flat_ids = ids.reshape(-1).clamp(0, e - 1)  # [T*k]
-        vk = vt.repeat_interleave(k).to(torch.float64)  # [T*k]
-        load[:, 0].index_add_(0, flat_ids, vk)
-        load[:, 2].index_add_(0, flat_ids, (w.reshape(-1).to(torch.float64) * vk))
-        zero = torch.zeros((), dtype=torch.float64, device=dev)
-        if logits is not None:
-            finite = torch.isfinite(logits).all(-1)  # [T]
-            lg = torch.where(finite[:, None], logits, torch.zeros_like(logits))  # [T, E]
-            p = A.router_probs(lg, info.spec.probs)  # [T, E]
-            vf = (vt * finite).to(torch.float32)  # [T]: tokens that count towards prob statistics
-            load[:, 1] = (p * vf[:, None]).sum(0, dtype=torch.float64)
-            pn = p / p.sum(-1, keepdim=True).clamp_min(1e-20)  # sigmoid routers: entropy of the normalised scores
-            ent = -(pn * pn.clamp_min(1e-20).log()).sum(-1)  # [T]
-            lse = torch.logsumexp(lg, -1)  # [T]
-            top2 = torch.topk(pn, min(2, e), -1).values  # [T, 2]
-            margin = top2[:, 0] - top2[:, 1] if e > 1 else top2[:, 0]
-            stats = torch.stack(
-                [
-                    vt.sum(dtype=torch.float64),
-                    (ent * vf).sum(dtype=torch.float64),
-                    (lse * lse * vf).sum(dtype=torch.float64),
-                    (lse * vf).sum(dtype=torch.float64),
-                    torch.where(vf > 0, lse, torch.full_like(lse, -math.inf)).max().to(torch.float64)
-                    if t
-                    else zero - math.inf,
-                    (margin * vf).sum(dtype=torch.float64),
-                    ((~finite).to(torch.float32) * vt).sum(dtype=torch.float64),
-                    (ev.dropped.to(torch.float32) * vt).sum(dtype=torch.float64) if ev.dropped is not None else zero,
-                ]
-            )
-        else:
-            ent = lse = margin = None
-            dropped = (ev.dropped.to(torch.float32) * vt).sum(dtype=torch.float64) if ev.dropped is not None else zero
-            stats = torch.stack([vt.sum(dtype=torch.float64), zero, zero, zero, zero - math.inf, zero, zero, dropped])
+        vt = valid if valid is not None else torch.ones(t, device=ids.device)  # [T]
+        logits = ev.logits if ev.logits is not None and ev.logits.shape[0] == t else None
+        vec, lse_max, per_token = layer_stats(logits, ids, w, vt, info.n_experts, info.spec.probs, ev.dropped)
+        ent, lse, margin = per_token if per_token is not None else (None, None, None)
         key = (cur.step, cur.tag)
         acc = self._pending.get(key)
         if acc is None:
             acc = self._pending[key] = _Acc()
-        if info.layer in acc.load:
-            acc.load[info.layer] = acc.load[info.layer] + load
-            prev = acc.stats[info.layer]
-            summed = prev + stats
-            summed[_I_LSE_MAX] = torch.maximum(prev[_I_LSE_MAX], stats[_I_LSE_MAX])
-            acc.stats[info.layer] = summed
+        if info.layer in acc.vec:
+            acc.vec[info.layer] = acc.vec[info.layer] + vec
+            acc.lse_max[info.layer] = torch.maximum(acc.lse_max[info.layer], lse_max)
         else:
-            acc.load[info.layer] = load
-            acc.stats[info.layer] = stats
+            acc.vec[info.layer] = vec
+            acc.lse_max[info.layer] = lse_max
         if cur.keep_rows is not None and cur.batch * cur.seqlen == t:
             r = cur.keep_rows  # [n]
+
+            def take(x: torch.Tensor) -> torch.Tensor:
+                return x if cur.keep_all else x[r]
+
+            # pos/token_id/seq were gathered once per forward; the rest is one gather per tensor kind.
             row: dict[str, torch.Tensor] = {
                 "seq": cur.keep_seq,
-                "pos": cur.pos.reshape(-1)[r],
-                "token_id": cur.token_ids.reshape(-1)[r],
-                "experts": ids[r].to(torch.int16),
-                "weights": w[r].float(),
+                "pos": cur.keep_pos,
+                "token_id": cur.keep_tok,
+                "experts": take(ids),
+                "weights": take(w),
             }
             if valid is not None:
-                row["valid"] = valid[r]
+                row["valid"] = take(valid)
             if ent is not None:
-                row["entropy"] = ent[r]
-                row["lse"] = lse[r]
-                row["margin"] = margin[r]
+                row["stats3"] = take(torch.stack([ent, lse, margin], 1))  # [n, 3]
             acc.rows.append((info.layer, row))
             self._pending_rows += int(r.shape[0])
             if self._pending_rows >= self.max_rows_per_flush:
@@ -567,20 +607,22 @@ class Recorder:
         # One host copy per tensor kind for the whole flush.
         load_host: list[tuple[int, str, int, np.ndarray]] = []
         stats_host: list[tuple[int, str, int, np.ndarray]] = []
-        loads, stats, meta = [], [], []
+        vecs, maxes, meta = [], [], []
         for step, tag in keys:
             acc = pending[(step, tag)]
-            for layer in sorted(acc.load):
-                loads.append(acc.load[layer])
-                stats.append(acc.stats[layer])
+            for layer in sorted(acc.vec):
+                vecs.append(acc.vec[layer])
+                maxes.append(acc.lse_max[layer])
                 meta.append((step, tag, layer))
-        if loads:
-            stat_mat = torch.stack(stats).cpu().numpy()  # [M, 8]
-            sizes = [lo.shape[0] for lo in loads]
-            flat = torch.cat(loads).cpu().numpy()  # [Σ E, 3]: one copy for every layer's load
+        if vecs:
+            sizes = [v.shape[0] for v in vecs]
+            flat = torch.cat(vecs).cpu().numpy()  # one device→host copy for every layer and step
+            mx = torch.stack(maxes).cpu().numpy()
             starts = np.cumsum([0] + sizes)
-            for i, ((step, tag, layer), st) in enumerate(zip(meta, stat_mat)):
-                load_host.append((step, tag, layer, flat[starts[i] : starts[i + 1]]))
+            n_exp = {li.layer: li.n_experts for li in self.layers}
+            for i, (step, tag, layer) in enumerate(meta):
+                load, st = _split(flat[starts[i] : starts[i + 1]], float(mx[i]), n_exp[layer])
+                load_host.append((step, tag, layer, load))
                 stats_host.append((step, tag, layer, st))
         rows_host: list[tuple[int, str, int, dict[str, np.ndarray]]] = []
         for step, tag in keys:
@@ -715,9 +757,10 @@ def _to_tables(
             parts["seq"].append(r["seq"][keep].astype(np.int32))
             parts["pos"].append(r["pos"][keep].astype(np.int32))
             parts["token_id"].append(r["token_id"][keep].astype(np.int32))
-            for name in ("entropy", "lse", "margin"):
-                parts[name].append(r[name][keep].astype(np.float16) if name in r else np.full(n, np.nan, np.float16))
-            experts_l.append(r["experts"][keep])
+            for j, name in enumerate(("entropy", "lse", "margin")):
+                col = r["stats3"][keep, j] if "stats3" in r else np.full(n, np.nan)
+                parts[name].append(col.astype(np.float16))
+            experts_l.append(r["experts"][keep].astype(np.int16))
             weights_l.append(r["weights"][keep].astype(np.float16))
             tags_l.extend([tag] * n)
         cols = {k: np.concatenate(v) for k, v in parts.items()}
