@@ -7,9 +7,9 @@ import math
 import numpy as np
 import pandas as pd
 import pytest
-from trace_helpers import layer_spec, routing_frame
 from scipy.spatial.distance import jensenshannon
 from scipy.stats import chi2_contingency
+from trace_helpers import layer_spec, routing_frame
 
 import moescope
 from moescope.analysis.drift import drift_stats
