@@ -44,6 +44,15 @@ def _f(x: Any) -> float | None:
     return None if math.isnan(v) else v
 
 
+def _grade(value: float, warn_above: float, fail_above: float | None) -> tuple[str, float]:
+    """(status, threshold crossed or checked) of a value against WARN and optional FAIL limits."""
+    if fail_above is not None and value > fail_above:
+        return "FAIL", fail_above
+    if value > warn_above:
+        return "WARN", warn_above
+    return "PASS", warn_above
+
+
 def _row(rule: str, status: str, cell: dict[str, Any], metric: str, value: Any, threshold: Any, message: str,
          expert: Any = None) -> dict[str, Any]:
     return {
@@ -106,24 +115,14 @@ def _load_rules(cfg: HealthConfig, lm: pd.DataFrame, util: pd.DataFrame, names: 
             elif name == "load_cv":
                 r = cfg.load_cv
                 v = _f(cell["cv"]) or 0.0
-                if r.fail_above is not None and v > r.fail_above:
-                    status, thr = "FAIL", r.fail_above
-                elif v > r.warn_above:
-                    status, thr = "WARN", r.warn_above
-                else:
-                    status, thr = "PASS", r.warn_above
+                status, thr = _grade(v, r.warn_above, r.fail_above)
                 cmp = ">" if status != "PASS" else "≤"
                 msg = f"{where}: load CV (std/mean of expert load) {v:.2f} {cmp} {thr:g}"
                 out.append(_row(name, status, cell, "load_cv", v, thr, msg + (": uneven expert load" if status != "PASS" else "")))
             elif name == "maxvio":
                 r = cfg.maxvio
                 v = _f(cell["maxvio"]) or 0.0
-                if r.fail_above is not None and v > r.fail_above:
-                    status, thr = "FAIL", r.fail_above
-                elif v > r.warn_above:
-                    status, thr = "WARN", r.warn_above
-                else:
-                    status, thr = "PASS", r.warn_above
+                status, thr = _grade(v, r.warn_above, r.fail_above)
                 busiest: list[int] = []
                 if experts is not None and len(experts):
                     busiest = [int(experts.sort_values(["assignments", "expert"], ascending=[False, True])["expert"].iloc[0])]
