@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pytest
+from hf_helpers import plant_collapse, tiny_mixtral  # noqa: E402
 
 from moescope.capture.alerts import (
     Alert,
@@ -176,37 +177,7 @@ def test_evaluate_flush_raise_on_fail_closes_first() -> None:
     assert rec.closed == 1 and {a.status for a in ei.value.alerts} == {"FAIL"}
 
 
-# -- live recorder --------------------------------------------------------------------------------
-
-
-def _tiny_mixtral(seed: int = 0) -> Any:
-    torch = pytest.importorskip("torch")
-    transformers = pytest.importorskip("transformers")
-    torch.manual_seed(seed)
-    cfg = transformers.MixtralConfig(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        num_local_experts=4,
-        num_experts_per_tok=2,
-        vocab_size=100,
-    )
-    return transformers.AutoModelForCausalLM.from_config(cfg)
-
-
-def plant_collapse(model: Any) -> None:
-    """Route every token of every layer to experts 0 and 1: a constant residual channel the routers read."""
-    import torch
-
-    with torch.no_grad():
-        # Channel 0 of every embedding is large, so after RMSNorm it dominates each router's input.
-        model.get_input_embeddings().weight[:, 0] += 50.0
-        for mod in model.modules():
-            if type(mod).__name__ == "MixtralTopKRouter":
-                mod.weight.zero_()
-                mod.weight[:, 0] = torch.tensor([5.0, 5.0, -5.0, -5.0])
+# -- live recorder (tiny_mixtral needs torch + transformers) --------------------------------------
 
 
 @pytest.mark.hf
@@ -215,7 +186,7 @@ def test_planted_collapse_alerts_within_one_flush(tmp_path: Path) -> None:
 
     import moescope
 
-    model = _tiny_mixtral()
+    model = tiny_mixtral()
     plant_collapse(model)
     seen: list[Alert] = []
     with warnings.catch_warnings(record=True) as caught:
@@ -240,7 +211,7 @@ def test_raise_on_fail_stops_and_detaches(tmp_path: Path) -> None:
 
     import moescope
 
-    model = _tiny_mixtral()
+    model = tiny_mixtral()
     plant_collapse(model)
     steps_run = 0
     with pytest.raises(RoutingCollapseError, match="layer 0"), warnings.catch_warnings():
@@ -264,7 +235,7 @@ def test_rank_names_parts(tmp_path: Path) -> None:
 
     import moescope
 
-    model = _tiny_mixtral()
+    model = tiny_mixtral()
     with moescope.record(model, tmp_path / "run", rank=3) as rec:
         rec.step = 0
         model(input_ids=torch.randint(0, 100, (1, 8)))

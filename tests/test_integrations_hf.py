@@ -14,6 +14,7 @@ transformers = pytest.importorskip("transformers")
 pytest.importorskip("accelerate", reason="the HF Trainer needs accelerate (pyproject [hf] extra)")
 
 import pyarrow.parquet as pq  # noqa: E402
+from hf_helpers import plant_collapse, tiny_mixtral  # noqa: E402
 from transformers import Trainer, TrainerControl, TrainerState, TrainingArguments  # noqa: E402
 
 from moescope.capture.alerts import MoEAlertWarning, RoutingCollapseError  # noqa: E402
@@ -23,32 +24,6 @@ pytestmark = pytest.mark.hf  # tiny transformers Mixtral in real training runs
 
 BATCH, SEQ, K = 4, 16, 2
 METRICS = ("load_cv", "maxvio", "entropy_norm", "dead_experts")
-
-
-def tiny_mixtral(seed: int = 0) -> Any:
-    """Two MoE layers, 4 experts, top-2: the smallest model with a known transformers router."""
-    torch.manual_seed(seed)
-    cfg = transformers.MixtralConfig(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        num_local_experts=4,
-        num_experts_per_tok=K,
-        vocab_size=100,
-    )
-    return transformers.AutoModelForCausalLM.from_config(cfg)
-
-
-def plant_collapse(model: Any) -> None:
-    """Route every token of every layer to experts 0 and 1: a constant residual channel the routers read."""
-    with torch.no_grad():
-        model.get_input_embeddings().weight[:, 0] += 50.0
-        for mod in model.modules():
-            if type(mod).__name__ == "MixtralTopKRouter":
-                mod.weight.zero_()
-                mod.weight[:, 0] = torch.tensor([5.0, 5.0, -5.0, -5.0])
 
 
 def dataset(n: int, seed: int = 0) -> list[dict[str, Any]]:

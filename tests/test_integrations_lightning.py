@@ -15,6 +15,7 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 import pyarrow.parquet as pq  # noqa: E402
+from hf_helpers import plant_collapse, tiny_mixtral  # noqa: E402
 from lightning.pytorch.callbacks import ModelCheckpoint  # noqa: E402
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger  # noqa: E402
 from torch.utils.data import DataLoader, TensorDataset  # noqa: E402
@@ -25,32 +26,6 @@ from moescope.integrations.lightning import MoEScopeCallback  # noqa: E402
 pytestmark = pytest.mark.hf  # tiny transformers Mixtral in real training runs
 
 BATCH, SEQ, K = 4, 16, 2
-
-
-def tiny_mixtral(seed: int = 0) -> Any:
-    """Two MoE layers, 4 experts, top-2: the smallest model with a known transformers router."""
-    torch.manual_seed(seed)
-    cfg = transformers.MixtralConfig(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        num_local_experts=4,
-        num_experts_per_tok=K,
-        vocab_size=100,
-    )
-    return transformers.AutoModelForCausalLM.from_config(cfg)
-
-
-def plant_collapse(model: Any) -> None:
-    """Route every token of every layer to experts 0 and 1: a constant residual channel the routers read."""
-    with torch.no_grad():
-        model.get_input_embeddings().weight[:, 0] += 50.0
-        for mod in model.modules():
-            if type(mod).__name__ == "MixtralTopKRouter":
-                mod.weight.zero_()
-                mod.weight[:, 0] = torch.tensor([5.0, 5.0, -5.0, -5.0])
 
 
 class TinyLM(pl.LightningModule):
