@@ -472,7 +472,7 @@ class Recorder:
             self._cur = None
             return
         if self._last_step is not None and step != self._last_step:
-            self._maybe_flush(step)
+            self._maybe_flush()
         self._last_step = step
         self._cur = _Forward(step, self.current_tag, None, None, None, None, None)
         self._grids = {}
@@ -592,7 +592,7 @@ class Recorder:
                 self.flush()
 
     # -- flushing -----------------------------------------------------------------------------
-    def _maybe_flush(self, new_step: int) -> None:
+    def _maybe_flush(self) -> None:
         steps = {s for s, _ in self._pending}
         if len(steps) >= self.flush_every:
             self.flush()
