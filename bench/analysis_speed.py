@@ -36,7 +36,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import moescope  # noqa: E402
-from moescope.trace import write_manifest, write_part  # noqa: E402
+from moescope.format.writer import write_manifest, write_part  # noqa: E402
 
 try:
     import psutil

@@ -28,7 +28,7 @@ PAGES = ["/", "/utilization", "/collapse", "/similarity", "/drift", "/tokens", "
 
 def shape_for(assignments: int) -> Any:
     """A Shape with about `assignments` routed assignments over 2 runs, 8 layers, 2 tags, top-2."""
-    syn = dashboard.module("synthetic")
+    syn = dashboard.synthetic
     runs, layers, tags, k, seq_len = 2, 8, 2, 2, 128
     routed_steps = 200
     per_chunk = assignments / (runs * layers * tags * k * routed_steps)  # tokens per step × tag × layer
@@ -47,7 +47,7 @@ def ensure_trace(out: Path, assignments: int, fresh: bool) -> tuple[Path, float]
     if out.exists():
         shutil.rmtree(out)
     t0 = time.perf_counter()
-    dashboard.module("synthetic").make_trace(out, kinds=("balanced", "collapse"), shape=shape)
+    dashboard.synthetic.make_trace(out, kinds=("balanced", "collapse"), shape=shape)
     marker.write_text(json.dumps(params))
     return out, time.perf_counter() - t0
 
@@ -169,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
           f"(target {args.target:g} s): {'OK' if worst_after <= args.target else 'MISSED'}")
     print(f"cache: {data.cache.hits} hits, {data.cache.misses} misses")
     data.close()
-    fresh = dashboard.module("data").DashboardData(root)
+    fresh = dashboard.data.DashboardData(root)
     print(f"background warm-up that create_app(warm=True) starts: {fresh.warm():.2f} s")
     fresh.close()
     return 0 if worst_after <= args.target and not math.isnan(worst_after) else 1

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
-from .trace import TraceError  # noqa: E402
+from .format.writer import TraceError  # noqa: E402
 
 if TYPE_CHECKING:  # pragma: no cover
     from .analysis.trace import Trace
@@ -42,6 +42,6 @@ def register_router(cls: Any, **spec: Any) -> None:
 
 def snapshot_experts(model: Any, path: Any, step: int = 0, **kwargs: Any) -> Any:
     """Write spectral snapshots and pairwise similarity of every MoE layer's experts."""
-    from .spectral import snapshot_experts as _snap
+    from .capture.spectral import snapshot_experts as _snap
 
     return _snap(model, path, step=step, **kwargs)

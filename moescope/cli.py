@@ -9,7 +9,7 @@ import sys
 from collections.abc import Sequence
 
 from . import __version__
-from .trace import TraceError
+from .format.writer import TraceError
 
 #: Command modules in the order `--help` lists them; each defines `register(subparsers)`.
 COMMANDS = ["demo", "check", "sql", "report", "dashboard", "inspect", "whatif"]

@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 from trace_helpers import layer_spec, load_frame, routing_frame, stats_frame  # noqa: F401
 
-from moescope.trace import write_run
+from moescope.format.writer import write_run
 
 
 @pytest.fixture

@@ -7,8 +7,9 @@ from typing import Any
 import dash
 import pandas as pd
 from dash import html
-from moescope_dashboard import components as C
-from moescope_dashboard import figures as F
+
+from moescope.dashboard import components as C
+from moescope.dashboard import figures as F
 
 dash.register_page(__name__, path="/collapse", name="Collapse", title="moescope · Collapse", order=2)
 

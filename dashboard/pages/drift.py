@@ -7,10 +7,11 @@ from typing import Any
 import dash
 import pandas as pd
 from dash import html
-from moescope_dashboard import components as C
-from moescope_dashboard import data as D
-from moescope_dashboard import figures as F
-from moescope_dashboard.data import ALL_TAGS, UNTAGGED, default_drift_sides, describe_side, drift_side
+
+from moescope.dashboard import components as C
+from moescope.dashboard import data as D
+from moescope.dashboard import figures as F
+from moescope.dashboard.data import ALL_TAGS, UNTAGGED, default_drift_sides, describe_side, drift_side
 
 dash.register_page(__name__, path="/drift", name="Drift", title="moescope · Drift", order=4)
 

@@ -7,8 +7,9 @@ from typing import Any
 import dash
 import pandas as pd
 from dash import html
-from moescope_dashboard import components as C
-from moescope_dashboard import figures as F
+
+from moescope.dashboard import components as C
+from moescope.dashboard import figures as F
 
 dash.register_page(__name__, path="/", name="Overview", title="moescope · Overview", order=0)
 
@@ -86,7 +87,7 @@ def layout(**query: Any) -> html.Div:
 )
 def _open_cell(click: dict[str, Any] | None) -> Any:
     """A click on a run × layer cell opens the Collapse page for that run and layer."""
-    from moescope_dashboard.state import ViewState, to_query
+    from moescope.dashboard.state import ViewState, to_query
 
     if not click or not click.get("points"):
         return dash.no_update, dash.no_update

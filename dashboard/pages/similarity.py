@@ -7,9 +7,10 @@ from typing import Any
 
 import dash
 from dash import html
-from moescope_dashboard import components as C
-from moescope_dashboard import figures as F
-from moescope_dashboard.state import as_int
+
+from moescope.dashboard import components as C
+from moescope.dashboard import figures as F
+from moescope.dashboard.state import as_int
 
 dash.register_page(__name__, path="/similarity", name="Similarity", title="moescope · Similarity", order=3)
 

@@ -6,8 +6,9 @@ from typing import Any
 
 import dash
 from dash import Input, Output, State, dcc, html
-from moescope_dashboard import components as C
-from moescope_dashboard.data import current
+
+from moescope.dashboard import components as C
+from moescope.dashboard.data import current
 
 dash.register_page(__name__, path="/sql", name="SQL", title="moescope · SQL", order=6)
 

@@ -8,11 +8,11 @@ import dash
 import pandas as pd
 import plotly.graph_objects as go
 from dash import html
-from moescope_dashboard import components as C
-from moescope_dashboard import figures as F
-from moescope_dashboard.state import as_int
 
 from moescope import whatif
+from moescope.dashboard import components as C
+from moescope.dashboard import figures as F
+from moescope.dashboard.state import as_int
 
 dash.register_page(__name__, path="/systems", name="Systems", title="moescope · Systems", order=7)
 

@@ -6,8 +6,9 @@ from typing import Any
 
 import dash
 from dash import html
-from moescope_dashboard import components as C
-from moescope_dashboard import figures as F
+
+from moescope.dashboard import components as C
+from moescope.dashboard import figures as F
 
 dash.register_page(__name__, path="/utilization", name="Utilization", title="moescope · Utilization", order=1)
 

@@ -7,7 +7,7 @@ from typing import Any
 import duckdb
 import pandas as pd
 
-from ..trace import TraceError
+from ..format.writer import TraceError
 from .sqlkit import render
 
 #: Largest expert id + 1 that `expert_ids` covers (expert ids are SMALLINT in the trace format).

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 import pandas as pd
 
 from ..config import HealthConfig, load_config
-from ..trace import TraceError
+from ..format.writer import TraceError
 from . import metrics as M
 from .selection import Selection, Window, window_label
 

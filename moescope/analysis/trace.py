@@ -24,8 +24,8 @@ import duckdb
 import pandas as pd
 import pyarrow.parquet as pq
 
-from ..schema import FORMAT, FORMAT_VERSION, META_KEY, TABLES, duckdb_columns
-from ..trace import TraceError, read_manifest
+from ..format.schema import FORMAT, FORMAT_VERSION, META_KEY, TABLES, duckdb_columns
+from ..format.writer import TraceError, read_manifest
 from . import metrics as M
 from .engine import ensure_layer_info, translate
 from .selection import Selection, Window

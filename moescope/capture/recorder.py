@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from .. import __version__
-from ..trace import TraceWriter, write_manifest
+from ..format.writer import TraceWriter, write_manifest
 from . import adapters as A
 
 #: Router stats accumulated per layer, in this order (see schema.ROUTER_STATS).

@@ -156,7 +156,7 @@ def _emit(df: pd.DataFrame, fmt: str) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Run one what-if on TRACE and print its table."""
-    from .. import whatif
+    from ..analysis import whatif
     from ..cli import CLIError
 
     tr = open_trace(args.trace)

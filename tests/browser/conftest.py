@@ -77,7 +77,7 @@ def browser_trace(tmp_path_factory: pytest.TempPathFactory) -> Path:
         return Path(env)
     from moescope import dashboard
 
-    syn = dashboard.module("synthetic")
+    syn = dashboard.synthetic
     shape = syn.Shape(layers=3, experts=8, top_k=2, steps=40, tokens_per_step=512, routing_every=10, seqs=3,
                       seq_len=48)
     return syn.make_trace(tmp_path_factory.mktemp("browser") / "trace", shape=shape)

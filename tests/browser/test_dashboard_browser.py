@@ -33,7 +33,7 @@ PAGES = [
 def _runs_by_health(trace: Path) -> dict[str, str]:
     """'worst': the run with the most FAIL/WARN findings; 'snapshots': the worst run with expert snapshots;
     'tokens': the healthiest run with token-level routing."""
-    data = dashboard.module("data").DashboardData(trace)
+    data = dashboard.data.DashboardData(trace)
     grid = data.health_grid()
     runs = data.runs().set_index("run")
     score = (grid.assign(s=grid["fail"] * 100 + grid["warn"]).groupby("run")["s"].sum()
@@ -132,7 +132,7 @@ def test_every_page_loads_and_draws(dash_duo: Any, start_dashboard: Any, browser
 def test_run_and_layer_change_the_charts(dash_duo: Any, start_dashboard: Any, browser_trace: Path) -> None:
     """Picking another layer, then another run, redraws the charts and rewrites the URL."""
     base = start_dashboard(browser_trace)
-    runs = dashboard.module("data").DashboardData(browser_trace).run_names()
+    runs = dashboard.data.DashboardData(browser_trace).run_names()
     assert len(runs) >= 2, "the browser trace needs two runs"
     dash_duo.wait_for_page(f"{base}/utilization?run={runs[0]}&layer=0")
     _charts(dash_duo, 5)
@@ -154,7 +154,7 @@ def test_run_and_layer_change_the_charts(dash_duo: Any, start_dashboard: Any, br
 def test_selection_travels_in_the_url(dash_duo: Any, start_dashboard: Any, browser_trace: Path) -> None:
     """A shared link opens the same selection; the nav links carry it to the other pages."""
     base = start_dashboard(browser_trace)
-    runs = dashboard.module("data").DashboardData(browser_trace).run_names()
+    runs = dashboard.data.DashboardData(browser_trace).run_names()
     run = runs[-1]
     dash_duo.wait_for_page(f"{base}/collapse?run={run}&layer=1&steps=5-20")
     _charts(dash_duo, 5)

@@ -8,8 +8,8 @@ import pytest
 from test_check import COLLAPSED, SHIFTED, UNIFORM, make_run  # tests/ is on sys.path under pytest
 
 from moescope.config import ConfigError, HealthConfig
+from moescope.format.writer import TraceError
 from moescope.testing import assert_healthy, check_trace
-from moescope.trace import TraceError
 
 
 @pytest.fixture(scope="module")

@@ -120,7 +120,7 @@ def test_quick_demo_scenario_signatures(tmp_path, capsys):
     assert {"english", "code"} <= set(shift.tag)
     # upcycled: expert snapshots where moescope.snapshot_experts exists
     try:
-        import moescope.spectral  # noqa: F401
+        import moescope.capture.spectral  # noqa: F401
     except ImportError:
         return
     assert (tmp_path / "upcycled" / "expert_similarity").is_dir()

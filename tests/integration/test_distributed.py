@@ -37,7 +37,7 @@ WORKER = textwrap.dedent(
 
 
 def _run(out: Path, world: int, port: int) -> None:
-    script = WORKER.format(tests=str(Path(__file__).parent), out=str(out))
+    script = WORKER.format(tests=str(Path(__file__).resolve().parents[1]), out=str(out))
     env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": str(world)}
     procs = [
         subprocess.Popen([sys.executable, "-c", script], env={**env, "RANK": str(r)}, stderr=subprocess.PIPE, text=True)

@@ -171,7 +171,7 @@ def test_rank_naming(tmp_path: Path) -> None:
 
 def doc_example(heading: str) -> str:
     """The python block under `### heading` in docs/integrations.md."""
-    text = (Path(__file__).resolve().parents[1] / "docs" / "integrations.md").read_text()
+    text = (Path(__file__).resolve().parents[2] / "docs" / "integrations.md").read_text()
     return text.split(f"### {heading}\n", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
 
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 import logging
 import os
 import threading
-from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl
 
@@ -21,11 +20,13 @@ from dash import ALL, Dash, Input, Output, State, dcc, html, no_update
 from dash import _callback as _dash_callback
 from dash import _pages as _dash_pages
 
+from .._paths import content_dir
 from .components import SEL
 from .data import DashboardData
 from .state import KEYS, from_query, merge_controls, resolve, to_query
 
-HERE = Path(__file__).resolve().parent
+#: The content folder holding pages/ and assets/ (checkout or wheel).
+HERE = content_dir("dashboard")
 #: Dash's own id of the page container's dcc.Location.
 LOCATION = "_pages_location"
 
@@ -53,6 +54,16 @@ def _adopt_page_callbacks(app: Dash) -> None:
         cb_map[key] = _dash_callback.GLOBAL_CALLBACK_MAP.pop(key)
     cb_list.extend(_dash_callback.GLOBAL_CALLBACK_LIST)
     _dash_callback.GLOBAL_CALLBACK_LIST.clear()
+
+
+def page_module(stem: str) -> Any:
+    """The module Dash imported for the content file pages/<stem>.py (Dash names it after the pages folder)."""
+    import sys
+
+    for page in dash.page_registry.values():
+        if page["module"].rsplit(".", 1)[-1] == stem:
+            return sys.modules[page["module"]]
+    raise KeyError(f"no dashboard page {stem!r}")
 
 
 def nav_pages() -> list[dict[str, Any]]:
@@ -161,7 +172,7 @@ def create_app(
     data = DashboardData(trace_root, sql_timeout=sql_timeout, sql_max_rows=sql_max_rows, cache_size=cache_size)
     _reset_dash_globals()
     app = Dash(
-        "moescope_dashboard",
+        "moescope.dashboard",
         use_pages=True,
         pages_folder=str(HERE / "pages"),
         assets_folder=str(HERE / "assets"),

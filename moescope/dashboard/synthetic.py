@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
-from moescope.trace import write_manifest, write_part
+from moescope.format.writer import write_manifest, write_part
 
 #: Printable text the synthetic sequences are made of (byte-level token ids).
 _TEXT = (

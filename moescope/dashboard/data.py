@@ -539,7 +539,7 @@ def current() -> DashboardData:
     app = dash.get_app()
     data = getattr(app, "moescope_data", None)
     if data is None:
-        raise RuntimeError("this Dash app was not built by moescope_dashboard.app.create_app")
+        raise RuntimeError("this Dash app was not built by moescope.dashboard.app.create_app")
     return data  # type: ignore[no-any-return]
 
 

@@ -1,14 +1,20 @@
-"""Thin glue for the Dash dashboard: import the dashboard content folder, build the app, serve it.
+"""The dashboard's engine: the Dash app, its data and figure functions, URL state and shared components.
 
-The dashboard lives in the content folder `dashboard/` (checkout) or `moescope/_content/dashboard` (wheel),
-found by `moescope._paths.content_dir`. It is imported once as the package `moescope_dashboard`, because
-Dash imports the page modules itself and they need one stable name to import their helpers by.
+The pages and assets are content, like hooks/ and analyses/: they live in the top-level `dashboard/` folder
+of a checkout (`moescope/_content/dashboard` in a wheel), found by `moescope._paths.content_dir`, and Dash
+imports them itself through its pages_folder mechanism. Pages import their helpers from this package.
+
+    app.py        create_app(trace_root): the Dash app (nav bar, page container, URL state callbacks)
+    data.py       data functions: cached, read-only queries over a trace (no plotting)
+    figures.py    figure functions: DataFrames in, plotly figures out (one expert palette)
+    state.py      the selection (run, layer, steps) carried in the URL query string
+    components.py shared layout pieces (selection bar, cards, tables, messages)
+    synthetic.py  synthetic traces for tests and the latency benchmark
 """
 
 from __future__ import annotations
 
 import importlib
-import importlib.util
 import ipaddress
 import os
 import sys
@@ -16,45 +22,30 @@ from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
-from ._paths import content_dir
+from .._paths import content_dir
 
 if TYPE_CHECKING:  # pragma: no cover
     from dash import Dash
-
-#: The import name of the dashboard content folder.
-PACKAGE = "moescope_dashboard"
-
 
 def dashboard_dir() -> Path:
     """The dashboard content folder (wheel or checkout)."""
     return content_dir("dashboard")
 
 
-def package() -> ModuleType:
-    """Import the dashboard content folder as the package `moescope_dashboard` (idempotent)."""
-    mod = sys.modules.get(PACKAGE)
-    if mod is not None:
-        return mod
-    folder = dashboard_dir()
-    spec = importlib.util.spec_from_file_location(
-        PACKAGE, folder / "__init__.py", submodule_search_locations=[str(folder)]
-    )
-    if spec is None or spec.loader is None:  # pragma: no cover - only on a broken install
-        raise ImportError(f"cannot import the dashboard from {folder}")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[PACKAGE] = mod
-    try:
-        spec.loader.exec_module(mod)
-    except BaseException:
-        del sys.modules[PACKAGE]
-        raise
-    return mod
+#: The engine's modules, importable as attributes (`moescope.dashboard.data`) without importing dash up front.
+SUBMODULES = ("app", "components", "data", "figures", "state", "synthetic")
+
+
+def __getattr__(name: str) -> ModuleType:
+    """Import an engine module on first attribute access (PEP 562), so `import moescope.dashboard` needs no dash."""
+    if name in SUBMODULES:
+        return importlib.import_module(f"{__name__}.{name}")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def module(name: str) -> ModuleType:
-    """Import one module of the dashboard package, e.g. module("data")."""
-    package()
-    return importlib.import_module(f"{PACKAGE}.{name}")
+    """Import one module of the dashboard engine, e.g. module("data") (kept for callers of the old loader)."""
+    return importlib.import_module(f"{__name__}.{name}")
 
 
 def create_app(trace_root: str | os.PathLike[str], **kwargs: Any) -> Dash:
@@ -64,7 +55,9 @@ def create_app(trace_root: str | os.PathLike[str], **kwargs: Any) -> Dash:
         import plotly  # noqa: F401
     except ImportError as e:
         raise ImportError("the dashboard needs dash and plotly: pip install 'moescope[dashboard]'") from e
-    return module("app").create_app(trace_root, **kwargs)
+    from .app import create_app as _create_app
+
+    return _create_app(trace_root, **kwargs)
 
 
 def is_loopback(host: str) -> bool:

@@ -13,7 +13,7 @@ from moescope.analysis import sqlkit
 from moescope.analysis.selection import Selection, window_label, window_params
 from moescope.analysis.sqlkit import Raw, literal, render, stages
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def test_every_analysis_renders_to_one_with_query():

@@ -12,10 +12,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from moescope import whatif
+from moescope.analysis import whatif
 from moescope.cli import main
 from moescope.commands.whatif import open_trace
-from moescope.trace import write_run
+from moescope.format.writer import write_run
 
 
 def _routing(tokens: list[tuple[int, int, int, list[int]]], layer: int = 0) -> pd.DataFrame:
@@ -528,17 +528,16 @@ def test_cli_whatif(cap_root: Path, tmp_path: Path, capsys: pytest.CaptureFixtur
 def test_systems_page_renders(tmp_path: Path) -> None:
     pytest.importorskip("dash")
     pytest.importorskip("plotly")
-    import sys
 
     from dash._get_app import app_context
 
     from moescope import dashboard as glue
 
-    syn = glue.module("synthetic")
+    syn = glue.synthetic
     shape = syn.Shape(layers=2, experts=8, top_k=2, steps=12, tokens_per_step=128, routing_every=3, seqs=2, seq_len=16)
     root = syn.make_trace(tmp_path / "trace", shape=shape)
     app = glue.create_app(root)
-    page = sys.modules[f"{glue.PACKAGE}.pages.systems"]
+    page = glue.app.page_module("systems")
     token = app_context.set(app)
     try:
         for query in ({}, {"run": "collapse", "layer": "1", "devices": "4", "steps": "2-9"}, {"devices": "x"}):
@@ -554,4 +553,4 @@ def test_systems_page_renders(tmp_path: Path) -> None:
         assert len(hits.data) == 3 and list(hits.data[0].x) == list(range(1, 9))
     finally:
         app_context.reset(token)
-    assert "/systems" in [p["path"] for p in glue.module("app").nav_pages()]
+    assert "/systems" in [p["path"] for p in glue.app.nav_pages()]

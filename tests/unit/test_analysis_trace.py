@@ -12,8 +12,8 @@ from trace_helpers import layer_spec, load_frame, routing_frame, stats_frame
 
 import moescope
 from moescope.analysis.trace import VIEWS, Trace
-from moescope.schema import duckdb_columns
-from moescope.trace import TraceError
+from moescope.format.schema import duckdb_columns
+from moescope.format.writer import TraceError
 
 
 @pytest.fixture
@@ -57,7 +57,7 @@ def test_empty_tables_are_typed_views(make_run, trace_root):
 
 def test_missing_column_in_older_file_is_null(trace_root):
     run = trace_root / "old"
-    moescope.trace.write_run(run, {"router_stats": stats_frame([{"step": 0, "layer": 0, "tokens": 3}])}, run="old")
+    moescope.format.writer.write_run(run, {"router_stats": stats_frame([{"step": 0, "layer": 0, "tokens": 3}])}, run="old")
     # rewrite the part without lse_max, as an older writer might have
     part = next((run / "router_stats").glob("*.parquet"))
     t = pq.read_table(part).drop_columns(["lse_max"])
@@ -85,7 +85,7 @@ def test_empty_root_and_missing_root(tmp_path):
 
 
 def test_manifest_without_data_is_empty_trace(tmp_path):
-    moescope.trace.write_manifest(tmp_path / "r" / "run", {"run": "run"})
+    moescope.format.writer.write_manifest(tmp_path / "r" / "run", {"run": "run"})
     with pytest.raises(TraceError, match="empty trace"):
         Trace(tmp_path / "r")
 
@@ -120,7 +120,7 @@ def test_bad_manifest_names_the_file(two_runs):
 
 def test_newer_format_version_in_file_is_refused(trace_root):
     run = trace_root / "future"
-    moescope.trace.write_run(run, {"expert_load": load_frame([(0, 0, [1])])}, run="future")
+    moescope.format.writer.write_run(run, {"expert_load": load_frame([(0, 0, [1])])}, run="future")
     part = next((run / "expert_load").glob("*.parquet"))
     t = pq.read_table(part)
     pq.write_table(t.replace_schema_metadata({b"moescope.format_version": b"99"}), part)

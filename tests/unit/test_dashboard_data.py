@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -17,10 +16,10 @@ pytest.importorskip("plotly")
 
 from moescope import dashboard as glue  # noqa: E402
 
-S = glue.module("state")
-D = glue.module("data")
-F = glue.module("figures")
-SYN = glue.module("synthetic")
+S = glue.state
+D = glue.data
+F = glue.figures
+SYN = glue.synthetic
 
 SHAPE = SYN.Shape(layers=2, experts=8, top_k=2, steps=30, tokens_per_step=256, routing_every=10, seqs=2, seq_len=16)
 PAGES = ["overview", "utilization", "collapse", "similarity", "drift", "tokens", "sql"]
@@ -315,7 +314,7 @@ def _layout(app: Any, page: str, **query: str) -> str:
 
     token = app_context.set(app)
     try:
-        return str(sys.modules[f"{glue.PACKAGE}.pages.{page}"].layout(**query))
+        return str(glue.app.page_module(page).layout(**query))
     finally:
         app_context.reset(token)
 
@@ -323,9 +322,9 @@ def _layout(app: Any, page: str, **query: str) -> str:
 def test_pages_registered_in_nav_order(app: Any) -> None:
     import dash
 
-    paths = [p["path"] for p in glue.module("app").nav_pages()]
+    paths = [p["path"] for p in glue.app.nav_pages()]
     assert paths[:7] == ["/", "/utilization", "/collapse", "/similarity", "/drift", "/tokens", "/sql"]
-    assert all(p["module"].startswith(glue.PACKAGE + ".pages.") for p in dash.page_registry.values())
+    assert all(p["module"].rsplit(".", 2)[-2] == "pages" for p in dash.page_registry.values())
 
 
 @pytest.mark.parametrize("page", PAGES)
@@ -354,8 +353,8 @@ def test_app_serves_and_builds_twice(app: Any, trace_root: Path) -> None:
 
 def test_glue_locates_the_content_folder() -> None:
     folder = glue.dashboard_dir()
-    assert (folder / "app.py").is_file() and (folder / "pages").is_dir() and (folder / "assets").is_dir()
-    assert glue.package().__name__ == glue.PACKAGE
+    assert (folder / "pages" / "overview.py").is_file() and (folder / "assets").is_dir()
+    assert not (folder / "app.py").exists()  # the engine is the package moescope.dashboard, not content
     assert glue.is_loopback("127.0.0.1") and glue.is_loopback("::1") and glue.is_loopback("localhost")
     assert glue.exposure_warning("127.0.0.1") is None and "0.0.0.0" in (glue.exposure_warning("0.0.0.0") or "")
     assert not glue.is_loopback("0.0.0.0") and not glue.is_loopback("192.168.1.2") and not glue.is_loopback("x")
@@ -429,7 +428,7 @@ def data_rows_per_run() -> int:
 
 
 def test_empty_frames_do_not_break_tables() -> None:
-    C = glue.module("components")
+    C = glue.components
     t = C.table(pd.DataFrame({"a": [1.5, None], "b": [[1, 2], None]}), "t")
     assert t.data == [{"a": 1.5, "b": "1, 2"}, {"a": None, "b": None}]
     assert C.table(pd.DataFrame(columns=["x"]), "t2").data == []
@@ -448,7 +447,7 @@ def test_counts_only_trace_pages_say_what_is_missing(tmp_path: Path) -> None:
 
 
 def test_sequence_keys_round_trip(app: Any) -> None:
-    tokens = sys.modules[f"{glue.PACKAGE}.pages.tokens"]
+    tokens = glue.app.page_module("tokens")
     for rank, tag, seq in ((0, "code", 3), (2, "a:b", 0), (1, "", 7)):
         assert tokens.parse_seq_key(tokens.seq_key(rank, tag, seq)) == (rank, tag, seq)
 
@@ -456,7 +455,7 @@ def test_sequence_keys_round_trip(app: Any) -> None:
 def test_ranks_keep_their_own_sequences(tmp_path: Path) -> None:
     """Two ranks number their sequences from 0 alike: the Tokens page shows one rank's tokens at a time."""
     import moescope
-    from moescope.trace import write_run
+    from moescope.format.writer import write_run
 
     shape = SYN.Shape(layers=1, experts=4, top_k=1, steps=2, tokens_per_step=8, routing_every=1, seqs=1, seq_len=8)
     root = SYN.make_trace(tmp_path / "ranks", kinds=("balanced",), shape=shape, snapshots=False, tags=("",))
@@ -473,7 +472,7 @@ def test_ranks_keep_their_own_sequences(tmp_path: Path) -> None:
     d.close()
 
 
-SAMPLES = Path(__file__).resolve().parent.parent / "sample_traces"
+SAMPLES = Path(__file__).resolve().parents[2] / "sample_traces"
 
 
 @pytest.mark.skipif(not SAMPLES.is_dir(), reason="sample_traces/ not present")

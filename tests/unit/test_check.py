@@ -27,9 +27,9 @@ from moescope.check import (
     write_step_summary,
 )
 from moescope.cli import main
-from moescope.trace import write_run
+from moescope.format.writer import write_run
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 #: The demo traces (`moescope demo --out sample_traces`); the variable points the tests at a fresh demo run.
 SAMPLES = Path(os.environ.get("MOESCOPE_SAMPLE_TRACES", REPO / "sample_traces"))
 N_EXPERTS, TOP_K, TOKENS, STEPS = 8, 2, 512, 30
@@ -583,7 +583,7 @@ def test_regression_findings_unit() -> None:
             dict(rule="nonfinite", status="FAIL", run="c", layer=0, value=3, threshold=0),
         ]
     )
-    from moescope.check import _clean, normalize_findings
+    from moescope.check.run import _clean, normalize_findings
 
     reg = regression_findings(normalize_findings(base), normalize_findings(cur))
     got = {(r.rule, r.layer, str(_clean(r.expert)), r.status) for r in reg.itertuples()}

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 CHECK = textwrap.dedent(
     """
@@ -36,7 +36,7 @@ CHECK = textwrap.dedent(
 def test_wheel_installs_without_torch_and_opens_a_trace(tmp_path: Path) -> None:
     import pandas as pd
 
-    from moescope.trace import write_run
+    from moescope.format.writer import write_run
 
     trace = tmp_path / "traces"
     write_run(

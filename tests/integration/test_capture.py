@@ -20,7 +20,7 @@ torch = pytest.importorskip("torch")
 import moescope  # noqa: E402
 from moescope.capture.recorder import RecordError, _keep_sequence  # noqa: E402
 
-sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from toy_moe import ToyMoE, ToyRouter  # noqa: E402
 
 
@@ -215,7 +215,7 @@ def test_resume_continues_without_duplicates(tmp_path: Path) -> None:
 
 
 def test_drop_when_queue_full_is_counted(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import moescope.trace as trace_mod
+    import moescope.format.writer as trace_mod
 
     real_write = trace_mod.write_part
 
@@ -258,7 +258,7 @@ KILL_SCRIPT = textwrap.dedent(
 
 def test_sigkill_leaves_a_readable_trace(tmp_path: Path) -> None:
     out = tmp_path / "killed"
-    script = KILL_SCRIPT.format(tests=str(Path(__file__).parent), out=str(out))
+    script = KILL_SCRIPT.format(tests=str(Path(__file__).resolve().parents[1]), out=str(out))
     p = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
     assert p.stdout is not None
     assert p.stdout.readline().strip() == "flushed"

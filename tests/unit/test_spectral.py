@@ -1,4 +1,4 @@
-"""Known-answer tests of the spectral expert snapshot (moescope.spectral, moescope.spectral_offline)."""
+"""Known-answer tests of the spectral expert snapshot (moescope.capture.spectral, moescope.capture.spectral_maths)."""
 
 from __future__ import annotations
 
@@ -15,10 +15,10 @@ torch = pytest.importorskip("torch")
 from torch import nn  # noqa: E402
 
 import moescope  # noqa: E402
-from moescope.schema import EXPERT_SIMILARITY, EXPERT_SPECTRA, META_KEY  # noqa: E402
-from moescope.spectral import SpectralError, find_expert_layers, linear_cka  # noqa: E402
-from moescope.spectral_offline import chance_overlap, overlap_matrix, snapshot_state_dict  # noqa: E402
-from moescope.trace import read_manifest  # noqa: E402
+from moescope.capture.spectral import SpectralError, find_expert_layers, linear_cka  # noqa: E402
+from moescope.capture.spectral_maths import chance_overlap, overlap_matrix, snapshot_state_dict  # noqa: E402
+from moescope.format.schema import EXPERT_SIMILARITY, EXPERT_SPECTRA, META_KEY  # noqa: E402
+from moescope.format.writer import read_manifest  # noqa: E402
 
 R = 8
 
@@ -367,7 +367,7 @@ def test_non_gated_fused_experts(tmp_path):
 @pytest.mark.hf
 def test_dense_decoder_layers_are_not_experts():
     transformers = pytest.importorskip("transformers")
-    from moescope.spectral_offline import find_offline_layers
+    from moescope.capture.spectral_maths import find_offline_layers
 
     cfg = transformers.OPTConfig(
         hidden_size=16, ffn_dim=32, num_hidden_layers=3, num_attention_heads=2, vocab_size=50, word_embed_proj_dim=16
@@ -506,7 +506,7 @@ def test_offline_safetensors_needs_no_torch(tmp_path):
     save_file({"blocks.0.experts.gate_up_proj": gu.numpy(), "blocks.0.experts.down_proj": dn.numpy()}, str(path))
     code = (
         "import sys; sys.modules['torch'] = None\n"  # any torch import now fails
-        "from moescope.spectral import snapshot_state_dict\n"
+        "from moescope.capture.spectral import snapshot_state_dict\n"
         f"df = snapshot_state_dict({str(path)!r}, {str(tmp_path / 'run')!r}, step=3)\n"
         "print(len(df), sorted(df.metric.unique()))\n"
     )
