@@ -29,8 +29,10 @@ STATUS_COLORS = {
     "": "#eef1f5",
 }
 
-#: Diverging scale for utilization N·f_e: blue = starved, white = fair share (1.0), red = overloaded.
-UTIL_SCALE = [[0.0, "#2c5fa8"], [0.25, "#9cc3e6"], [0.5, "#f7f7f7"], [0.75, "#f4a582"], [1.0, "#b2182b"]]
+#: The neutral colour of the utilization scale: fair share (N·f = 1) on every page and every run.
+UTIL_NEUTRAL = "#f7f7f7"
+#: Diverging scale for log2(N·f_e): blue = starved, white = fair share (log2 1 = 0, the middle), red = overloaded.
+UTIL_SCALE = [[0.0, "#2c5fa8"], [0.25, "#9cc3e6"], [0.5, UTIL_NEUTRAL], [0.75, "#f4a582"], [1.0, "#b2182b"]]
 #: Sequential scale for similarities in [0, 1].
 SIM_SCALE = [[0.0, "#f7fbff"], [0.4, "#9ecae1"], [0.8, "#2171b5"], [1.0, "#08306b"]]
 
@@ -164,6 +166,40 @@ def health_grid(grid: pd.DataFrame, runs: Sequence[str] | None = None) -> go.Fig
 # -- utilization ---------------------------------------------------------------------------------------
 
 
+def _ratio_text(exp: int) -> str:
+    """'4' for 2**2, '1/4' for 2**-2: a ratio tick label."""
+    return str(2**exp) if exp >= 0 else f"1/{2 ** -exp}"
+
+
+def util_log_scale(values: Any, n_experts: int) -> tuple[Any, float, dict[str, Any]]:
+    """Utilization N·f on a log-symmetric scale around fair share: (log2 values, bound B, colorbar settings).
+
+    A ratio is symmetric in log space (2× over and 2× under are equally far from fair share), so the heatmaps
+    plot log2(N·f) between -B and +B: fair share sits exactly in the middle of the colour scale on every page
+    and run. B is the largest |log2 N·f| seen (at least 1, at most log2 N); dead experts clip to -B.
+    Plotly ignores `zmid` when zmin and zmax are both set, hence the explicit symmetric bounds.
+    """
+    import numpy as np
+
+    u = np.asarray(values, dtype=float)
+    cap = max(1.0, math.log2(max(int(n_experts), 2)))
+    pos = u[np.isfinite(u) & (u > 0)]
+    seen = float(np.abs(np.log2(pos)).max()) if pos.size else 1.0
+    if (u[np.isfinite(u)] <= 0).any():
+        seen = cap  # a dead expert is as starved as the scale can show
+    bound = float(min(cap, max(1.0, math.ceil(seen))))
+    with np.errstate(divide="ignore"):
+        z = np.log2(np.clip(u, 2.0**-bound, 2.0**bound))
+    z = np.where(np.isnan(u), np.nan, z)
+    ticks = list(range(-int(bound), int(bound) + 1))
+    labels = [_ratio_text(t) for t in ticks]
+    if (u[np.isfinite(u)] < 2.0**-bound).any():
+        labels[0] = "≤" + labels[0]  # dead experts clip to the floor
+    colorbar = {"title": {"text": "N·f"}, "thickness": 12, "tickmode": "array", "tickvals": ticks,
+                "ticktext": labels}
+    return z, bound, colorbar
+
+
 def utilization_heatmap(util: pd.DataFrame, layer: int) -> go.Figure:
     """Expert × step-window heatmap of utilization N·f_e in one layer (1.0 = fair share)."""
     df = util[util["layer"] == layer]
@@ -173,15 +209,16 @@ def utilization_heatmap(util: pd.DataFrame, layer: int) -> go.Figure:
     piv = df.pivot_table(index="expert", columns="window_start", values="utilization", aggfunc="first")
     ends = df.groupby("window_start")["window_end"].first()
     n = int(df["n_experts"].max()) if "n_experts" in df else len(piv.index)
-    hi = float(max(2.0, min(float(n), float(piv.max().max()) if piv.size else 2.0)))
-    hover = [[f"expert {e} · {_step_label(s, ends[s])}<br>utilization %{{z:.2f}}" for s in piv.columns]
-             for e in piv.index]
+    z, bound, colorbar = util_log_scale(piv.to_numpy(), n)
+    vals = piv.to_numpy()
+    hover = [[f"expert {e} · {_step_label(s, ends[s])}<br>utilization {vals[i][j]:.2f}" for j, s in
+              enumerate(piv.columns)] for i, e in enumerate(piv.index)]
     fig = _fig(title, "step", "expert", height=max(260, 90 + 22 * len(piv.index)))
     fig.add_trace(
         go.Heatmap(
-            z=piv.to_numpy(), x=list(piv.columns), y=[int(e) for e in piv.index], colorscale=UTIL_SCALE,
-            zmin=0.0, zmax=hi, zmid=1.0, hovertext=hover, hovertemplate="%{hovertext}<extra></extra>",
-            colorbar={"title": {"text": "N·f"}, "thickness": 12},
+            z=z, x=list(piv.columns), y=[int(e) for e in piv.index], colorscale=UTIL_SCALE,
+            zmin=-bound, zmax=bound, hovertext=hover, hovertemplate="%{hovertext}<extra></extra>",
+            colorbar=colorbar,
         )
     )
     fig.update_yaxes(dtick=1 if n <= 32 else None, autorange="reversed", showgrid=False)
@@ -265,14 +302,15 @@ def layer_expert_heatmap(lu: pd.DataFrame, layer: int | None = None) -> go.Figur
         return empty_figure(title, "no expert_load rows for this selection")
     piv = lu.pivot_table(index="layer", columns="expert", values="utilization", aggfunc="first")
     n = int(lu["n_experts"].max())
-    hi = float(max(2.0, min(float(n), float(piv.max().max()))))
+    z, bound, colorbar = util_log_scale(piv.to_numpy(), n)
     fig = _fig(title, "expert", "layer", height=max(200, 100 + 30 * len(piv.index)))
     fig.add_trace(
         go.Heatmap(
-            z=piv.to_numpy(), x=[int(c) for c in piv.columns], y=[int(i) for i in piv.index], colorscale=UTIL_SCALE,
-            zmin=0.0, zmax=hi, zmid=1.0, xgap=1, ygap=1, colorbar={"title": {"text": "N·f"}, "thickness": 12},
-            texttemplate="%{z:.2f}" if piv.size <= 256 else None,
-            hovertemplate="layer %{y} · expert %{x}<br>utilization %{z:.3f}<extra></extra>",
+            z=z, x=[int(c) for c in piv.columns], y=[int(i) for i in piv.index], colorscale=UTIL_SCALE,
+            zmin=-bound, zmax=bound, xgap=1, ygap=1, colorbar=colorbar, customdata=piv.to_numpy(),
+            # cells show and hover the ratio itself; the colour is its log
+            texttemplate="%{customdata:.2f}" if piv.size <= 256 else None,
+            hovertemplate="layer %{y} · expert %{x}<br>utilization %{customdata:.3f}<extra></extra>",
         )
     )
     fig.update_xaxes(dtick=1 if n <= 32 else None, showgrid=False)
@@ -357,6 +395,26 @@ def similarity_heatmap(sim: pd.DataFrame, title: str, threshold: float = 0.8) ->
     return fig
 
 
+def log_ticks(lo: float, hi: float, max_ticks: int = 10) -> tuple[list[float], list[str]]:
+    """Tick values and labels for a log axis over [lo, hi]: 1-2-5 steps per decade while they fit, else decades.
+
+    Every label is the full number ('0.2', '5', '20'), unlike Plotly's 'D2' minor labels that read '1, 5, 2'.
+    """
+    if not (lo > 0 and hi > 0) or not (math.isfinite(lo) and math.isfinite(hi)):
+        return [], []
+    lo, hi = min(lo, hi), max(lo, hi)
+    d0, d1 = math.floor(math.log10(lo)), math.ceil(math.log10(hi))
+    for mults in ((1, 2, 5), (1,)):
+        vals = [m * 10.0**d for d in range(d0, d1 + 1) for m in mults]
+        # keep one tick below and above the data so the axis ends are labelled
+        below = [v for v in vals if v <= lo][-1:]
+        above = [v for v in vals if v >= hi][:1]
+        inside = below + [v for v in vals if lo < v < hi] + above
+        if len(inside) <= max_ticks or mults == (1,):
+            return inside, [f"{v:g}" for v in inside]
+    return [], []  # pragma: no cover - the loop always returns
+
+
 def spectra_lines(spectra: pd.DataFrame, matrix: str, title: str) -> go.Figure:
     """Singular values by index, one line per expert (log scale), for one weight matrix."""
     df = spectra[spectra["matrix"] == matrix] if not spectra.empty else spectra
@@ -371,7 +429,8 @@ def spectra_lines(spectra: pd.DataFrame, matrix: str, title: str) -> go.Figure:
                 hovertemplate=f"expert {int(e)}<br>σ%{{x}} = %{{y:.4g}}<extra></extra>",
             )
         )
-    fig.update_yaxes(type="log", dtick="D2")
+    vals, texts = log_ticks(float(df["sigma"][df["sigma"] > 0].min()), float(df["sigma"].max()))
+    fig.update_yaxes(type="log", tickmode="array", tickvals=vals, ticktext=texts)
     fig.update_layout(legend={"title": {"text": "expert"}})
     return fig
 
