@@ -12,18 +12,15 @@ expert_load where the baseline has no token-level routing. Seeded, so a CI run i
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
 
+import duckdb
 import numpy as np
 import pandas as pd
 
-from ..config import DriftConfig, HealthConfig, load_config
+from ..config import ConfigError, DriftConfig, HealthConfig, as_config
 from .engine import run_analysis
+from .rules import RangeError, check_ranges
 from .selection import Selection
-
-if TYPE_CHECKING:  # pragma: no cover
-    from .trace import Trace
 
 COLUMNS = [
     "layer", "js", "tv", "psi", "chi2", "threshold", "flagged", "status", "message", "bootstrap",
@@ -61,65 +58,61 @@ def drift_stats(baseline: np.ndarray, current: np.ndarray) -> dict[str, float]:
     }
 
 
-def _resolve(tr: Trace, spec: Mapping[str, Any]) -> tuple[Trace, Selection, bool]:
-    from .trace import Trace
-
-    root = spec.get("root")
-    if root is None:
-        return tr, Selection.of({k: v for k, v in spec.items() if k != "root"}), False
-    if isinstance(root, Trace):
-        return root, Selection.of({k: v for k, v in spec.items() if k != "root"}), False
-    return Trace(root), Selection.of({k: v for k, v in spec.items() if k != "root"}), True
+def _counts(con: duckdb.DuckDBPyConnection, sel: Selection) -> pd.DataFrame:
+    return run_analysis(con, "drift_load", {"filter": sel.filter()})
 
 
-def _counts(tr: Trace, sel: Selection) -> pd.DataFrame:
-    return run_analysis(tr.cursor(), "drift_load", {"filter": sel.filter()})
-
-
-def _top_k(tr: Trace, sel: Selection) -> dict[int, int]:
+def _top_k(con: duckdb.DuckDBPyConnection, sel: Selection) -> dict[int, int]:
     f = Selection(run=sel.run, layer=sel.layer).filter(tag=False).sql  # layer_info has no step or tag
-    df = tr.cursor().execute(f"SELECT layer, MAX(top_k) AS k FROM layer_info WHERE {f} GROUP BY layer").df()
+    df = con.execute(f"SELECT layer, MAX(top_k) AS k FROM layer_info WHERE {f} GROUP BY layer").df()
     return {int(r.layer): int(r.k) for r in df.itertuples()}
 
 
-def _units(tr: Trace, sel: Selection) -> tuple[pd.DataFrame, str]:
+def _units(con: duckdb.DuckDBPyConnection, sel: Selection) -> tuple[pd.DataFrame, str]:
     """Bootstrap units of the baseline: (unit id, layer, expert, c) rows and the unit kind."""
-    df = run_analysis(tr.cursor(), "drift_units", {"filter": sel.filter()})
+    df = run_analysis(con, "drift_units", {"filter": sel.filter()})
     if len(df):
         key = ["run", "rank", "step", "tag", "seq"]
         df["unit"] = df.groupby(key, sort=False, dropna=False).ngroup()
         return df[["unit", "layer", "expert", "c"]], "sequence"
-    df = run_analysis(tr.cursor(), "drift_step_units", {"filter": sel.filter()})
+    df = run_analysis(con, "drift_step_units", {"filter": sel.filter()})
     df["unit"] = df.groupby(["run", "step"], sort=False).ngroup()
     return df[["unit", "layer", "expert", "c"]], "step"
 
 
+def drift_config(config: HealthConfig | DriftConfig | str | os.PathLike[str] | None) -> DriftConfig:
+    """The drift settings of a HealthConfig, a DriftConfig, a moescope.toml path or None (defaults), range-checked."""
+    if isinstance(config, DriftConfig):
+        try:
+            check_ranges(config, "drift")
+        except RangeError as e:
+            raise ConfigError(str(e)) from None
+        return config
+    return as_config(config).drift
+
+
 def drift(
-    tr: Trace,
-    baseline: Mapping[str, Any],
-    current: Mapping[str, Any],
-    *,
+    baseline_con: duckdb.DuckDBPyConnection,
+    baseline: Selection,
+    current_con: duckdb.DuckDBPyConnection,
+    current: Selection,
     config: HealthConfig | DriftConfig | str | os.PathLike[str] | None = None,
+    *,
     n_boot: int | None = None,
     seed: int | None = None,
 ) -> pd.DataFrame:
-    """Per layer drift of `current` against `baseline` (selections: run, tag, steps, layer, root); see COLUMNS."""
-    if isinstance(config, DriftConfig):
-        dc = config
-    else:
-        dc = (config if isinstance(config, HealthConfig) else load_config(config)).drift
+    """Per layer drift of `current` (rows of current_con) against `baseline` (rows of baseline_con); see COLUMNS.
+
+    The two connections may be the same (slices of one trace) or two traces' connections.
+    """
+    dc = drift_config(config)
     n_boot = dc.n_boot if n_boot is None else int(n_boot)
     seed = dc.seed if seed is None else int(seed)
-    btr, bsel, bclose = _resolve(tr, baseline)
-    ctr, csel, cclose = _resolve(tr, current)
-    try:
-        bcounts, ccounts = _counts(btr, bsel), _counts(ctr, csel)
-        ks = _top_k(btr, bsel)
-        units, unit_kind = _units(btr, bsel)
-    finally:
-        for t, close in ((btr, bclose), (ctr, cclose)):
-            if close:
-                t.close()
+    if n_boot < 0:
+        raise ValueError(f"n_boot must be >= 0 (0: no bootstrap), got {n_boot}")
+    bcounts, ccounts = _counts(baseline_con, baseline), _counts(current_con, current)
+    ks = _top_k(baseline_con, baseline)
+    units, unit_kind = _units(baseline_con, baseline)
     layers = sorted(set(bcounts["layer"].astype(int)) | set(ccounts["layer"].astype(int)))
     n_exp = 1 + int(max(bcounts["expert"].max() if len(bcounts) else 0, ccounts["expert"].max() if len(ccounts) else 0))
     rng = np.random.default_rng(seed)

@@ -13,6 +13,7 @@ from trace_helpers import layer_spec, routing_frame
 
 import moescope
 from moescope.analysis.drift import drift_stats
+from moescope.analysis.selection import SelectionError
 from moescope.analysis.trace import Trace
 
 N, K = 8, 2
@@ -125,5 +126,8 @@ def test_step_units_without_routing_and_tag_selection(make_run, trace_root):
     assert d["unit"].iloc[0] == "step" and d["flagged"].iloc[0]
     same = tr.drift({"tag": "en", "steps": (0, 19)}, {"tag": "en", "steps": (20, 39)}, seed=0)
     assert not same["flagged"].iloc[0]
-    empty = tr.drift({"tag": "en"}, {"tag": "nothing"})
-    assert empty["status"].iloc[0] == "SKIP"
+    # A tag that matches nothing is a usage error naming the tags that exist, never a silent SKIP.
+    with pytest.raises(SelectionError, match=r"current: no tag 'nothing' \(tags: 'code', 'en'\)"):
+        tr.drift({"tag": "en"}, {"tag": "nothing"})
+    with pytest.raises(SelectionError, match="baseline: no run 'nope'"):
+        tr.drift({"run": "nope"}, {"tag": "en"})
