@@ -491,8 +491,11 @@ class Trace:
         metric, value, threshold, message. `config`: a HealthConfig, a moescope.toml path, or None (defaults).
         """
         from .health import health
+        from .selection import check_selection
 
-        return health(self, run=run, config=config)
+        sel = Selection(run=[run] if isinstance(run, str) else (list(run) if run is not None else self.runs))
+        check_selection(self.cursor(), sel, "health")  # a typo'd run is an error, not an empty result
+        return health(self.cursor(), sel, config)
 
     def drift(
         self,
@@ -511,5 +514,21 @@ class Trace:
         routing, else "step"). Selections: {"run", "tag", "steps": (a, b), "layer", "root": another Trace or path}.
         """
         from .drift import drift
+        from .selection import check_selection
 
-        return drift(self, baseline or {}, current or {}, config=config, n_boot=n_boot, seed=seed)
+        opened: list[Trace] = []
+        sides: list[tuple[duckdb.DuckDBPyConnection, Selection]] = []
+        try:
+            for name, spec in (("baseline", baseline or {}), ("current", current or {})):
+                root = spec.get("root")
+                tr = self if root is None else root if isinstance(root, Trace) else Trace(root)
+                if tr is not self and tr is not root:
+                    opened.append(tr)  # opened here, closed here
+                sel = Selection.of({k: v for k, v in spec.items() if k != "root"})
+                check_selection(tr.cursor(), sel, name)  # a typo'd tag or run is an error, not a silent SKIP
+                sides.append((tr.cursor(), sel))
+            (bcon, bsel), (ccon, csel) = sides
+            return drift(bcon, bsel, ccon, csel, config, n_boot=n_boot, seed=seed)
+        finally:
+            for t in opened:
+                t.close()
