@@ -11,7 +11,7 @@ from dash import html
 from moescope.dashboard import components as C
 from moescope.dashboard import data as D
 from moescope.dashboard import figures as F
-from moescope.dashboard.data import ALL_TAGS, UNTAGGED, default_drift_sides, describe_side, drift_side
+from moescope.dashboard.data import ALL_TAGS, UNTAGGED, describe_side, drift_side
 
 dash.register_page(__name__, path="/drift", name="Drift", title="moescope · Drift", order=4)
 
@@ -37,17 +37,42 @@ def _table(drift: pd.DataFrame) -> Any:
     return C.table(drift, "drift-table", columns=cols, page_size=12)
 
 
+def unknown_sides(query: dict[str, Any], runs: list[str], tags: dict[str, list[str]]) -> list[str]:
+    """One line per URL key naming a run or tag the trace does not have (a typo must not compare nothing)."""
+    problems = []
+    for prefix, name in (("b_", "baseline"), ("c_", "current")):
+        run = query.get(f"{prefix}run")
+        if run and run not in runs:
+            problems.append(f"The {name} run {run!r} is not in this trace (runs: {', '.join(runs)}).")
+            continue
+        tag = query.get(f"{prefix}tag")
+        side_run = run or None
+        if tag and tag not in (ALL_TAGS, UNTAGGED):
+            have = tags.get(side_run, []) if side_run else sorted({t for ts in tags.values() for t in ts})
+            if tag not in have:
+                names = ", ".join(t or "untagged" for t in have) or "none"
+                where = f"run {side_run}" if side_run else "this trace"
+                problems.append(f"The {name} tag {tag!r} is not in {where} (tags: {names}).")
+    return problems
+
+
 def layout(**query: Any) -> html.Div:
     """The drift page (extra URL keys: b_run, b_tag, b_steps, c_run, c_tag, c_steps)."""
-    data, state = C.page_state(query)
+    data, state = C.page_state(query, prefer="tags")
     runs, ranges = data.run_names(), data.step_ranges()
-    d_base, d_cur = default_drift_sides(runs, data.tags_by_run(), ranges)
+    d_base, d_cur = data.default_drift()
     base = drift_side(query, "b_", d_base, runs, ranges)
     cur = drift_side(query, "c_", d_cur, runs, ranges)
     head = C.header("Drift", "Does routing differ between two slices (English vs code, train vs eval, early vs late)? "
                     "Jensen–Shannon distance per layer against a bootstrap threshold fitted on the baseline.")
     if state.layer is None:
         return html.Div([head, C.message("This trace has no MoE layers to show.", "warn")])
+    problems = unknown_sides(query, runs, {r: data.tags(r) for r in runs})
+    if problems:
+        # compare nothing rather than an empty slice: an empty side would read as "no drift"
+        return html.Div([head, *[C.message(p + " Pick one below.", "error") for p in problems],
+                         html.Div([*_side_controls("b_", "Baseline", base, data), C.layer_control(state, data),
+                                   *_side_controls("c_", "Current", cur, data)], className="ms-selbar ms-drift-ctl")])
     try:
         from moescope.config import DriftConfig
 
@@ -58,6 +83,7 @@ def layout(**query: Any) -> html.Div:
     return html.Div(
         [
             head,
+            *([C.message(state.notice, "warn", id="ms-notice")] if state.notice else []),
             html.Div(
                 [
                     *_side_controls("b_", "Baseline", base, data),

@@ -55,7 +55,7 @@ def _legend(n: int) -> Any:
 
 def layout(**query: Any) -> html.Div:
     """The tokens page (extra URL keys: tstep, seq as 'RANK:TAG:SEQ')."""
-    data, state = C.page_state(query)
+    data, state = C.page_state(query, prefer="routing")
     return C.guard("tokens", lambda: _page(data, state, query))
 
 

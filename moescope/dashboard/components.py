@@ -82,7 +82,10 @@ def selection_bar(
         items.append(steps_slider("steps", "Steps", lo, hi, state.steps))
     if extra:
         items += [html.Div(className="ms-sep"), *extra]
-    return html.Div(items, className="ms-selbar")
+    bar = html.Div(items, className="ms-selbar")
+    if state.notice:
+        return html.Div([bar, message(state.notice, "warn", id="ms-notice")])
+    return bar
 
 
 def graph(fig: go.Figure | dict[str, Any], id: str | dict[str, Any] | None = None, className: str = "") -> dcc.Graph:
@@ -175,13 +178,67 @@ def table(
     )
 
 
-def page_state(query: dict[str, Any]) -> tuple[DashboardData, ViewState]:
-    """The app's data and the URL's selection made valid for the trace (what every page layout starts with)."""
+#: What a page opens on when its URL names no run: "health" (the worst run, and its worst layer), "snapshots"
+#: (a run with expert snapshots), "tags" (a run with two data-slice tags), "routing" (a run with token-level rows).
+Prefer = str
+
+
+def preferred_runs(data: DashboardData, prefer: Prefer = "health") -> tuple[list[str], dict[str, int]]:
+    """Runs in the order a page wants to open them, and each run's worst layer (most FAIL, then WARN findings).
+
+    Every ranking ends with the health order (worst status, then most FAIL and WARN findings), so among runs
+    that have snapshots or tags the worst one opens first; a trace whose health cannot be computed keeps the
+    discovery order.
+    """
+    from .data import STATUS_ORDER
+
+    runs = data.run_names()
+    rank = {s: i for i, s in enumerate(STATUS_ORDER)}
+    try:
+        grid = data.health_grid()
+    except Exception:  # noqa: BLE001 - a default is a convenience; the pages report broken health themselves
+        grid = pd.DataFrame(columns=["run", "layer", "status", "warn", "fail"])
+    score: dict[str, tuple[int, int, int]] = {}
+    worst_layer: dict[str, int] = {}
+    for run, g in grid.groupby("run", sort=False):
+        g = g.assign(_r=g["status"].map(rank).fillna(-1))
+        score[str(run)] = (int(g["_r"].max()), int(g["fail"].sum()), int(g["warn"].sum()))
+        top = g.sort_values(["_r", "fail", "warn", "layer"], ascending=[False, False, False, True]).iloc[0]
+        worst_layer[str(run)] = int(top["layer"])
+
+    def has(run: str) -> bool:
+        if prefer == "snapshots":
+            return bool(data.snapshot_steps(run))
+        if prefer == "tags":
+            return len([t for t in data.tags(run) if t]) >= 2
+        if prefer == "routing":
+            runs_df = data.runs()
+            rows = runs_df.loc[runs_df["run"] == run, "routing_rows"]
+            return bool(len(rows) and rows.iloc[0] > 0)
+        return True
+
+    order = {r: i for i, r in enumerate(runs)}
+    ranked = sorted(runs, key=lambda r: (not has(r), tuple(-x for x in score.get(r, (-1, 0, 0))), order[r]))
+    return ranked, worst_layer
+
+
+def page_state(query: dict[str, Any], prefer: Prefer = "health") -> tuple[DashboardData, ViewState]:
+    """The app's data and the URL's selection made valid for the trace (what every page layout starts with).
+
+    A URL without a run opens the run the page most wants to show (`prefer`, see preferred_runs); a URL naming a
+    run, layer or step window the trace does not have opens the default instead and says so (`state.notice`,
+    shown by the selection bar), never an empty or all-green page that looks like an answer.
+    """
     from .data import current
-    from .state import from_query, resolve
+    from .state import explain, from_query, resolve
 
     data = current()
-    return data, resolve(from_query(query), *data.context())
+    asked = from_query(query)
+    runs, layers, ranges = data.context()
+    ranked, worst_layer = preferred_runs(data, prefer)
+    state = resolve(asked, runs, layers, ranges, prefer=ranked, prefer_layer=worst_layer)
+    notice = explain(asked, state, runs, layers, ranges)
+    return data, state.with_(notice=notice) if notice else state
 
 
 def guard(title: str, build: Any) -> Any:

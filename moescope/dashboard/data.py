@@ -172,8 +172,7 @@ class DashboardData:
                 lambda r=run: self.layer_utilization(r), lambda r=run: self.similarity(r),
                 lambda r=run: self.snapshot_steps(r), lambda r=run: self.sequences(r),
             ]
-        base, cur = default_drift_sides(self.run_names(), self.tags_by_run(), self.step_ranges())
-        steps.append(lambda: self.drift(base, cur))
+        steps.append(lambda: self.drift(*self.default_drift()))
         for step in steps:
             if self._closed:
                 break
@@ -295,6 +294,37 @@ class DashboardData:
     def tags_by_run(self) -> dict[str, list[str]]:
         """Run -> its tags."""
         return {r: self.tags(r) for r in self.run_names()}
+
+    def baseline_tags(self, run: str) -> list[str]:
+        """The run's named tags, the one whose expert load is closest to the run's untagged (training) rows first.
+
+        A drift comparison reads "from the data the router was trained on to the new data" (English → code in
+        the demo): the tag that routes most like training is the natural baseline. Without untagged rows the
+        tags keep their sorted order.
+        """
+
+        def compute() -> list[str]:
+            named = [t for t in self.tags(run) if t]
+            if "" not in self.tags(run) or len(named) < 2:
+                return named
+            df = self._df(
+                "WITH s AS (SELECT tag, layer, expert, SUM(CAST(tokens AS DOUBLE)) AS t FROM expert_load "
+                "  WHERE run = ? GROUP BY tag, layer, expert), "
+                "n AS (SELECT tag, layer, expert, t / NULLIF(SUM(t) OVER (PARTITION BY tag, layer), 0) AS share "
+                "  FROM s) "
+                "SELECT a.tag, SUM(ABS(a.share - COALESCE(b.share, 0))) AS distance FROM n a "
+                "LEFT JOIN n b ON b.tag = '' AND b.layer = a.layer AND b.expert = a.expert "
+                "WHERE a.tag <> '' GROUP BY a.tag ORDER BY distance, a.tag",
+                [run],
+            )
+            return [str(t) for t in df["tag"]]
+
+        return self._cached(("baseline_tags", run), compute)
+
+    def default_drift(self) -> tuple[dict[str, Any], dict[str, Any]]:
+        """The Drift page's first comparison: default_drift_sides with each run's tags baseline-first."""
+        runs = self.run_names()
+        return default_drift_sides(runs, {r: self.baseline_tags(r) for r in runs}, self.step_ranges())
 
     def context(self) -> tuple[list[str], dict[str, list[int]], dict[str, tuple[int, int]]]:
         """(runs, layers per run, step range per run): what `state.resolve` checks a selection against."""
@@ -552,8 +582,9 @@ UNTAGGED = "~"
 def default_drift_sides(
     runs: list[str], tags: Mapping[str, list[str]], step_ranges: Mapping[str, tuple[int, int]]
 ) -> tuple[dict[str, Any], dict[str, Any]]:
-    """A sensible first comparison: two tags of the first run that has two (English vs code), else the first
-    two runs, else the early and late halves of the only run. `tags`: run -> its tags."""
+    """A sensible first comparison: the first two tags of the first run that has two (English → code: list the
+    baseline tag first, see DashboardData.baseline_tags), else the first two runs, else the early and late halves
+    of the only run. `tags`: run -> its tags."""
     if not runs:
         return {}, {}
     for run in runs:

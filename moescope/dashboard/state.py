@@ -8,7 +8,7 @@ and `resolve` fills in defaults from what the trace holds.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 from urllib.parse import parse_qsl, urlencode
 
@@ -23,6 +23,8 @@ class ViewState:
     run: str | None = None
     layer: int | None = None
     steps: tuple[int, int] | None = None
+    #: Why the URL's selection was changed (a run, layer or step window the trace does not have); not in links.
+    notice: str | None = field(default=None, compare=False)
 
     def with_(self, **changes: Any) -> ViewState:
         """A copy with some fields changed."""
@@ -107,14 +109,21 @@ def resolve(
     runs: Sequence[str],
     layers: Mapping[str, Sequence[int]],
     step_range: Mapping[str, tuple[int, int]],
+    prefer: Sequence[str] = (),
+    prefer_layer: Mapping[str, int] | None = None,
 ) -> ViewState:
-    """Make a selection valid for the trace: unknown run → the first run, unknown layer → the run's first layer,
+    """Make a selection valid for the trace: no or unknown run → the first of `prefer` in the trace (the run a page
+    most wants to show), else the first run; no or unknown layer → `prefer_layer[run]`, else the run's first layer;
     steps clipped to the run's range (dropped when they miss it or cover all of it)."""
-    run = state.run if state.run in runs else (runs[0] if runs else None)
+    first = next((r for r in prefer if r in runs), runs[0] if runs else None)
+    run = state.run if state.run in runs else first
     if run is None:
         return ViewState()
     run_layers = list(layers.get(run, []))
-    layer = state.layer if state.layer in run_layers else (run_layers[0] if run_layers else None)
+    default_layer = (prefer_layer or {}).get(run)
+    if default_layer not in run_layers:
+        default_layer = run_layers[0] if run_layers else None
+    layer = state.layer if state.layer in run_layers else default_layer
     steps = state.steps
     if steps is not None and run in step_range:
         lo, hi = step_range[run]
@@ -123,15 +132,32 @@ def resolve(
     return ViewState(run=run, layer=layer, steps=steps)
 
 
+def explain(asked: ViewState, got: ViewState, runs: Sequence[str], layers: Mapping[str, Sequence[int]],
+            step_range: Mapping[str, tuple[int, int]]) -> str | None:
+    """One line saying which part of the URL's selection the trace does not have and what is shown instead."""
+    if asked.run is not None and asked.run not in runs:
+        return (f"This trace has no run {asked.run!r} (runs: {', '.join(runs) or 'none'}); showing {got.run}.")
+    if asked.layer is not None and got.run is not None and asked.layer != got.layer:
+        have = ", ".join(str(x) for x in layers.get(got.run, []))
+        return f"Run {got.run} has no layer {asked.layer} (layers: {have}); showing layer {got.layer}."
+    if asked.steps is not None and got.steps is None and got.run in step_range:
+        lo, hi = step_range[got.run]
+        if asked.steps[1] < lo or asked.steps[0] > hi:
+            return (f"Steps {asked.steps[0]}–{asked.steps[1]} are outside run {got.run}'s steps {lo}–{hi}; "
+                    "showing all steps.")
+    return None
+
+
 def merge_controls(current: ViewState, values: Mapping[str, Any]) -> ViewState:
     """Apply the selection bar's control values ({'run': .., 'layer': .., 'steps': [a, b]}) to a selection.
 
     Changing the run drops layer and steps, since another run may have other layers and step ranges
-    (resolve() then picks that run's defaults).
+    (resolve() then picks that run's defaults). A URL without a run is not a change: the controls then show
+    the page's default run and layer, and those are kept.
     """
     run = values.get("run", current.run)
     run = str(run) if run not in (None, "") else None
-    if run != current.run:
+    if run != current.run and current.run is not None:
         return ViewState(run=run)
     layer = as_int(values["layer"]) if "layer" in values else current.layer
     steps = parse_steps(values["steps"]) if "steps" in values else current.steps

@@ -19,7 +19,8 @@ collapse   no aux loss, no z-loss, a learned per-expert router logit bias (GPT-O
 shift      trained on English only (docstrings, comments); held-out English and code evaluated every few steps
            under rec.tag("english") / rec.tag("code"): the routing learned on prose misroutes code.
 upcycled   a dense model (one expert) is trained first, then its FFN is copied into all 16 experts plus 1% noise
-           (sparse upcycling): near-clones, snapshotted with moescope.snapshot_experts at checkpoints.
+           (sparse upcycling): near-clones, snapshotted with moescope.snapshot_experts at checkpoints. Balanced
+           with aux loss and bias balancing (u = 0.05), so its only finding is the clones WARN.
 
 Every run records through `moescope.record` with its config and seeds in the manifest's `meta`.
 """
@@ -107,8 +108,14 @@ def build_scenarios(quick: bool = False) -> dict[str, Scenario]:
         ),
         "upcycled": Scenario(
             name="upcycled",
-            description="experts copied from one trained dense FFN plus 1% noise: near-clones that diverge slowly",
-            config=dataclasses.replace(base, aux_loss_coef=0.01, z_loss_coef=0.001),
+            description="experts copied from one trained dense FFN plus 1% noise, balanced as in the balanced run: "
+            "near-clones that diverge slowly",
+            # the story here is clones, not load: a fresh router over identical experts leaves one layer-0 expert
+            # dead and MaxVio above 3 within 40 steps under aux 0.01 alone (measured, seed 0), so the run balances
+            # like `balanced`, with a faster bias (u = 0.05: --quick has only 40 MoE steps to even out in)
+            config=dataclasses.replace(
+                base, aux_loss_coef=0.01, z_loss_coef=0.001, bias_balancing=True, bias_update_rate=0.05
+            ),
             steps=steps // 2,
             dense_steps=steps // 2,
             upcycle_noise=0.01,
