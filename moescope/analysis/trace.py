@@ -26,6 +26,7 @@ import pyarrow.parquet as pq
 
 from ..format.schema import FORMAT, FORMAT_VERSION, META_KEY, TABLES, duckdb_columns
 from ..format.writer import TraceError, read_manifest
+from . import live as _live
 from . import metrics as M
 from .engine import ensure_layer_info, translate
 from .selection import Selection, Window
@@ -36,7 +37,8 @@ if TYPE_CHECKING:  # pragma: no cover
 
 PathLike = Union[str, "os.PathLike[str]"]
 #: Views a Trace always defines (besides `layer_info`).
-VIEWS = ("expert_load", "router_stats", "routing", "assignments", "expert_similarity", "expert_spectra", "runs")
+VIEWS = ("expert_load", "router_stats", "routing", "assignments", "expert_similarity", "expert_spectra", "alerts",
+         "runs")
 
 
 class QueryError(ValueError):
@@ -242,6 +244,12 @@ class Trace:
         self.timeout = float(timeout)
         self.last_truncated = False
         self._runs = discover(roots)
+        #: Bumped by refresh() whenever the file set changed: key every cached result by it.
+        self.data_version = 0
+        self.refresh_error: str | None = None
+        self.refreshed_at: float | None = None
+        self._columns: dict[Path, list[str]] = {}  # footer columns of every part checked so far
+        self._manifest_stamps = _live._manifest_stamps(self.roots)
         if not any(f for info in self._runs for f in info.files.values()):
             raise TraceError(f"{', '.join(str(r) for r in roots)}: the trace holds no data files (empty trace)")
         config: dict[str, Any] = {}
@@ -260,28 +268,52 @@ class Trace:
     def _create_views(self) -> None:
         con = self.con
         for table in TABLES:
-            files = [f for info in self._runs for f in info.files[table]]
+            files = [f for info in self._runs for f in info.files.get(table, [])]
             present: set[str] = set()
             for f in files:
-                present.update(_check_file(f))
-            con.execute(f"CREATE VIEW {table} AS {_table_view_sql(table, files, present)}")
-        con.execute(f"CREATE VIEW assignments AS {render('view_assignments')}")
+                if f not in self._columns:
+                    self._columns[f] = _check_file(f)
+                present.update(self._columns[f])
+            con.execute(f"CREATE OR REPLACE VIEW {table} AS {_table_view_sql(table, files, present)}")
+        con.execute(f"CREATE OR REPLACE VIEW assignments AS {render('view_assignments')}")
         files_df = pd.DataFrame(
             [(t, info.run, str(f)) for info in self._runs for t, fs in info.files.items() for f in fs],
             columns=["tbl", "run", "path"],
         )
         con.register("_files_df", files_df)
-        con.execute("CREATE TABLE trace_files AS SELECT * FROM _files_df")
+        con.execute("CREATE OR REPLACE TABLE trace_files AS SELECT * FROM _files_df")
         con.unregister("_files_df")
         runs_df = _runs_frame(self._runs)
         layers_df = _layers_frame(self._runs)
         con.register("_runs_df", runs_df)
         con.register("_layers_df", layers_df)
-        con.execute("CREATE TABLE runs AS SELECT * FROM _runs_df")
-        con.execute("CREATE TABLE manifest_layers AS SELECT * FROM _layers_df")
+        con.execute("CREATE OR REPLACE TABLE runs AS SELECT * FROM _runs_df")
+        con.execute("CREATE OR REPLACE TABLE manifest_layers AS SELECT * FROM _layers_df")
         con.unregister("_runs_df")
         con.unregister("_layers_df")
+        for derived in ("layer_info", "layer_experts", "expert_ids"):  # rebuilt from the new manifests and rows
+            con.execute(f"DROP TABLE IF EXISTS {derived}")
         ensure_layer_info(con)
+
+    def _rebuild_views(self) -> None:
+        """Re-create every view and table over the current file set (refresh() holds `_lock` meanwhile).
+
+        Not one transaction: ensure_layer_info probes for tables by catching errors, which aborts one. Callers
+        that query from other threads order their queries with refresh() (DashboardData does, under its lock).
+        """
+        self._create_views()
+
+    def refresh(self) -> bool:
+        """Pick up new complete parts, ranks and runs (directory listings, manifest mtimes); True if data changed.
+
+        Cheap enough to call every few seconds on a trace being written: known files are never re-read.
+        `data_version` goes up by one on every change; key cached results by it.
+        """
+        return _live.refresh(self)
+
+    def live_state(self) -> _live.LiveState:
+        """Recording, finished or stopped by an alert; the last step and when data last arrived."""
+        return _live.live_state(self)
 
     def _lock_down(self) -> None:
         # Order matters: the views above already point at the files; from here on only the trace roots

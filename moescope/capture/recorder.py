@@ -298,6 +298,8 @@ class Recorder:
         self.raise_on = raise_on
         self.alert_rules = alert_rules
         self.alerts: list[Any] = []
+        self._alerts_kept = 0  # alerts already queued for the trace's `alerts` table
+        self._stopped_by_alert: dict[str, Any] | None = None  # the manifest's record of a raise_on stop
         self.resume = resume
         self._resume_step: int | None = None
         self.skipped_forwards = 0
@@ -402,6 +404,7 @@ class Recorder:
             self.flush()
         finally:
             assert self._writer is not None
+            self._keep_alerts()  # a raise_on stop closes from inside the flush, before the flush could queue them
             self._writer.close()
             self._write_manifest(closed=True)
             errors = self._writer.stats.errors
@@ -646,9 +649,29 @@ class Recorder:
         else:
             self._writer.submit(make, nbytes, nrows)
         if self.on_alert is not None or self.raise_on is not None or self.alert_rules is not None:
-            from .alerts import evaluate_flush
+            from .alerts import RoutingCollapseError, evaluate_flush
 
-            evaluate_flush(self, load_host, stats_host)
+            try:
+                evaluate_flush(self, load_host, stats_host)
+            except RoutingCollapseError as e:
+                # evaluate_flush closed the recorder (its alerts went out with the writer); the manifest says why.
+                hit = e.alerts[0] if e.alerts else None
+                if hit is not None:
+                    self._stopped_by_alert = {"step": int(hit.step_end), "step_start": int(hit.step_start),
+                                              "rule": hit.rule, "layer": int(hit.layer), "status": hit.status,
+                                              "raise_on": self.raise_on, "message": hit.message}
+                    self._write_manifest(closed=True)
+                raise
+            self._keep_alerts()
+
+    def _keep_alerts(self) -> None:
+        """Queue the alerts raised since the last call as rows of the trace's `alerts` table (writer thread)."""
+        new = self.alerts[self._alerts_kept :]
+        if not new or self._writer is None:
+            return
+        self._alerts_kept = len(self.alerts)
+        table = alerts_table(self.run, self.rank, new)
+        self._writer.submit(lambda: {"alerts": table}, table.nbytes)
 
     def wait(self) -> None:
         """Block until every flushed batch is on disk (tests, checkpoints)."""
@@ -688,6 +711,8 @@ class Recorder:
             },
             "meta": self.meta,
         }
+        if self._stopped_by_alert is not None:
+            body["stopped_by_alert"] = self._stopped_by_alert
         write_manifest(self.run_dir, body, self.rank)
 
 
@@ -796,3 +821,22 @@ def _fixed_list(mat: np.ndarray, typ: pa.DataType, order: np.ndarray) -> pa.Arra
     n, k = mat.shape if mat.ndim == 2 else (len(mat), 1)
     offsets = np.arange(0, n * k + 1, k, dtype=np.int32)
     return pa.ListArray.from_arrays(pa.array(offsets), pa.array(mat.reshape(-1), typ))
+
+
+def alerts_table(run: str, rank: int, alerts: list[Any]) -> pa.Table:
+    """Rows of the trace's `alerts` table from capture.alerts.Alert objects (schema.ALERTS)."""
+    return pa.table(
+        {
+            "run": pa.array([a.run or run for a in alerts], pa.string()),
+            "rank": pa.array([int(a.rank) if a.rank is not None else rank for a in alerts], pa.int16()),
+            "step": pa.array([int(a.step_end) for a in alerts], pa.int64()),
+            "step_start": pa.array([int(a.step_start) for a in alerts], pa.int64()),
+            "layer": pa.array([int(a.layer) for a in alerts], pa.int16()),
+            "rule": pa.array([a.rule for a in alerts], pa.string()),
+            "status": pa.array([a.status for a in alerts], pa.string()),
+            "value": pa.array([float(a.value) for a in alerts], pa.float64()),
+            "threshold": pa.array([float(a.threshold) for a in alerts], pa.float64()),
+            "experts": pa.array([[int(e) for e in a.experts] for a in alerts], pa.list_(pa.int16())),
+            "message": pa.array([a.message for a in alerts], pa.string()),
+        }
+    )

@@ -82,12 +82,31 @@ EXPERT_SPECTRA = pa.schema(
     ]
 )
 
+#: Online alerts raised while recording (moescope.capture.alerts), one row per rule × layer × flushed window,
+#: written at the flush that raised them.
+ALERTS = pa.schema(
+    [
+        pa.field("run", pa.string()),
+        pa.field("rank", pa.int16()),
+        pa.field("step", pa.int64()),  # last step of the window (the flush that raised it)
+        pa.field("step_start", pa.int64()),  # first step of the window
+        pa.field("layer", pa.int16()),
+        pa.field("rule", pa.string()),
+        pa.field("status", pa.string()),  # WARN | FAIL
+        pa.field("value", pa.float64()),
+        pa.field("threshold", pa.float64()),
+        pa.field("experts", pa.list_(pa.int16())),
+        pa.field("message", pa.string()),
+    ]
+)
+
 TABLES: dict[str, pa.Schema] = {
     "expert_load": EXPERT_LOAD,
     "router_stats": ROUTER_STATS,
     "routing": ROUTING,
     "expert_similarity": EXPERT_SIMILARITY,
     "expert_spectra": EXPERT_SPECTRA,
+    "alerts": ALERTS,
 }
 
 #: DuckDB column types for building empty views of tables a run did not write.

@@ -1,0 +1,187 @@
+"""A trace that follows its files while a run records: `Trace.refresh()`, the data version, the live state.
+
+The writer's protocol makes this cheap and safe: every part appears complete, by rename, under a name that
+never changes, and a manifest is replaced atomically. So a refresh lists the run directories (no file is
+re-read), reads the footer of each *new* part only, re-reads manifests only when their mtime changed, and
+rebuilds the views in one transaction when the file set moved. `data_version` counts those changes; every
+cache of results (the dashboard's, `moescope watch`'s) is keyed by it, so nothing stale is served.
+
+A part that vanishes or cannot be read yet is skipped (and retried at the next refresh), never an error:
+a reader must not fail because a writer is busy.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import pandas as pd
+
+from ..format.schema import TABLES
+from ..format.writer import TraceError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .trace import Trace
+
+#: Live states of a trace, in the order the header reports them (the first that applies wins).
+STATES = ("stopped", "recording", "finished")
+
+
+def _manifest_stamps(roots: list[Path]) -> dict[str, tuple[int, int]]:
+    """Every manifest below the roots with its (mtime_ns, size): one walk that skips the part folders."""
+    out: dict[str, tuple[int, int]] = {}
+    for root in roots:
+        for dirpath, dirnames, filenames in os.walk(root):
+            # Part folders hold only parts; walking them would list every file of a big trace for nothing.
+            dirnames[:] = [d for d in dirnames if d not in TABLES and not d.startswith(".")]
+            for name in filenames:
+                if name == "manifest.json" or (name.startswith("manifest.rank-") and name.endswith(".json")):
+                    p = os.path.join(dirpath, name)
+                    try:
+                        st = os.stat(p)
+                    except OSError:  # replaced between the listing and the stat: the next refresh sees it
+                        continue
+                    out[p] = (st.st_mtime_ns, st.st_size)
+    return out
+
+
+def _list_parts(run_dir: Path, table: str) -> list[Path]:
+    """Complete parts of one table of one run (temporary files start with '.', so they never match)."""
+    d = run_dir / table
+    try:
+        names = [e.name for e in os.scandir(d) if e.name.startswith("part-") and e.name.endswith(".parquet")]
+    except OSError:  # no such folder yet
+        return []
+    return [d / n for n in sorted(names)]
+
+
+def scan_files(tr: Trace) -> bool:
+    """Bring `tr._runs` (manifests and part lists) up to date with the disk; True when anything changed.
+
+    New parts have their footer checked (columns remembered in `tr._columns`); one that is not readable yet is
+    left out until a later refresh. Raises TraceError only when the manifests themselves became invalid.
+    """
+    from .trace import _check_file, discover
+
+    changed = False
+    stamps = _manifest_stamps(tr.roots)
+    if stamps != tr._manifest_stamps:
+        # Manifests change at a run's start and end (and when a run appears): re-read them with discover's rules.
+        runs = discover(tr.roots)
+        old = {r.run: r for r in tr._runs}
+        for r in runs:  # keep the part lists already known (new runs start empty); both are refreshed below
+            r.files = old[r.run].files if r.run in old else {}
+        tr._runs = runs
+        tr._manifest_stamps = stamps
+        changed = True
+    for info in tr._runs:
+        for table in TABLES:
+            listed = _list_parts(info.path, table)
+            known = info.files.get(table, [])
+            if listed == known:
+                continue
+            kept: list[Path] = []
+            for p in listed:
+                if p not in tr._columns:
+                    try:
+                        tr._columns[p] = _check_file(p)
+                    except TraceError:  # vanished, or not readable yet: skip it this time
+                        continue
+                kept.append(p)
+            if kept != known:
+                info.files[table] = kept
+                changed = True
+    return changed
+
+
+def refresh(tr: Trace) -> bool:
+    """Pick up new parts, ranks and runs of `tr`; rebuild its views when the file set changed. True if it did."""
+    with tr._lock:
+        try:
+            changed = scan_files(tr)
+        except TraceError as e:
+            # A run directory mid-creation or a renamed run: keep serving what is known, say why.
+            tr.refresh_error = str(e)
+            return False
+        tr.refresh_error = None
+        tr.refreshed_at = time.time()
+        if not changed:
+            return False
+        tr._rebuild_views()
+        tr.data_version += 1
+        return True
+
+
+# -- live state --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LiveState:
+    """Where the recording of a trace stands: what the dashboard's header and `moescope watch` say."""
+
+    state: str  # one of STATES
+    step: int | None  # last step recorded (None: nothing yet)
+    updated: float | None  # epoch seconds of the newest data file or manifest
+    stopped: dict[str, Any] | None = None  # the manifest's stopped_by_alert: {step, rule, layer, ...}
+
+    def describe(self, now: float | None = None) -> str:
+        """'recording · step 1,234 · updated 3 s ago', 'finished · step 1,234' or 'stopped by an alert at step N'."""
+        step = f"step {self.step:,}" if self.step is not None else "no steps yet"
+        if self.state == "stopped" and self.stopped is not None:
+            s = self.stopped
+            what = f" ({s.get('rule')}, layer {s.get('layer')})" if s.get("rule") is not None else ""
+            return f"stopped by an alert at step {s.get('step')}{what}"
+        if self.state == "finished":
+            return f"finished · {step}"
+        ago = "" if self.updated is None else f" · updated {_ago((now or time.time()) - self.updated)}"
+        return f"recording · {step}{ago}"
+
+
+def _ago(seconds: float) -> str:
+    """'3 s ago', '4 min ago', '2 h ago'."""
+    s = max(0.0, seconds)
+    if s < 90:
+        return f"{s:.0f} s ago"
+    if s < 90 * 60:
+        return f"{s / 60:.0f} min ago"
+    return f"{s / 3600:.0f} h ago"
+
+
+def live_state(tr: Trace) -> LiveState:
+    """The trace's live state from its manifests (closed, stopped_by_alert) and its newest step and file."""
+    manifests = [m for info in tr._runs for m in info.manifests.values()]
+    stopped = next((m["stopped_by_alert"] for m in manifests if isinstance(m.get("stopped_by_alert"), dict)), None)
+    open_ = any(m.get("closed") is False for m in manifests)
+    state = "stopped" if stopped is not None else ("recording" if open_ else "finished")
+    step = last_step(tr)
+    stamps = [st[0] / 1e9 for st in tr._manifest_stamps.values()]
+    for info in tr._runs:
+        for files in info.files.values():
+            if files:
+                try:  # parts are named in write order: the last one is the newest
+                    stamps.append(files[-1].stat().st_mtime)
+                except OSError:
+                    continue
+    return LiveState(state, step, max(stamps) if stamps else None, stopped)
+
+
+def last_step(tr: Trace) -> int | None:
+    """The highest step in expert_load or router_stats (None when they are empty)."""
+    with tr._lock:
+        rows = tr.con.execute(
+            "SELECT MAX(s) FROM (SELECT MAX(step) AS s FROM router_stats UNION ALL SELECT MAX(step) FROM expert_load)"
+        ).fetchall()
+    return None if not rows or rows[0][0] is None else int(rows[0][0])
+
+
+def alerts_frame(tr: Trace, run: str | None = None, limit: int | None = None) -> pd.DataFrame:
+    """The online alerts kept in the trace, newest first: run, rank, step, step_start, layer, rule, status, value,
+    threshold, experts, message."""
+    where = "" if run is None else " WHERE run = ?"
+    lim = "" if limit is None else f" LIMIT {int(limit)}"
+    q = f"SELECT * FROM alerts{where} ORDER BY step DESC, run, layer, rule{lim}"
+    with tr._lock:
+        return tr.con.execute(q, [] if run is None else [run]).df()
