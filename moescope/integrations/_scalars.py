@@ -1,7 +1,8 @@
-"""Per-layer load scalars of one flushed window, shared by the training-loop integrations and online alerts.
+"""Per-layer load scalars of one flushed window, logged by the training-loop integrations.
 
-Pure numpy/pyarrow (no torch, no Lightning, no transformers), so it is cheap to import anywhere.
-Definitions follow the design's metric catalogue: N experts, c_e assignments, f_e = c_e / Σc.
+Pure numpy/pyarrow (no torch, no Lightning, no transformers), so it is cheap to import anywhere. The
+values are the health rules' own (`moescope.analysis.rules.cell_values`: CV, MaxVio, load entropy, N·f_e),
+so a logged curve and an alert never disagree; f_e = c_e / Σc here (a flush's tables carry no top-k).
 """
 
 from __future__ import annotations
@@ -14,8 +15,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-#: Utilization N·f_e below this counts as a dead expert (the design's "5% of its fair share").
-DEAD_UTILIZATION = 0.05
+from ..analysis.rules import DeadExpertRule, cell_values, utilization
+
+#: Utilization N·f_e below this counts as a dead expert: the dead_expert rule's default.
+DEAD_UTILIZATION = DeadExpertRule().fail_below
 
 
 @dataclass(frozen=True)
@@ -49,18 +52,15 @@ def load_scalars(layer: int, counts: np.ndarray, dead_utilization: float = DEAD_
     if n == 0 or total <= 0:
         # No assignments in the window: every ratio is undefined, and NaN says so to every logger.
         return LoadScalars(layer, n, 0, math.nan, math.nan, math.nan, 0)
-    mean = total / n
-    f = c / total
-    nz = f[f > 0]
-    entropy = float(-(nz * np.log(nz)).sum())
+    v = cell_values(c, 1)  # T = Σc: N·f_e = N c_e / Σc
     return LoadScalars(
         layer=layer,
         n_experts=n,
         assignments=int(round(total)),
-        load_cv=float(c.std() / mean),
-        maxvio=float(c.max() / mean - 1.0),
-        entropy_norm=entropy / math.log(n) if n > 1 else 1.0,
-        dead_experts=int((n * f < dead_utilization).sum()),
+        load_cv=float(v["cv"]),
+        maxvio=float(v["maxvio"]),
+        entropy_norm=float(v["load_entropy"]) if v["load_entropy"] is not None else 1.0,
+        dead_experts=int((utilization(c, 1, total) < dead_utilization).sum()),
     )
 
 

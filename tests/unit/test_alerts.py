@@ -17,15 +17,16 @@ from hf_helpers import plant_collapse, tiny_mixtral  # noqa: E402
 
 from moescope.capture.alerts import (
     Alert,
-    AlertRules,
     MoEAlertWarning,
     RoutingCollapseError,
     evaluate_flush,
     evaluate_window,
+    resolve_rules,
 )
+from moescope.config import HealthConfig
 from moescope.integrations._scalars import load_scalars, metrics_from_tables, window_counts
 
-RULES = AlertRules()
+RULES = HealthConfig()
 
 
 def _rules(alerts: list[Alert]) -> dict[str, str]:
@@ -46,7 +47,8 @@ def test_two_of_four_experts_collapse() -> None:
     assert got == {"dead_expert": "FAIL", "collapse": "FAIL", "load_cv": "WARN"}
     dead = next(a for a in alerts if a.rule == "dead_expert")
     assert dead.experts == (2, 3) and dead.layer == 3 and (dead.step_start, dead.step_end) == (10, 19)
-    assert "layer 3" in dead.message and "[2, 3]" in dead.message and "steps 10–19" in dead.message
+    assert "layer 3" in dead.message and "experts 2, 3" in dead.message and "steps 10–19" in dead.message
+    assert dead.message.startswith("moescope FAIL: layer 3: ") and "[dead_expert] run 'r' rank 1" in dead.message
     assert next(a for a in alerts if a.rule == "collapse").experts == (0, 1)
     assert next(a for a in alerts if a.rule == "load_cv").value == pytest.approx(1.0)
 
@@ -82,32 +84,35 @@ def test_too_little_data_skips_load_rules_but_not_nonfinite() -> None:
 
 
 def test_rules_from_mapping_and_disabled() -> None:
-    r = AlertRules.from_any({"min_expected": 1, "disabled": ["load_cv"]})
+    r = resolve_rules({"min_expected": 1, "disabled": ["load_cv"]})
     got = _rules(evaluate_window({0: np.array([80.0, 80.0, 0.0, 0.0])}, {}, {0: 2}, 0, 0, r))
     assert got == {"dead_expert": "FAIL", "collapse": "FAIL"}
-    with pytest.raises(ValueError, match="unknown field"):
-        AlertRules.from_any({"nope": 1})
+    r = resolve_rules({"rules": {"collapse": {"enabled": False}}, "health": {"min_tokens": 1}})
+    assert "collapse" not in _rules(evaluate_window({0: np.array([80.0, 80.0, 0.0, 0.0])}, {}, {0: 2}, 0, 0, r))
+    with pytest.raises(ValueError, match="unknown table"):
+        resolve_rules({"nope": 1})
+    with pytest.raises(ValueError, match=r"rules.collapse.share = 1.5 is out of range"):
+        resolve_rules({"rules": {"collapse": {"share": 1.5}}})
     with pytest.raises(TypeError, match="alert_rules"):
-        AlertRules.from_any(3)
+        resolve_rules(3)
 
 
 def test_rules_follow_health_config(tmp_path: Path) -> None:
     from moescope.capture.alerts import default_rules
-    from moescope.config import HealthConfig
 
-    assert default_rules() == AlertRules()  # the built-in defaults are the check's defaults
+    assert default_rules() == HealthConfig()  # the online defaults are the check's defaults
     cfg = HealthConfig()
     cfg.maxvio.fail_above = None
     cfg.min_tokens = 7
     cfg.load_cv.enabled = False
-    r = AlertRules.from_any(cfg)
-    assert r.maxvio_fail is None and r.min_expected == 7 and r.disabled == frozenset({"load_cv"})
+    r = resolve_rules(cfg)
     c = np.array([1000.0, 10.0, 10.0, 10.0, 10.0, 10.0, 10.0, 10.0])  # MaxVio ≈ 6.6: only WARN without a FAIL bar
-    assert [a.status for a in evaluate_window({0: c}, {}, {0: 1}, 0, 0, r) if a.rule == "maxvio"] == ["WARN"]
+    got = evaluate_window({0: c}, {}, {0: 1}, 0, 0, r)
+    assert [a.status for a in got if a.rule == "maxvio"] == ["WARN"] and "load_cv" not in _rules(got)
     toml = tmp_path / "moescope.toml"
     toml.write_text("[rules.maxvio]\nfail_above = 5.0\n[rules.dead_expert]\nfail_below = 0.1\n")
-    r = AlertRules.from_any(toml)
-    assert (r.maxvio_fail, r.dead_utilization) == (5.0, 0.1)
+    r = resolve_rules(toml)
+    assert (r.maxvio.fail_above, r.dead_expert.fail_below) == (5.0, 0.1)
 
 
 def test_scalars_known_answer() -> None:
@@ -153,19 +158,49 @@ class _FakeRecorder:
 
 def _collapsed_flush() -> tuple[list[Any], list[Any]]:
     load = [(s, "", 0, np.array([[100.0, 50, 50], [100, 50, 50], [0, 0, 0], [0, 0, 0]])) for s in (4, 5)]
-    stats = [(s, "", 0, np.array([100.0, 0, 0, 0, 0, 0, 0, 0])) for s in (4, 5)]
+    # entropy_sum = 100 tokens × 0.5 ln 4: a router still mixing, so only the load rules fire.
+    stats = [(s, "", 0, np.array([100.0, 50 * np.log(4), 0, 0, 0, 0, 0, 0])) for s in (4, 5)]
     return load, stats
 
 
-def test_evaluate_flush_reports_four_ways(caplog: pytest.LogCaptureFixture) -> None:
+def test_evaluate_flush_reports_once(caplog: pytest.LogCaptureFixture) -> None:
+    # With a callback the callback is the report (no warning); logging gets a record where it is configured.
     seen: list[Alert] = []
     rec = _FakeRecorder(on_alert=seen.append)
-    with caplog.at_level(logging.WARNING, logger="moescope"), pytest.warns(MoEAlertWarning, match="layer 0"):
+    with caplog.at_level(logging.WARNING, logger="moescope"), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         out = evaluate_flush(rec, *_collapsed_flush())  # type: ignore[arg-type]
+    assert not [w for w in caught if issubclass(w.category, MoEAlertWarning)]
     assert {a.rule for a in out} == {"dead_expert", "collapse", "load_cv"}
     assert seen == out == rec.alerts and rec.closed == 0
     assert all(a.step_start == 4 and a.step_end == 5 and a.module == "m.layers.0.gate" for a in out)
-    assert any(r.levelno == logging.ERROR and "[2, 3]" in r.getMessage() for r in caplog.records)
+    assert any(r.levelno == logging.ERROR and "experts 2, 3" in r.getMessage() for r in caplog.records)
+    # Without a callback: one warning per alert, pointing at the caller's line (this file), not into moescope.
+    rec = _FakeRecorder()
+    with pytest.warns(MoEAlertWarning, match="layer 0") as record:
+        evaluate_flush(rec, *_collapsed_flush())  # type: ignore[arg-type]
+    assert len(record) == 3 and {Path(w.filename).name for w in record} == {"test_alerts.py"}
+
+
+def test_plain_script_prints_one_line_per_alert(tmp_path: Path) -> None:
+    # A plain script (no logging set up, no callback): each alert is one warning line at the user's line,
+    # not a warning plus a last-resort logger echo.
+    script = tmp_path / "train.py"
+    script.write_text(
+        "import numpy as np\n"
+        "from types import SimpleNamespace\n"
+        "from pathlib import Path\n"
+        "from moescope.capture.alerts import evaluate_flush\n"
+        "rec = SimpleNamespace(layers=[SimpleNamespace(layer=0, module='gate', n_experts=4, top_k=2)], alerts=[],\n"
+        "    on_alert=None, raise_on=None, alert_rules=None, run='r', rank=0, run_dir=Path('x'), close=lambda: None)\n"
+        "load = [(4, '', 0, np.array([[100.0, 50, 50], [100, 50, 50], [0, 0, 0], [0, 0, 0]]))]\n"
+        "stats = [(4, '', 0, np.array([100.0, 69.3, 0, 0, 0, 0, 0, 0]))]\n"
+        "evaluate_flush(rec, load, stats)  # USER LINE\n"
+    )
+    res = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120, check=True)
+    alert_lines = [ln for ln in res.stderr.splitlines() if "moescope FAIL" in ln or "moescope WARN" in ln]
+    assert len(alert_lines) == 3, res.stderr
+    assert all(ln.startswith(f"{script}:9: MoEAlertWarning") for ln in alert_lines), res.stderr
 
 
 def test_evaluate_flush_raise_on_fail_closes_first() -> None:
