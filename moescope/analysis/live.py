@@ -185,3 +185,26 @@ def alerts_frame(tr: Trace, run: str | None = None, limit: int | None = None) ->
     q = f"SELECT * FROM alerts{where} ORDER BY step DESC, run, layer, rule{lim}"
     with tr._lock:
         return tr.con.execute(q, [] if run is None else [run]).df()
+
+
+def alert_line(a: Any) -> str:
+    """One alert as a line: 'step 99 · run a · layer 1 · FAIL collapse: <message>' (a row of alerts_frame)."""
+    run = f" · run {a['run']}" if a.get("run") else ""
+    return f"step {int(a['step'])}{run} · layer {int(a['layer'])} · {a['status']} {a['rule']}: {a['message']}"
+
+
+def alert_summary(tr: Trace, limit: int = 10) -> list[str]:
+    """What `report` and `check` print about the online alerts kept in the trace: stops first, then the newest."""
+    lines = []
+    for info in tr._runs:
+        m = info.manifests.get(0) or info.manifests[min(info.manifests)]
+        stop = m.get("stopped_by_alert")
+        if isinstance(stop, dict):
+            lines.append(f"run {info.run} was stopped by an alert at step {stop.get('step')} "
+                         f"({stop.get('rule')}, layer {stop.get('layer')}; raise_on={stop.get('raise_on')!r})")
+    df = alerts_frame(tr)
+    if len(df):
+        lines.append(f"{len(df)} online alert(s) recorded while training" +
+                     (f", newest {limit}:" if len(df) > limit else ":"))
+        lines += ["  " + alert_line(r) for r in df.head(limit).to_dict("records")]
+    return lines

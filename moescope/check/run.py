@@ -172,13 +172,15 @@ def _first_line(e: BaseException) -> str:
 
 
 def _runs(tr: Trace, label: str) -> list[str]:
-    """The runs of a trace that hold routing data; an empty trace is an unreadable one (exit 3)."""
-    # Not just `tr.runs`: a run whose files hold no rows has nothing to check either.
-    query = "SELECT run FROM expert_load UNION SELECT run FROM router_stats ORDER BY run"
+    """The runs of a trace that hold routing data or expert snapshots; an empty trace is an unreadable one (exit 3)."""
+    # Not just `tr.runs`: a run whose files hold no rows has nothing to check either. A snapshot-only run (a
+    # downloaded checkpoint checked for clone experts) has the clones rule to evaluate.
+    query = ("SELECT run FROM expert_load UNION SELECT run FROM router_stats "
+             "UNION SELECT run FROM expert_similarity ORDER BY run")
     df = _guard(label, lambda: tr.sql(query).df(), broad=True)
     runs = [str(r) for r in df["run"].tolist()]
     if not runs:
-        raise TraceError(f"{label}: empty trace (no expert_load or router_stats rows)")
+        raise TraceError(f"{label}: empty trace (no expert_load, router_stats or expert_similarity rows)")
     return runs
 
 
@@ -251,6 +253,9 @@ def run_check(
             raise CheckError(f"{label}: no run {run!r} with routing data (runs: {', '.join(runs)})")
         checked = [run] if run is not None else runs
         health = normalize_findings(_guard(label, tr.health, run=run, config=cfg))
+        from ..analysis.live import alert_summary
+
+        online_alerts = _guard(label, alert_summary, tr, broad=True)
         frames = [health]
 
         ref_label = None
@@ -284,6 +289,7 @@ def run_check(
         "moescope_version": __version__,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "elapsed_s": round(time.monotonic() - t0, 3),
+        "online_alerts": online_alerts,  # what the recorder's alerts table and manifests say (informational)
     }
     return CheckResult(findings, meta, fail_on)
 

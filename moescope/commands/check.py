@@ -120,6 +120,9 @@ def cmd_check(args: argparse.Namespace) -> int:
             sys.stdout.write(format_text(result, verbose=args.verbose))
     else:
         sys.stdout.write(text)
+    if args.format == "text" and result.meta.get("online_alerts"):
+        sys.stdout.write("\nalerts kept in the trace (informational; the rules above decide the exit code):\n")
+        sys.stdout.write("".join(f"  {line}\n" for line in result.meta["online_alerts"]))
     if args.format == "github" and os.environ.get("GITHUB_STEP_SUMMARY"):
         try:
             write_step_summary(result)

@@ -9,6 +9,8 @@ from typing import Any
 
 import pandas as pd
 
+from ._legend import LEGEND
+
 EPILOG = """\
 examples:
   moescope report traces
@@ -124,6 +126,12 @@ def render_report(tr: Any, runs: list[str] | None = None, config: Any = None, wi
             reasons = skips["message"].str.replace(r"^layer \d+: ", "", regex=True).value_counts()
             out.append(f"    ({len(skips)} skipped: {reasons.index[0]}{' …' if len(reasons) > 1 else ''})")
         out.append("")
+    from ..analysis.live import alert_summary
+
+    alerts = alert_summary(tr)
+    if alerts:  # what the recorder raised while training (raise_on stops first)
+        out += ["Alerts kept in the trace:", *(f"  {line}" for line in alerts), ""]
+    out.append(LEGEND)  # the terms above, once (the same text as the demo prints)
     return "\n".join(out)
 
 

@@ -192,3 +192,37 @@ def test_raise_on_stop_is_in_manifest_and_alerts(tmp_path: Path) -> None:
     assert n == len(rec.alerts) > 0
     assert tr.live_state().describe().startswith("stopped by an alert at step 1 (")
     tr.close()
+
+
+def test_check_and_report_on_snapshot_only_and_alerts(trace_root: Path, make_run: Callable[..., Path],
+                                                      tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    sim = pd.DataFrame({"step": [5, 5], "layer": [0, 0], "expert_a": [0, 0], "expert_b": [1, 2],
+                        "metric": ["subspace_overlap"] * 2, "value": [0.95, 0.1]})
+    make_run("ckpt", layers=LAYERS, expert_similarity=sim)
+    cli = [sys.executable, "-m", "moescope"]
+    r = subprocess.run([*cli, "check", str(trace_root)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert "WARN    clones" in r.stdout and "0-1" in r.stdout
+
+    # a stopped run's alerts show in check and report
+    from moescope.capture.alerts import Alert
+    from moescope.capture.recorder import alerts_table
+
+    a = Alert("collapse", "FAIL", 0, (0,), 0, 9, 0.97, 0.9, "routing collapsed on expert 0", "r", 0)
+    run_dir = make_run("r", layers=LAYERS, expert_load=_load(range(0, 10)), router_stats=_stats(range(0, 10)),
+                       alerts=alerts_table("r", 0, [a]).to_pandas(),
+                       extra={"stopped_by_alert": {"step": 9, "rule": "collapse", "layer": 0, "raise_on": "fail"}})
+    assert run_dir.is_dir()
+    r = subprocess.run([*cli, "check", str(trace_root)], capture_output=True, text=True)
+    assert "run r was stopped by an alert at step 9 (collapse, layer 0; raise_on='fail')" in r.stdout, r.stdout
+    assert "step 9 · run r · layer 0 · FAIL collapse: routing collapsed on expert 0" in r.stdout
+
+    tr = moescope.open(trace_root)
+    from moescope.commands.report import render_report
+
+    text = render_report(tr)
+    assert "Alerts kept in the trace:" in text and "run r was stopped by an alert at step 9" in text
+    tr.close()
