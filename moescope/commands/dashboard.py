@@ -15,6 +15,7 @@ something that has.
 examples:
   moescope dashboard traces
   moescope dashboard traces/run-a --port 8051
+  moescope dashboard traces/run-a --refresh 2     # follow a run while it records
 """
 
 
@@ -34,6 +35,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--debug", action="store_true", help="Dash debug mode (dev tools, reload on code change)")
     p.add_argument("--sql-timeout", type=float, default=10.0, metavar="S",
                    help="SQL console: seconds a query may run (default: 10)")
+    p.add_argument("--refresh", type=float, default=5.0, metavar="SECONDS",
+                   help="re-read the trace every SECONDS while a run records: new steps, ranks and runs appear, "
+                   "zoom is kept (default: 5; 0 = off)")
     p.set_defaults(func=run)
 
 
@@ -47,8 +51,11 @@ def run(args: argparse.Namespace) -> int:
         raise CLIError(f"--port must be between 1 and 65535, got {args.port}", 2)
     if not args.sql_timeout > 0:
         raise CLIError(f"--sql-timeout must be a positive number of seconds, got {args.sql_timeout:g}", 2)
+    if not args.refresh >= 0:
+        raise CLIError(f"--refresh must be 0 (off) or a positive number of seconds, got {args.refresh:g}", 2)
     try:  # serve() prints the warning when --host is not a loopback address
-        dashboard.serve(args.trace, host=args.host, port=args.port, debug=args.debug, sql_timeout=args.sql_timeout)
+        dashboard.serve(args.trace, host=args.host, port=args.port, debug=args.debug, sql_timeout=args.sql_timeout,
+                        refresh=args.refresh)
     except ImportError as e:  # dash or plotly missing: say which extra to install
         raise CLIError(str(e), 2) from None
     return 0

@@ -5,6 +5,11 @@ the nav bar lists whatever pages registered, ordered by their `order`, so pages 
 systems what-if page) appear without touching this file. Every control with the id
 `{"type": "ms-sel", "key": K}` writes `K=value` into the URL query string; the page then re-renders from
 the URL, so every view is a shareable link and the back button works.
+
+Live traces: a `dcc.Interval` (every `refresh` seconds) calls `DashboardData.refresh()`; when the trace's data
+version moved, the version store changes, and because that store is one of the pages router's inputs
+(`routing_callback_inputs`), the open page re-renders from the same URL. Figures carry a `uirevision`, so the
+user's zoom survives the redraw. The header shows the live state (recording, finished, stopped by an alert).
 """
 
 from __future__ import annotations
@@ -29,6 +34,10 @@ from .state import KEYS, from_query, merge_controls, resolve, to_query
 HERE = content_dir("dashboard")
 #: Dash's own id of the page container's dcc.Location.
 LOCATION = "_pages_location"
+#: Ids of the live-refresh pieces: the timer, the data-version store (a router input), the header's state text.
+LIVE_INTERVAL, LIVE_VERSION, LIVE_TEXT = "ms-live-interval", "ms-live-version", "ms-live"
+#: Keyword under which page layouts receive the data version (pages take **query and ignore it).
+LIVE_KW = "ms_live_version"
 
 log = logging.getLogger("moescope.dashboard")
 
@@ -76,8 +85,8 @@ def _nav_id(page: dict[str, Any]) -> str:
     return "ms-nav-" + page["module"].rsplit(".", 1)[-1].replace("_", "-")
 
 
-def _shell(data: DashboardData) -> html.Div:
-    """The page frame: nav bar (brand, page links, trace name) and Dash's page container."""
+def _shell(data: DashboardData, refresh: float = 0.0) -> html.Div:
+    """The page frame: nav bar (brand, page links, live state, trace name) and Dash's page container."""
     links = [
         dcc.Link(p["name"], href=p["relative_path"], id=_nav_id(p), className="ms-nav-link")
         for p in nav_pages()
@@ -92,6 +101,10 @@ def _shell(data: DashboardData) -> html.Div:
                         href="/", className="ms-brand",
                     ),
                     html.Nav(links, className="ms-nav"),
+                    html.Span(_live_text(data), id=LIVE_TEXT, className="ms-live ms-muted",
+                              title=f"re-read every {refresh:g} s" if refresh > 0 else "live refresh off"),
+                    dcc.Interval(id=LIVE_INTERVAL, interval=max(refresh, 0.5) * 1000, disabled=refresh <= 0),
+                    dcc.Store(id=LIVE_VERSION, data=data.trace.data_version),
                     html.Div(
                         [html.Span("trace ", className="ms-muted"), html.Code(root.name or str(root))],
                         className="ms-trace", title=str(root),
@@ -112,6 +125,34 @@ def _shell(data: DashboardData) -> html.Div:
         ],
         className="ms-app",
     )
+
+
+def _live_text(data: DashboardData) -> str:
+    """The header's live state; a failure to read it is shown, never raised (the pages still work)."""
+    try:
+        return data.live_text()
+    except Exception as e:  # noqa: BLE001 - a header line must not break the app
+        log.warning("moescope dashboard: live state unavailable: %s", e)
+        return "live state unavailable"
+
+
+def _register_live(app: Dash) -> None:
+    @app.callback(
+        Output(LIVE_TEXT, "children"),
+        Output(LIVE_VERSION, "data"),
+        Input(LIVE_INTERVAL, "n_intervals"),
+        State(LIVE_VERSION, "data"),
+        prevent_initial_call=True,
+    )
+    def _tick(_n: int | None, shown: Any) -> tuple[str, Any]:
+        """Re-read the trace's file list; a new data version re-renders the open page (a router input)."""
+        data: DashboardData = app.moescope_data  # type: ignore[attr-defined]
+        try:
+            data.refresh()
+        except Exception as e:  # noqa: BLE001 - keep serving what is known; the next tick tries again
+            log.warning("moescope dashboard: refresh failed: %s", e)
+        version = data.trace.data_version
+        return _live_text(data), (version if version != shown else no_update)
 
 
 def _register_callbacks(app: Dash) -> None:
@@ -163,11 +204,13 @@ def create_app(
     sql_max_rows: int = 1000,
     cache_size: int = 512,
     warm: bool = True,
+    refresh: float = 5.0,
     **dash_kwargs: Any,
 ) -> Dash:
     """Build the dashboard for the trace at `trace_root` (opened read-only, locked SQL).
 
     warm: compute the default views on a background thread right away (big traces: the first page opens fast).
+    refresh: seconds between re-reads of the trace's file list while a run records (0 = off).
     """
     data = DashboardData(trace_root, sql_timeout=sql_timeout, sql_max_rows=sql_max_rows, cache_size=cache_size)
     _reset_dash_globals()
@@ -180,12 +223,15 @@ def create_app(
         update_title=None,
         # Page layouts are built on demand; validating them all up front would compute every page at start-up.
         suppress_callback_exceptions=True,
+        # A new data version re-renders the open page from its URL (see the module docstring).
+        routing_callback_inputs={LIVE_KW: Input(LIVE_VERSION, "data")},
         **dash_kwargs,
     )
     app.moescope_data = data  # type: ignore[attr-defined]
-    app.layout = _shell(data)
+    app.layout = _shell(data, refresh)
     _adopt_page_callbacks(app)
     _register_callbacks(app)
+    _register_live(app)
     if warm:
         threading.Thread(target=data.warm, name="moescope-dashboard-warm", daemon=True).start()
     return app

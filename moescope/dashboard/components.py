@@ -88,8 +88,18 @@ def selection_bar(
     return bar
 
 
-def graph(fig: go.Figure | dict[str, Any], id: str | dict[str, Any] | None = None, className: str = "") -> dcc.Graph:
-    """A plotly graph with the dashboard's toolbar settings."""
+def graph(fig: go.Figure | dict[str, Any], id: str | dict[str, Any] | None = None, className: str = "",
+          uirevision: str | None = None) -> dcc.Graph:
+    """A plotly graph with the dashboard's toolbar settings.
+
+    `uirevision` (default: the id) keeps the user's zoom and legend choices when a live refresh redraws it.
+    """
+    rev = uirevision if uirevision is not None else (str(id) if id is not None else None)
+    if rev is not None:
+        if isinstance(fig, go.Figure):
+            fig = go.Figure(fig).update_layout(uirevision=rev)
+        else:  # a cached plotly JSON dict: a shallow copy, the cached one stays as it was
+            fig = {**fig, "layout": {**(fig.get("layout") or {}), "uirevision": rev}}
     kw: dict[str, Any] = {"figure": fig, "config": GRAPH_CONFIG, "className": f"ms-graph {className}".strip()}
     if id is not None:
         kw["id"] = id
@@ -98,8 +108,8 @@ def graph(fig: go.Figure | dict[str, Any], id: str | dict[str, Any] | None = Non
 
 def figure(data: DashboardData, id: str, key: tuple[Any, ...], build: Any, className: str = "") -> dcc.Graph:
     """A graph whose figure is built once per (id, key) and cached: a warm page skips plotly's validation."""
-    fig = data.cache.get(("figure", id, *key), lambda: build().to_plotly_json())
-    return graph(fig, id=id, className=className)
+    fig = data.cache.get(("figure", id, data.trace.data_version, *key), lambda: build().to_plotly_json())
+    return graph(fig, id=id, className=className, uirevision=repr((id, *key)))
 
 
 def card(*children: Any, title: str | None = None, className: str = "") -> html.Div:

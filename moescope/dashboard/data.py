@@ -152,7 +152,24 @@ class DashboardData:
             with self._lock:
                 return compute()
 
-        return self.cache.get(key, locked)
+        # Keyed by the trace's data version: after a refresh that found new data, nothing stale is served.
+        return self.cache.get((self.trace.data_version, key), locked)
+
+    def refresh(self) -> bool:
+        """Follow a trace being written: pick up new parts (Trace.refresh); True when the data version moved."""
+        with self._lock:  # no dashboard query runs while the views are swapped
+            changed = self.trace.refresh()
+        if changed:
+            with self._console_lock:
+                console = self._console
+            if console is not None:
+                console.refresh()
+        return changed
+
+    def live_text(self) -> str:
+        """The header's live state: 'recording · step 1,234 · updated 3 s ago', 'finished · …' or 'stopped by …'."""
+        with self._lock:
+            return self.trace.live_state().describe()
 
     def _df(self, query: str, params: list[Any] | None = None) -> pd.DataFrame:
         with self._lock:
