@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import argparse
 import shutil
+import sys
+import textwrap
 import time
 from pathlib import Path
 from typing import Any
+
+from ._legend import LEGEND
 
 EPILOG = """scenarios (each a real training run on the Python standard library's own source, bytes as tokens):
   balanced   Switch aux loss 0.01 + z-loss + aux-loss-free bias balancing: healthy routing
@@ -109,24 +113,32 @@ def _run_all(args: argparse.Namespace, names: list[str], device: Any, out: Path)
     from ..reference.data import load_corpus
     from ..reference.scenarios import build_scenarios, run_scenario, total_steps
 
+    # Each line reaches a pipe (CI logs, `| tee`) as it is printed, not when the process exits.
+    reconfigure = getattr(sys.stdout, "reconfigure", None)
+    if reconfigure is not None:
+        reconfigure(line_buffering=True)
     scenarios = build_scenarios(quick=args.quick)
     t0 = time.perf_counter()
     print(f"moescope demo: {len(names)} scenario(s) on {device} -> {out}/  (seed {args.seed}"
           f"{', quick' if args.quick else ''})")
     corpus = load_corpus(seed=args.seed)
     results = []
+    as_expected = []
     for name in names:
         sc = scenarios[name]
-        results.append(_run_one(sc, out, device, args, corpus, run_scenario, total_steps(sc)))
+        r = _run_one(sc, out, device, args, corpus, run_scenario, total_steps(sc))
+        results.append(r)
+        evals = "  ".join(f"eval[{k}] {v:.2f}" for k, v in r["eval_lm_loss"].items())
+        print(f"  {r['name']:<9} {r['steps']:>4} steps  {r['seconds']:5.1f}s  train loss {r['final_lm_loss']:.2f}  "
+              f"{evals}".rstrip())
+        as_expected.append(print_scenario_health(out, sc))
     wall = time.perf_counter() - t0
 
+    print(f"\ndone in {wall:.1f}s: {sum(as_expected)} of {len(as_expected)} scenario(s) found as expected\n")
+    print_load_summary(out, names)
     print()
-    for r in results:
-        evals = "  ".join(f"eval[{k}] {v:.2f}" for k, v in r["eval_lm_loss"].items())
-        print(f"  {r['name']:<9} {r['steps']:>4} steps  {r['seconds']:5.1f}s  train loss {r['final_lm_loss']:.2f}  {evals}")
-    print(f"done in {wall:.1f}s\n")
-    print_health(out, names)
-    print(f"\nnext: moescope check {out}    moescope dashboard {out}    moescope sql {out} \"SELECT ...\"")
+    print(LEGEND, end="")
+    print(f"\nnext: moescope report {out}    moescope check {out}/collapse    moescope dashboard {out}")
     return 0
 
 
@@ -134,14 +146,22 @@ def _run_one(sc: Any, out: Path, device: Any, args: argparse.Namespace, corpus: 
              n_steps: int) -> dict[str, Any]:
     from tqdm.auto import tqdm
 
-    # disable=None: bars on a terminal, none in logs and pipes
-    bar = tqdm(total=n_steps, desc=f"{sc.name:<9}", unit="step", disable=True if args.no_progress else None,
-               leave=True, dynamic_ncols=True)
+    # A terminal gets a bar (on stderr); a pipe or log gets a plain line every tenth of the run instead, so
+    # a CI log shows the demo moving. --no-progress: neither.
+    tty = sys.stderr.isatty()
+    bar = tqdm(total=n_steps, desc=f"{sc.name:<9}", unit="step", disable=args.no_progress or not tty,
+               leave=True, dynamic_ncols=True, file=sys.stderr)
+    every = max(1, n_steps // 10)
+    t0 = time.perf_counter()
 
     def progress(step: int, loss: float) -> None:
         bar.update(1)
         if step % 10 == 0:
             bar.set_postfix(loss=f"{loss:.2f}", refresh=False)
+        done = step + 1
+        if not tty and not args.no_progress and (done % every == 0 or done == n_steps):
+            print(f"  {sc.name:<9} step {done:>4}/{n_steps}  loss {loss:.2f}  {time.perf_counter() - t0:5.1f}s",
+                  flush=True)
 
     try:
         return run_scenario(sc, out, device=device, seed=args.seed, corpus=corpus, progress=progress)
@@ -149,64 +169,113 @@ def _run_one(sc: Any, out: Path, device: Any, args: argparse.Namespace, corpus: 
         bar.close()
 
 
-def print_health(out: Path, names: list[str]) -> None:
-    """Print the health findings of the demo runs (moescope.open(...).health()), else a load summary."""
-    try:
-        import moescope
+def worst_findings(df: Any) -> Any:
+    """Per run and rule, the one finding to show: the worst status, then the most experts past the limit (for
+    rules that flag experts under it, like dead experts), then the value farthest past its threshold."""
+    import numpy as np
+    import pandas as pd
 
-        tr = moescope.open(out)
-        try:
-            df = tr.health()
-        finally:
-            close = getattr(tr, "close", None)
-            if close is not None:
-                close()
-    except Exception as e:  # the analysis layer is optional here: fall back to the raw Parquet files
-        print(f"(health rules unavailable: {e.__class__.__name__}: {e}; showing raw expert load)")
-        print_load_summary(out, names)
-        return
-    _print_findings(df)
-    if "shift" in names:
-        _print_drift(out)
-    print()
-    print_load_summary(out, names)
+    from ..analysis.rules.base import severity
+
+    if df is None or len(df) == 0:
+        return df
+    value = pd.to_numeric(df["value"], errors="coerce").astype(float)
+    thr = pd.to_numeric(df["threshold"], errors="coerce").astype(float)
+    below = value < thr
+    with np.errstate(divide="ignore", invalid="ignore"):
+        # how many times past the limit, in the rule's own direction (0 under a limit of 0.05 is infinitely far)
+        ratio = np.where(below, thr / value.clip(lower=0), value / thr.where(thr != 0))
+    n_experts = df["expert"].map(lambda e: len(e) if hasattr(e, "__len__") and not isinstance(e, str) else 0)
+    ranked = df.assign(
+        _sev=df["status"].map(severity),
+        _n=np.where(below, n_experts, 0),
+        _far=pd.Series(ratio, index=df.index).fillna(-1.0),
+    )
+    ranked = ranked.sort_values(["_sev", "_n", "_far"], ascending=False, kind="stable")
+    return ranked.drop_duplicates(["run", "rule"]).drop(columns=["_sev", "_n", "_far"])
 
 
-def _print_drift(out: Path) -> None:
-    """Print the shift run's routing drift from English to code, layer by layer."""
+def expected_text(sc: Any) -> str:
+    """What scenario `sc` should show, in words."""
+    if sc.expect_worst == "PASS":
+        text = "every rule PASS"
+    else:
+        rules = ", ".join(sc.expect_rules)
+        text = f"{sc.expect_worst} {rules}" if rules else f"at worst {sc.expect_worst}"
+        text += " only" if sc.expect_only and rules else ""
+    if sc.expect_drift:
+        text += f"; drift {' -> '.join(sc.eval_domains)} flagged"
+    return text
+
+
+def judge(sc: Any, health: Any, drift: Any = None) -> tuple[bool, str]:
+    """(as expected?, what was found) for scenario `sc` given its findings and, for shift, its drift rows."""
+    from ..analysis.rules.base import severity, worst
+
+    bad = health[health["status"].map(severity) >= severity("WARN")] if len(health) else health
+    judged = health[health["status"] != "SKIP"] if len(health) else health  # a SKIP (no snapshot) is no finding
+    found_worst = worst(judged["status"]) if len(judged) else "PASS"
+    by_status: dict[str, list[str]] = {}
+    for status, g in bad.groupby("status"):
+        by_status[str(status)] = sorted(set(g["rule"]))
+    found = "; ".join(f"{s} {', '.join(by_status[s])}" for s in ("ERROR", "FAIL", "WARN") if s in by_status)
+    found = found or "every rule PASS"
+    ok = severity(found_worst) <= severity(sc.expect_worst)
+    ok &= all(r in by_status.get(sc.expect_worst, []) for r in sc.expect_rules)
+    if sc.expect_only and sc.expect_worst != "PASS":
+        ok &= set(bad["rule"]) <= set(sc.expect_rules)
+    if sc.expect_drift:
+        flagged = [] if drift is None or len(drift) == 0 else [int(x) for x in drift[drift["flagged"]]["layer"]]
+        found += f"; drift flagged in layer(s) {', '.join(map(str, flagged))}" if flagged else "; no drift flagged"
+        ok &= bool(flagged)
+    return bool(ok), found
+
+
+def print_scenario_health(out: Path, sc: Any) -> bool:
+    """Print one scenario's expected vs found verdict and its worst findings; True when found as expected."""
     import moescope
 
     try:
-        tr = moescope.open(out)
-        try:
-            d = tr.drift(baseline={"run": "shift", "tag": "english"}, current={"run": "shift", "tag": "code"})
-        finally:
-            tr.close()
-    except Exception as e:  # drift is an extra here; the findings above already printed
-        print(f"(drift unavailable: {e.__class__.__name__}: {e})")
-        return
-    print("shift: routing drift, held-out English (baseline) -> code (moescope check --tag code --reference-tag english):")
-    for _, r in d.iterrows():
-        print(f"    {r['status']:<5} layer {int(r['layer'])}: JS distance {r['js']:.3f} (threshold {r['threshold']:.3f}), "
-              f"TV {r['tv']:.3f}")
+        with moescope.open(out / sc.name) as tr:
+            health = tr.health()
+            drift = None
+            if sc.expect_drift and len(sc.eval_domains) >= 2:
+                base, cur = sc.eval_domains[:2]
+                drift = tr.drift(baseline={"tag": base}, current={"tag": cur})
+    except Exception as e:  # noqa: BLE001 - a demo keeps going; the traces are written either way
+        print(f"    (health unavailable: {e.__class__.__name__}: {e})")
+        return False
+    ok, found = judge(sc, health, drift)
+    print(f"    expected: {expected_text(sc)}")
+    print(f"    found:    {found}  {'-> as expected' if ok else '-> NOT as expected'}")
+    _print_findings(health, indent="    ")
+    if drift is not None:
+        base, cur = sc.eval_domains[:2]
+        print(f"    drift {base} (baseline) -> {cur}  (moescope check --tag {cur} --reference-tag {base}):")
+        for _, r in drift.iterrows():
+            print(f"      {r['status']:<5} layer {int(r['layer'])}: JS distance {r['js']:.3f} "
+                  f"(threshold {r['threshold']:.3f}), TV {r['tv']:.3f}")
+    return ok
 
 
-def _print_findings(df: Any) -> None:
+def _print_findings(df: Any, indent: str = "  ") -> None:
     if df is None or len(df) == 0:
-        print("health: no findings")
+        print(f"{indent}health: no findings")
         return
-    order = {"FAIL": 0, "ERROR": 1, "WARN": 2, "PASS": 3, "SKIP": 4}
-    print("health findings (worst per run and rule; `moescope check DIR` for all):")
-    df = df.assign(_o=df["status"].map(order).fillna(9))
+    from ..analysis.rules.base import STATUS_ORDER
+
+    worst = worst_findings(df)
     for run, g in df.groupby("run", sort=False):
         counts = g["status"].value_counts()
-        summary = ", ".join(f"{counts[s]} {s}" for s in order if s in counts)
-        print(f"  {run}: {summary}")
-        worst = g.sort_values(["_o", "rule"]).drop_duplicates("rule")
-        for _, row in worst.iterrows():
-            if row["status"] in ("PASS", "SKIP"):
-                continue
-            print(f"    {row['status']:<5} {row['rule']:<14} {str(row['message'])[:110]}")
+        summary = ", ".join(f"{counts[s]} {s}" for s in reversed(STATUS_ORDER) if s in counts)
+        shown = worst[(worst["run"] == run) & ~worst["status"].isin(["PASS", "SKIP"])]
+        print(f"{indent}{run}: {summary}" + ("; the worst finding per rule (moescope check for all):" if len(shown)
+                                               else ""))
+        for _, row in shown.iterrows():
+            head = f"{indent}  {row['status']:<5} {row['rule']:<14} "
+            # whole messages, wrapped: a number cut mid-formula reads as a different number
+            print(textwrap.fill(str(row["message"]), width=max(100, len(head) + 40), initial_indent=head,
+                                subsequent_indent=" " * len(head), break_long_words=False))
 
 
 def load_summary(out: Path, names: list[str]) -> list[dict[str, Any]]:

@@ -64,6 +64,12 @@ class Scenario:
     upcycle_noise: float = 0.01
     snapshot_steps: tuple[int, ...] = ()  # steps at which snapshot_experts() runs (and once after the last step)
     extra_meta: dict[str, Any] = field(default_factory=dict)
+    # what the demo should find (it prints expected vs found): the worst health status, the rules that must
+    # reach it, whether other rules may reach it too, and whether drift between eval_domains must be flagged
+    expect_worst: str = "PASS"
+    expect_rules: tuple[str, ...] = ()
+    expect_only: bool = True
+    expect_drift: bool = False
 
 
 def _base_config() -> MoEConfig:
@@ -96,6 +102,9 @@ def build_scenarios(quick: bool = False) -> dict[str, Scenario]:
             config=dataclasses.replace(base, aux_loss_coef=0.0, z_loss_coef=0.0, router_bias=True, router_init_std=0.3),
             steps=steps,
             router_lr_mult=100.0,
+            expect_worst="FAIL",
+            expect_rules=("collapse", "dead_expert"),
+            expect_only=False,  # a collapsed router also breaks the imbalance rules
         ),
         "shift": Scenario(
             name="shift",
@@ -105,6 +114,10 @@ def build_scenarios(quick: bool = False) -> dict[str, Scenario]:
             train_domain="english",
             eval_domains=("english", "code"),
             eval_every=evals,
+            # aux 0.01 alone leaves layer 0 uneven (load CV / MaxVio WARN); the story is the drift
+            expect_worst="WARN",
+            expect_only=False,
+            expect_drift=True,
         ),
         "upcycled": Scenario(
             name="upcycled",
@@ -120,6 +133,8 @@ def build_scenarios(quick: bool = False) -> dict[str, Scenario]:
             dense_steps=steps // 2,
             upcycle_noise=0.01,
             snapshot_steps=(0, steps // 4),
+            expect_worst="WARN",
+            expect_rules=("clones",),
         ),
     }
 
