@@ -9,7 +9,11 @@ from pathlib import Path
 from typing import Any
 from xml.etree import ElementTree as ET
 
-from .run import FORMATS, JSON_KEYS, MAX_SUMMARY_ROWS, STATUS_ORDER, CheckResult, _clean, _fmt, _int_or_none, _jsonable
+from ..analysis.rules import worst
+from .run import FORMATS, JSON_KEYS, MAX_SUMMARY_ROWS, READING_ORDER, CheckResult, _clean, _fmt, _int_or_none, _jsonable
+
+#: Widest EXPERT cell of the text table; the message names every expert anyway.
+EXPERT_WIDTH = 16
 
 
 def _window(rec: Mapping[str, Any]) -> str:
@@ -24,15 +28,20 @@ def _window(rec: Mapping[str, Any]) -> str:
     return "" if w is None else str(w)
 
 
-def _expert_text(value: Any, limit: int | None = None) -> str:
-    """An expert id, or a comma-separated list of them (at most `limit` shown, so a table column stays narrow)."""
+def _expert_text(value: Any, limit: int | None = None, width: int | None = None) -> str:
+    """An expert id, or a comma-separated list of them (at most `limit` items or `width` characters shown)."""
     v = _clean(value)
     if v is None:
         return ""
     if isinstance(v, list):
         items = [str(_int_or_none(x) if _int_or_none(x) is not None else x) for x in v]
-        if limit is not None and len(items) > limit:
-            return ",".join(items[:limit]) + f",…(+{len(items) - limit})"
+        keep = len(items) if limit is None else min(limit, len(items))
+        if width is not None:
+            # Fit "a,b,c,…(+n)" into width characters; at least one item is always shown.
+            while keep > 1 and len(",".join(items[:keep]) + (f",…(+{len(items) - keep})" if keep < len(items) else "")) > width:
+                keep -= 1
+        if keep < len(items):
+            return ",".join(items[:keep]) + f",…(+{len(items) - keep})"
         return ",".join(items)
     n = _int_or_none(v)
     return str(n) if n is not None else str(v)
@@ -71,7 +80,7 @@ def _records(result: CheckResult) -> list[dict[str, Any]]:
 def summary_line(result: CheckResult) -> str:
     """One line: overall result, counts by status and what was checked."""
     s = result.summary
-    counts = ", ".join(f"{s[k.lower()]} {k.lower()}" for k in STATUS_ORDER)
+    counts = ", ".join(f"{s[k.lower()]} {k.lower()}" for k in READING_ORDER)
     meta = result.meta
     trace = meta.get("trace", "trace")
     ref = ""
@@ -102,7 +111,7 @@ def format_text(result: CheckResult, *, verbose: bool = False) -> str:
                 str(_clean(rec["rule"]) or ""),
                 str(_clean(rec["run"]) or ""),
                 "" if _int_or_none(rec["layer"]) is None else str(_int_or_none(rec["layer"])),
-                _expert_text(rec["expert"], limit=8),
+                _expert_text(rec["expert"], width=EXPERT_WIDTH),
                 _window(rec),
                 _fmt(rec["value"]),
                 _fmt(rec["threshold"]),
@@ -119,8 +128,12 @@ def format_text(result: CheckResult, *, verbose: bool = False) -> str:
         lines.append("")
     passed = df[df["status"] == "PASS"]
     if not verbose and not passed.empty:
-        rules = sorted({str(r) for r in passed["rule"]})
-        lines.append(f"{len(passed)} checks passed ({', '.join(rules)})")
+        # Only rules with nothing but PASS findings are named as passing: a rule that FAILs in one layer and
+        # passes in another did not pass.
+        other = set(df.loc[df["status"] != "PASS", "rule"].astype(str))
+        clean = sorted({str(r) for r in passed["rule"]} - other)
+        line = f"{len(passed)} passing finding{'s' if len(passed) != 1 else ''} not shown (-v lists them)"
+        lines.append(line + (f"; rules that passed everywhere: {', '.join(clean)}" if clean else ""))
     if result.fail_on == "warn" and (df["status"] == "WARN").any():
         lines.append("WARN* fails this check (--fail-on warn)")
     lines.append(summary_line(result))
@@ -144,10 +157,6 @@ def format_json(result: CheckResult) -> str:
     return json.dumps(to_dict(result), indent=2, allow_nan=False) + "\n"
 
 
-#: Which status wins when one JUnit testcase holds several findings (windows, experts).
-_CASE_RANK = {"ERROR": 0, "FAIL": 1, "WARN": 2, "PASS": 3, "SKIP": 4}
-
-
 def _cases(result: CheckResult) -> list[tuple[str, str, str, list[dict[str, Any]]]]:
     """Group findings into JUnit testcases: one per rule × run × layer, in first-seen order."""
     groups: dict[tuple[str, str, Any], list[dict[str, Any]]] = {}
@@ -156,7 +165,8 @@ def _cases(result: CheckResult) -> list[tuple[str, str, str, list[dict[str, Any]
         groups.setdefault(key, []).append(rec)
     out = []
     for (rule, run, layer), recs in groups.items():
-        status = min((r["status"] for r in recs), key=lambda s: _CASE_RANK.get(s, 0))
+        # One testcase holds several findings (windows, experts): the worst status by the one Status order.
+        status = worst(r["status"] for r in recs)
         classname = f"moescope.{run}" if run else "moescope"
         name = rule if layer is None else f"{rule}[layer {layer}]"
         out.append((classname, name, status, recs))
@@ -267,9 +277,9 @@ def format_markdown(result: CheckResult, max_rows: int = MAX_SUMMARY_ROWS) -> st
         + (f" against reference `{result.meta['reference']}`" if result.meta.get("reference") else "")
         + f" · fail on: {result.fail_on}",
         "",
-        "| " + " | ".join(k for k in STATUS_ORDER) + " |",
-        "|" + "---:|" * len(STATUS_ORDER),
-        "| " + " | ".join(str(s[k.lower()]) for k in STATUS_ORDER) + " |",
+        "| " + " | ".join(k for k in READING_ORDER) + " |",
+        "|" + "---:|" * len(READING_ORDER),
+        "| " + " | ".join(str(s[k.lower()]) for k in READING_ORDER) + " |",
         "",
     ]
     shown = result.findings[result.findings["status"] != "PASS"]

@@ -19,29 +19,16 @@ from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
+from ..analysis.rules import COLUMNS, STATUS_ORDER, Status, severity
+from ..analysis.selection import Selection, check_selection
 from ..format.writer import TraceError
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..analysis.trace import Trace
     from ..config import HealthConfig
 
-#: Statuses in the order a person reads them: what broke first, what passed last.
-STATUS_ORDER: tuple[str, ...] = ("FAIL", "ERROR", "WARN", "SKIP", "PASS")
-#: Columns of a findings frame (what `Trace.health` returns and what `run_check` adds).
-COLUMNS: list[str] = [
-    "rule",
-    "status",
-    "run",
-    "layer",
-    "expert",
-    "window",
-    "window_start",
-    "window_end",
-    "metric",
-    "value",
-    "threshold",
-    "message",
-]
+#: Statuses worst first: the order a person reads findings in (the reverse of the one `Status` order).
+READING_ORDER: tuple[str, ...] = tuple(reversed(STATUS_ORDER))
 #: Keys of one entry of the JSON report's "checks" list.
 JSON_KEYS: list[str] = ["rule", "status", "run", "layer", "expert", "window", "metric", "value", "threshold", "message"]
 FORMATS: tuple[str, ...] = ("text", "json", "junit", "github")
@@ -75,13 +62,14 @@ class CheckResult:
     @property
     def failing_statuses(self) -> tuple[str, ...]:
         """Statuses that make the check fail: ERROR counts, since a rule that could not run proves nothing."""
-        return ("FAIL", "ERROR", "WARN") if self.fail_on == "warn" else ("FAIL", "ERROR")
+        lowest = Status.WARN if self.fail_on == "warn" else Status.FAIL
+        return tuple(s for s in READING_ORDER if Status(s) >= lowest)
 
     @property
     def summary(self) -> dict[str, Any]:
         """Counts by status, the total and the overall result ("pass" or "fail")."""
         counts = self.findings["status"].value_counts()
-        out: dict[str, Any] = {s.lower(): int(counts.get(s, 0)) for s in STATUS_ORDER}
+        out: dict[str, Any] = {s.lower(): int(counts.get(s, 0)) for s in READING_ORDER}
         out["total"] = len(self.findings)
         out["result"] = "fail" if self.exit_code else "pass"
         out["fail_on"] = self.fail_on
@@ -104,14 +92,13 @@ class CheckResult:
 
 
 def normalize_findings(df: pd.DataFrame | None) -> pd.DataFrame:
-    """Return a copy with every column of `COLUMNS`, upper-case statuses, sorted failures first."""
+    """Return a copy with every column of `COLUMNS`, upper-case statuses, sorted worst first (`Status` order)."""
     df = pd.DataFrame(columns=COLUMNS) if df is None else df.copy()
     for col in COLUMNS:
         if col not in df.columns:
             df[col] = None
     df["status"] = df["status"].fillna("ERROR").astype(str).str.upper()
-    rank = {s: i for i, s in enumerate(STATUS_ORDER)}
-    df["_rank"] = df["status"].map(rank).fillna(len(rank))
+    df["_rank"] = [-severity(s) for s in df["status"]]
     # A stable sort keeps the order the rules produced within one status (rule order, then layer, ...).
     df = df.sort_values("_rank", kind="stable").drop(columns="_rank").reset_index(drop=True)
     extra = [c for c in df.columns if c not in COLUMNS]
@@ -185,25 +172,17 @@ def _runs(tr: Trace, label: str) -> list[str]:
 
 
 def resolve_config(config: HealthConfig | str | os.PathLike[str] | None, min_tokens: int | None = None) -> HealthConfig:
-    """Load a config path (ConfigError on a bad file), or pass a HealthConfig through; apply `min_tokens`."""
-    import dataclasses
+    """Load a config path or check a HealthConfig (ConfigError naming the bad key); apply `min_tokens` to a copy."""
+    from ..config import ConfigError, as_config
 
-    from ..config import ConfigError, HealthConfig, load_config
-
-    if config is None:
-        cfg = HealthConfig()
-    elif isinstance(config, (str, os.PathLike)):
-        if not Path(config).is_file():
-            raise ConfigError(f"{config}: config file not found")
-        cfg = load_config(config)
-    elif isinstance(config, HealthConfig):
-        cfg = config
-    else:
-        raise ConfigError(f"config must be a path or a HealthConfig, got {type(config).__name__}")
+    if isinstance(config, (str, os.PathLike)) and not Path(config).is_file():
+        raise ConfigError(f"{config}: config file not found")
+    cfg = as_config(config)
     if min_tokens is not None:
         if int(min_tokens) < 0:
             raise ConfigError(f"min_tokens must be >= 0, got {min_tokens}")
-        cfg = dataclasses.replace(cfg, min_tokens=int(min_tokens))  # a copy: the caller's config stays as it was
+        cfg = cfg.copy()  # a deep copy: the caller's config stays as it was
+        cfg.min_tokens = int(min_tokens)
     return cfg
 
 
@@ -224,7 +203,7 @@ def run_check(
     the config file). `tag`/`reference_tag` narrow the drift comparison to data slices (`rec.tag(...)`); with
     `reference_tag` and no reference, the trace is its own reference (e.g. code vs english in one run).
     Raises TraceError for a missing, empty or unreadable trace, ConfigError for a bad config, CheckError for
-    a bad argument.
+    a bad argument, SelectionError for a tag that matches nothing (the message names the tags that exist).
     """
     from .. import __version__
 
@@ -252,6 +231,9 @@ def run_check(
         if run is not None and run not in runs:
             raise CheckError(f"{label}: no run {run!r} with routing data (runs: {', '.join(runs)})")
         checked = [run] if run is not None else runs
+        if tag is not None:
+            # A typo'd tag is a usage error naming the tags that exist, never a drift that silently vanishes.
+            _guard(label, check_selection, tr.cursor(), Selection(run=checked, tag=tag), "--tag", broad=True)
         health = normalize_findings(_guard(label, tr.health, run=run, config=cfg))
         from ..analysis.live import alert_summary
 
@@ -261,6 +243,7 @@ def run_check(
         ref_label = None
         if self_reference:
             ref_label = label
+            _guard(label, check_selection, tr.cursor(), Selection(tag=reference_tag), "--reference-tag", broad=True)
             # Regressions of a trace against itself are empty by construction; only the drift says something.
             frames.append(_drift_findings(tr, label, tr, checked, cfg, tag, reference_tag))
         elif reference is not None:
@@ -270,6 +253,9 @@ def run_check(
             ref = _open(reference, ref_label)
             stack.callback(ref.close)
             _runs(ref, ref_label)  # an empty reference is as unreadable as an empty trace
+            if reference_tag is not None:
+                _guard(ref_label, check_selection, ref.cursor(), Selection(tag=reference_tag), "--reference-tag",
+                       broad=True)
             ref_health = normalize_findings(_guard(ref_label, ref.health, config=cfg))
             drift_label = f"{label} vs reference {ref_label}"
             frames.append(_drift_findings(tr, drift_label, ref, checked, cfg, tag, reference_tag))

@@ -86,6 +86,7 @@ def _config_path(arg: str | None) -> str | None:
 
 def cmd_check(args: argparse.Namespace) -> int:
     """Run the check and print or write the report; returns the exit code."""
+    from ..analysis.selection import SelectionError
     from ..check import CheckError, format_text, render, run_check, summary_line, write_step_summary
     from ..cli import CLIError
     from ..config import ConfigError
@@ -104,8 +105,8 @@ def cmd_check(args: argparse.Namespace) -> int:
             tag=args.tag,
             reference_tag=args.reference_tag,
         )
-    except (ConfigError, CheckError) as e:
-        raise CLIError(_one_line(e), 2) from None  # the message names the file and key
+    except (ConfigError, CheckError, SelectionError) as e:
+        raise CLIError(_one_line(e), 2) from None  # the message names the file and key, or what exists
     text = format_text(result, verbose=args.verbose) if args.format == "text" else render(result, args.format)
     if args.output:
         try:

@@ -214,6 +214,22 @@ def test_shift_flagged_against_reference(traces: dict[str, Path], capsys: pytest
     assert code == 0
 
 
+def test_typod_tags_are_usage_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    run = make_run(tmp_path / "shift", [UNIFORM, UNIFORM], tag="english", seed=21)
+    make_run(run, [SHIFTED, UNIFORM], tag="code", seed=22)
+    for args, flag, bad in (
+        (("--tag", "cdoe", "--reference-tag", "englsh"), "--tag", "cdoe"),
+        (("--tag", "code", "--reference-tag", "englsh"), "--reference-tag", "englsh"),
+        (("--reference-tag", "englsh"), "--reference-tag", "englsh"),
+    ):
+        code, out, err = run_cli(str(run), *args, capsys=capsys)
+        assert code == 2, (args, out, err)
+        assert err.count("\n") == 1 and f"{flag}: no tag {bad!r}" in err and "(tags: 'code', 'english')" in err, err
+    ref = make_run(tmp_path / "ref", [UNIFORM, UNIFORM], tag="english", seed=23)
+    code, _, err = run_cli(str(run), "--reference", str(ref), "--reference-tag", "code", capsys=capsys)
+    assert code == 2 and "no tag 'code'" in err and "(tags: 'english')" in err
+
+
 def test_drift_between_tags_of_one_run(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     # One run evaluated on two data slices (rec.tag): code routes differently from english in layer 0.
     run = make_run(tmp_path / "shift", [UNIFORM, UNIFORM], tag="english", seed=21)
@@ -486,7 +502,8 @@ def _findings() -> pd.DataFrame:
 def test_result_sorting_and_exit_codes() -> None:
     res = CheckResult(_findings(), {"trace": "t"})
     assert list(res.findings.columns) == COLUMNS
-    assert list(res.findings["status"]) == ["FAIL", "ERROR", "WARN", "SKIP", "PASS"]
+    # Worst first by the one Status order (PASS < SKIP < WARN < FAIL < ERROR): a rule that could not run is read first.
+    assert list(res.findings["status"]) == ["ERROR", "FAIL", "WARN", "SKIP", "PASS"]
     assert res.exit_code == 1
     warn_only = _findings()
     warn_only = warn_only[warn_only["status"].isin(["WARN", "PASS", "SKIP"])]
@@ -536,13 +553,29 @@ def test_formatters_handle_nan_and_escaping(tmp_path: Path) -> None:
 
     text = format_text(res)
     assert text.splitlines()[0].startswith("STATUS")
-    assert "1 checks passed (nonfinite)" in text
+    assert "1 passing finding not shown (-v lists them); rules that passed everywhere: nonfinite" in text
     assert text.strip().splitlines()[-1].startswith("moescope check: FAIL")
     assert "nonfinite" in format_text(res, verbose=True).splitlines()[5]
 
     md = format_markdown(res)
     assert "a\\|b,c second line" in md  # pipes escaped, newlines folded: the table stays one row
     assert write_step_summary(res, tmp_path / "s.md") == tmp_path / "s.md"
+
+
+def test_summary_line_never_calls_a_failing_rule_passed() -> None:
+    # collapse FAILs in layer 1 and passes in layer 0: the folded-PASS line must not list it as passed.
+    df = pd.DataFrame(
+        [
+            dict(rule="collapse", status="FAIL", run="r", layer=1, value=0.97, threshold=0.9, message="collapsed"),
+            dict(rule="collapse", status="PASS", run="r", layer=0, value=0.5, threshold=0.9, message="fine"),
+            dict(rule="nonfinite", status="PASS", run="r", layer=0, value=0.0, threshold=0, message="fine"),
+        ]
+    )  # fmt: skip
+    text = format_text(CheckResult(df, {"trace": "t"}))
+    line = next(ln for ln in text.splitlines() if "passing finding" in ln)
+    assert line == "2 passing findings not shown (-v lists them); rules that passed everywhere: nonfinite"
+    only_fail = df[df["rule"] == "collapse"]
+    assert "passed everywhere" not in format_text(CheckResult(only_fail, {"trace": "t"}))
 
 
 def test_many_experts_in_one_finding() -> None:
@@ -556,7 +589,9 @@ def test_many_experts_in_one_finding() -> None:
     )  # fmt: skip
     res = CheckResult(df, {"trace": "t"})
     text = format_text(res)
-    assert "4,5,6,7,8,9,10,11,…(+12)" in text  # the table column stays narrow
+    assert "4,5,6,7,8,…(+15)" in text  # the table column stays narrow: at most EXPERT_WIDTH characters
+    header = text.splitlines()[0]
+    assert header.index("WINDOW") - header.index("EXPERT") <= 16 + 2
     checks = json.loads(format_json(res))["checks"]
     assert checks[0]["expert"] == list(range(4, 24))  # JSON keeps every expert
     assert checks[1]["expert"] == ["0-1", "2-3"]
