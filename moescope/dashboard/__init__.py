@@ -89,4 +89,21 @@ def serve(
     if warning:
         sys.stderr.write(warning + "\n")
     sys.stderr.write(f"moescope dashboard: serving {trace_root} on http://{host}:{port}/ (Ctrl+C stops)\n")
+    if not debug:
+        quiet_server(app)
     app.run(host=host, port=port, debug=debug)
+
+
+def quiet_server(app: Any) -> None:
+    """No Flask banner, no "Dash is running on", no line per request: the one line serve() prints is the news.
+
+    Errors still reach stderr (werkzeug logs them at ERROR); --debug keeps every log line.
+    """
+    import logging
+
+    import flask.cli
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)
+    app.logger.setLevel(logging.WARNING)
+    # Flask's app.run looks the banner function up on flask.cli at call time
+    flask.cli.show_server_banner = lambda *args, **kwargs: None
