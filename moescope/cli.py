@@ -12,7 +12,7 @@ from . import __version__
 from .format.writer import TraceError
 
 #: Command modules in the order `--help` lists them; each defines `register(subparsers)`.
-COMMANDS = ["demo", "check", "sql", "report", "dashboard", "inspect", "whatif"]
+COMMANDS = ["demo", "check", "sql", "report", "dashboard", "watch", "inspect", "whatif"]
 
 
 class CLIError(Exception):
