@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import inspect
 import math
 import os
 import time
 import warnings
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,9 +27,11 @@ from torch import nn
 from .. import __version__
 from ..format.writer import TraceWriter, write_manifest
 from . import adapters as A
+from .hotpath import STAT_NAMES, Grid, HotPath, decode, in_backward
 
-#: Router stats accumulated per layer, in this order (see schema.ROUTER_STATS).
-_STAT_NAMES = ("tokens", "entropy_sum", "lse_sq_sum", "lse_sum", "lse_max", "margin_sum", "nonfinite", "dropped")
+_STAT_NAMES = STAT_NAMES
+#: Forward parameters that carry token ids: a module taking one of these is where a forward's token grid is read.
+_ID_PARAMS = ("input_ids", "decoder_input_ids", "idx", "tokens", "token_ids")
 
 
 class RecordError(RuntimeError):
@@ -73,6 +76,7 @@ class LayerInfo:
     spec: A.RouterSpec
     experts_module: str | None = None
     grid_owners: tuple[str, ...] = ()  # enclosing modules, nearest first
+    owner_grids: tuple[Grid, ...] = ()  # the token grids of those that are entry modules, nearest first
 
     def to_manifest(self) -> dict[str, Any]:
         """The manifest's `layers` entry."""
@@ -154,103 +158,6 @@ def _keep_sequence(seed: int, step: int, seq: int, fraction: float) -> bool:
     return int.from_bytes(h, "little") / 2**64 < fraction
 
 
-@dataclass
-class _Forward:
-    """What the top-level forward pre-hook saw: the token grid the routers will see flattened."""
-
-    step: int
-    tag: str
-    token_ids: torch.Tensor | None  # [B, S]
-    valid: torch.Tensor | None  # [B*S] float, 0 for padding
-    pos: torch.Tensor | None  # [B, S] absolute positions
-    keep_rows: torch.Tensor | None  # [n] flat token indices of the sampled sequences
-    keep_seq: torch.Tensor | None  # [n]
-    batch: int = 0
-    seqlen: int = 0
-    keep_all: bool = False  # every sequence sampled: rows need no gather
-    keep_pos: torch.Tensor | None = None  # [n]
-    keep_tok: torch.Tensor | None = None  # [n]
-
-
-@dataclass
-class _Acc:
-    """Device-side accumulators of one (step, tag): per layer the summed layer_stats vector and max logsumexp."""
-
-    vec: dict[int, torch.Tensor] = field(default_factory=dict)
-    lse_max: dict[int, torch.Tensor] = field(default_factory=dict)
-    rows: list[tuple[int, dict[str, torch.Tensor]]] = field(default_factory=list)
-
-
-#: Layout of the summable per-layer vector after the three [E] blocks (counts, prob_sum, weight_sum).
-_VEC_TAIL = ("tokens", "nonfinite", "dropped", "entropy_sum", "lse_sq_sum", "lse_sum", "margin_sum")
-
-
-def layer_stats(
-    logits: torch.Tensor | None,
-    ids: torch.Tensor,
-    weights: torch.Tensor,
-    valid: torch.Tensor,
-    n_experts: int,
-    probs: str = "softmax",
-    dropped: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None]:
-    """One router call as a summable float64 vector [3E + 7], its max logsumexp, and per-token (H, lse, margin).
-
-    This runs inside the forward of every MoE layer, and on small tensors each kernel costs its launch, not its
-    arithmetic: so everything is folded into as few kernels as possible (one index_add, one matmul).
-    """
-    t, k = ids.shape
-    e = n_experts
-    dev = ids.device
-    flat_ids = ids.reshape(-1).clamp(0, e - 1)  # [T*k]
-    vk = valid.repeat_interleave(k) if k > 1 else valid  # [T*k]
-    src = torch.cat([vk, weights.reshape(-1).float() * vk])  # [2*T*k]: assignments, then gate weights
-    counts = torch.zeros(2 * e, device=dev).index_add_(0, torch.cat([flat_ids, flat_ids + e]), src)  # [2E]
-    if logits is None:
-        flags = dropped.reshape(-1).float() if dropped is not None else torch.zeros(t, device=dev)  # [T]
-        tail = torch.stack([valid.sum(), valid.new_zeros(()), valid @ flags]).double()  # [3]
-        vec = torch.cat([counts[:e].double(), torch.zeros(e, dtype=torch.float64, device=dev),
-                         counts[e:].double(), tail, torch.zeros(4, dtype=torch.float64, device=dev)])
-        return vec, torch.full((), -math.inf, dtype=torch.float64, device=dev), None
-    lg = logits  # [T, E] float32
-    mx = lg.amax(-1, keepdim=True)  # [T, 1]
-    if probs == "softmax":
-        z = lg - mx  # [T, E]
-        ez = z.exp()
-        sz = ez.sum(-1, keepdim=True)  # [T, 1]
-        p = pn = ez / sz  # [T, E]
-        log_s = sz.log()  # [T, 1]
-        lse = mx + log_s  # [T, 1]
-        ent = log_s - (p * z.clamp_min(-1e4)).sum(-1, keepdim=True)  # [T, 1]: H = log Σe^z − Σ p·z
-    else:  # sigmoid routers: prob_sum of the sigmoid scores; entropy and margin of the normalised scores
-        p = torch.sigmoid(lg)  # [T, E]
-        lse = torch.logsumexp(lg, -1, keepdim=True)  # [T, 1]
-        pn = p / p.sum(-1, keepdim=True).clamp_min(1e-20)  # [T, E]
-        ent = -(pn * pn.clamp_min(1e-20).log()).sum(-1, keepdim=True)  # [T, 1]
-    top2 = pn.topk(2, -1).values if e > 1 else torch.cat([pn, torch.zeros_like(pn)], -1)  # [T, 2]
-    margin = top2[:, :1] - top2[:, 1:]  # [T, 1]
-    # NaN or +Inf anywhere in a row makes its logsumexp non-finite (a lone -Inf is a masked expert, not an error).
-    nonfinite = (lse.abs() == math.inf) | lse.isnan()  # [T, 1]
-    cols = [p, ent, lse * lse, lse, margin, torch.ones_like(lse), nonfinite.float()]
-    if dropped is not None:
-        cols.append(dropped.reshape(-1, 1).float())
-    x = torch.cat(cols, 1).nan_to_num(0.0, 0.0, 0.0)  # [T, E + 6 (+1)]
-    vf = valid * ~nonfinite.squeeze(-1)  # [T]: tokens whose probabilities count
-    sums = torch.stack([vf, valid]) @ x  # [2, E + 6 (+1)]: row 0 over finite tokens, row 1 over all tokens
-    tail = sums[1, e + 4 :] if dropped is not None else torch.cat([sums[1, e + 4 :], sums.new_zeros(1)])
-    vec = torch.cat([counts[:e], sums[0, :e], counts[e:], tail, sums[0, e : e + 4]]).double()  # [3E + 7]
-    lse_max = torch.where(vf > 0, lse.squeeze(-1), -math.inf).amax().double() if t else vec.new_tensor(-math.inf)
-    return vec, lse_max, (ent.squeeze(-1), lse.squeeze(-1), margin.squeeze(-1))
-
-
-def _split(vec: np.ndarray, lse_max: float, e: int) -> tuple[np.ndarray, np.ndarray]:
-    """Host side of layer_stats: load [E, 3] and stats [8] in _STAT_NAMES order."""
-    load = np.stack([vec[:e], vec[e : 2 * e], vec[2 * e : 3 * e]], 1)
-    tail = dict(zip(_VEC_TAIL, vec[3 * e :]))
-    tail["lse_max"] = lse_max
-    return load, np.array([tail[n] for n in _STAT_NAMES], np.float64)
-
-
 class Recorder:
     """Context manager that records routing of `model` into the run directory `path` (see README)."""
 
@@ -273,6 +180,7 @@ class Recorder:
         raise_on: str | None = None,
         alert_rules: Any = None,
         resume: bool = True,
+        stats: bool = True,
     ) -> None:
         if not 0.0 <= float(tokens) <= 1.0:
             raise ValueError(f"tokens must be a fraction in [0, 1], got {tokens}")
@@ -280,7 +188,9 @@ class Recorder:
             raise ValueError(f"flush_every must be >= 1, got {flush_every}")
         if on_full not in ("block", "drop"):
             raise ValueError(f"on_full must be 'block' or 'drop', got {on_full!r}")
-        self.model = model
+        # A model compiled before record() (torch.compile returns an OptimizedModule): hook the module it wraps.
+        self.model = getattr(model, "_orig_mod", model) if type(model).__name__ == "OptimizedModule" else model
+        self.stats = bool(stats)
         self.run_dir = Path(path)
         self.run = run or self.run_dir.name
         self.tokens = float(tokens)
@@ -319,12 +229,17 @@ class Recorder:
         self._user_step: int | None = None
         self._forwards = 0
         self._tag_stack: list[str] = []
-        self._cur: _Forward | None = None
         self._depth = 0  # nesting of entry-module forwards; 0 between forwards
-        self._grids: dict[str, _Forward] = {}  # token grid per entry module that received token ids
-        self._pending: dict[tuple[int, str], _Acc] = {}
-        self._pending_rows = 0
-        self._last_step: int | None = None
+        self._hot: HotPath | None = None  # device buffers, made at start
+        self._grids: dict[str, Grid] = {}  # token grid per entry module
+        self._grid_layers: dict[str, list[int]] = {}
+        self._key: tuple[int, str] | None = None  # (step, tag) the live buffer accumulates
+        self._key_forwards: dict[tuple[int, str], int] = {}  # forwards seen per key since the last flush
+        self._skipping = False  # the current forward repeats a resumed step
+        self._acc: list[tuple[tuple[int, str], torch.Tensor]] = []  # buffer copies [L, W] waiting for a flush
+        self._rows: list[tuple[int, str, int, dict[str, torch.Tensor]]] = []  # token rows waiting for a flush
+        self._n_rows = 0
+        self.silent_forwards = 0  # forwards in which no router hook fired (the watchdog)
         self._open = False
         self._created = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         self.flushes = 0
@@ -342,15 +257,18 @@ class Recorder:
     def set_step(self, step: int) -> None:
         """Set the step of the following forwards (e.g. the optimizer step)."""
         self._user_step = int(step)
+        self._sync_key()
 
     @contextlib.contextmanager
     def tag(self, name: str) -> Iterator[None]:
         """Label the forwards inside the block with a data-slice tag (domain, dataset, eval split)."""
         self._tag_stack.append(str(name))
+        self._sync_key()
         try:
             yield
         finally:
             self._tag_stack.pop()
+            self._sync_key()
 
     @property
     def closed(self) -> bool:
@@ -384,7 +302,10 @@ class Recorder:
                 # Forward-counter steps continue after the last recorded one instead of restarting at 0.
                 self._forwards = self._resume_step + 1
         self._writer = TraceWriter(self.run_dir, self.rank, self.max_queue_bytes, self.on_full)
+        self._hot = HotPath([li.n_experts for li in self.layers], _device_of(self.model), self.stats,
+                            self.tokens > 0)
         try:
+            forget_compiled(self.model)  # code compiled before the hooks existed would never call them
             self._attach()
             self._write_manifest(closed=False)
         except BaseException:
@@ -392,6 +313,7 @@ class Recorder:
             self._writer.close()
             raise
         self._open = True
+        self._key = (self.step, self.current_tag)
         return self
 
     def close(self) -> None:
@@ -401,6 +323,7 @@ class Recorder:
         self._open = False
         try:
             self._handles.remove()
+            forget_compiled(self.model)  # compiled code with the hooks inlined would keep writing the buffers
             self.flush()
         finally:
             assert self._writer is not None
@@ -414,11 +337,15 @@ class Recorder:
     # -- hooks --------------------------------------------------------------------------------
     def _attach(self) -> None:
         h = self._handles
+        ks = sorted({li.top_k for li in self.layers})
         for name, mod in self._entry_modules().items():
-            h.add(mod.register_forward_pre_hook(
-                lambda m, a, kw, _n=name: self._on_enter(_n, a, kw), with_kwargs=True))
-            h.add(mod.register_forward_hook(self._on_exit, always_call=True))
+            # Entry hooks read Python state (step, tag, sampling), so they run eagerly even in a compiled model:
+            # a graph break at each entry module's call, outside every MoE block (README, "torch.compile").
+            pre = torch.compiler.disable(lambda m, a, kw, _n=name: self._on_enter(_n, a, kw, ks))
+            h.add(mod.register_forward_pre_hook(pre, with_kwargs=True))
+            h.add(mod.register_forward_hook(torch.compiler.disable(self._on_exit), always_call=True))
         for info in self.layers:
+            info.owner_grids = tuple(self._grids[n] for n in info.grid_owners if n in self._grids)
             router_hook, experts_hook = self._make_hooks(info)
             h.add(self.model.get_submodule(info.module).register_forward_hook(router_hook))
             if info.spec.source == "experts_input":
@@ -427,12 +354,13 @@ class Recorder:
                 h.add(experts.register_forward_pre_hook(experts_hook, with_kwargs=True))
 
     def _entry_modules(self) -> dict[str, nn.Module]:
-        """The model and every module enclosing a router: where a forward's token grid can be read.
+        """The model and every module enclosing a router that takes token ids: where a forward's grid is read.
 
         A Lightning module whose training_step calls `self.model(...)` never runs its own forward, and an
-        encoder-decoder runs its decoder stack on other tokens than its encoder: so every ancestor of a router
-        is hooked, the outermost one that fires starts the forward, and each router reads the token grid of its
-        nearest ancestor that received token ids.
+        encoder-decoder runs its decoder stack on other tokens than its encoder: so the model and every ancestor
+        of a router whose forward takes token ids are hooked, the outermost one that fires starts the forward,
+        and each router reads the token grid of its nearest ancestor that received token ids. Blocks inside the
+        model (which take hidden states) are not hooked, so a compiled MoE block has no break.
         """
         mods: dict[str, nn.Module] = {"": self.model}
         for li in self.layers:
@@ -441,15 +369,23 @@ class Recorder:
             li.grid_owners = tuple(chain)  # nearest first
             for name in chain:
                 if name and name not in mods:
-                    mods[name] = self.model.get_submodule(name)
+                    mod = self.model.get_submodule(name)
+                    if _takes_token_ids(mod):
+                        mods[name] = mod
+        self._grids = {name: Grid() for name in mods}
+        self._grid_layers = {
+            name: [li.layer for li in self.layers if name in li.grid_owners] for name in mods
+        }
         return mods
 
-    def _on_enter(self, name: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+    def _on_enter(self, name: str, args: tuple[Any, ...], kwargs: dict[str, Any], ks: list[int]) -> None:
+        if in_backward():
+            return  # an activation-checkpoint recompute: this forward was recorded already
         outer = self._depth == 0
         self._depth += 1
         if outer:
             self._begin_forward()
-        if self._cur is None:  # a resumed step being skipped
+        if self._skipping:  # a resumed step being skipped
             return
         ids = kwargs.get("input_ids")
         if ids is None:
@@ -459,178 +395,206 @@ class Recorder:
         if isinstance(ids, torch.Tensor) and ids.dim() == 2 and not ids.is_floating_point():
             for g in self._grids.values():
                 # Inner modules handed the same ids (DeepSeek-V4's hash router) add nothing and lack the mask.
-                if g.token_ids is not None and g.token_ids.shape == ids.shape and g.token_ids.data_ptr() == ids.data_ptr():
+                if g.active and g.token_ids is not None and g.token_ids.shape == ids.shape \
+                        and g.token_ids.data_ptr() == ids.data_ptr():
                     return
-            self._grids[name] = self._token_grid(ids, kwargs)
+            self._fill_grid(name, ids, kwargs, ks)
 
     def _on_exit(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+        if in_backward():
+            return
         self._depth = max(0, self._depth - 1)
 
     def _begin_forward(self) -> None:
+        self._collect_rows()
+        if self._n_rows >= self.max_rows_per_flush:
+            self.flush()
+        for g in self._grids.values():
+            g.active = False
         self._forwards += 1
         step = self.step
-        if self._resume_step is not None and step <= self._resume_step:
+        self._skipping = self._resume_step is not None and step <= self._resume_step
+        if self._skipping:
             # A run resumed from a checkpoint repeats steps the trace already holds: record them once.
             self.skipped_forwards += 1
-            self._cur = None
-            return
-        if self._last_step is not None and step != self._last_step:
-            self._maybe_flush()
-        self._last_step = step
-        self._cur = _Forward(step, self.current_tag, None, None, None, None, None)
-        self._grids = {}
+        self._sync_key()
+        if self._key is not None:
+            self._key_forwards[self._key] = self._key_forwards.get(self._key, 0) + 1
 
-    def _token_grid(self, ids: torch.Tensor, kwargs: dict[str, Any]) -> _Forward:
-        """Token ids, padding mask, absolute positions and the sampled sequences of one forward."""
-        assert self._cur is not None
-        step, tag = self._cur.step, self._cur.tag
+    def _fill_grid(self, name: str, ids: torch.Tensor, kwargs: dict[str, Any], ks: list[int]) -> None:
+        """Token ids, padding mask, absolute positions and the sampled sequences of one forward, on the host."""
+        assert self._hot is not None and self._key is not None
+        g = self._grids[name]
+        step, tag = self._key
         b, s = ids.shape
         dev = ids.device
+        self._hot.to(dev)
         mask = kwargs.get("attention_mask")
         pos_ids = kwargs.get("position_ids")
         cache_pos = kwargs.get("cache_position")
-        valid = None
-        if isinstance(mask, torch.Tensor) and mask.dim() == 2 and mask.shape[0] == b:
+        has_mask = isinstance(mask, torch.Tensor) and mask.dim() == 2 and mask.shape[0] == b
+        if has_mask:
             # During cached decoding the mask covers past + new tokens; the routers see only the new ones.
-            valid = mask[:, -s:].reshape(-1).to(torch.float32)  # [B*S]
+            g.fill(mask[:, -s:].reshape(-1).to(torch.float32), ks)  # [B*S]
+        elif g.valid is None or g.has_mask or g.valid.shape[0] != b * s or g.valid.device != dev:
+            g.fill(torch.ones(b * s, dtype=torch.float32, device=dev), ks)  # kept while the shape holds
+        g.has_mask = has_mask
+        g.active = True
+        g.token_ids = ids
+        g.step, g.tag = step, tag
+        if self.tokens <= 0:
+            return
         if isinstance(pos_ids, torch.Tensor) and pos_ids.shape[-1] == s:
             pos = pos_ids.reshape(-1, s).expand(b, s)
-        elif valid is not None:
+        elif has_mask:
             # Position = number of real tokens before this one, as generate() numbers left-padded prompts.
             pos = (mask.long().cumsum(-1) - 1).clamp_min(0)[:, -s:]  # [B, S]
         elif isinstance(cache_pos, torch.Tensor) and cache_pos.numel() == s:
             pos = cache_pos.reshape(1, s).expand(b, s)
         else:
             pos = torch.arange(s, device=dev).reshape(1, s).expand(b, s)  # [B, S]
-        keep_rows = keep_seq = keep_pos = keep_tok = None
-        keep_all = False
-        if self.tokens > 0:
-            seqs = [i for i in range(b) if _keep_sequence(self.seed, step, i, self.tokens)]
-            if seqs:
-                keep_all = len(seqs) == b
-                kept = torch.tensor(seqs, dtype=torch.long)
-                rows = (kept[:, None] * s + torch.arange(s)[None, :]).reshape(-1)  # [n]
-                keep_rows = rows.to(dev, non_blocking=True)
-                keep_seq = kept.repeat_interleave(s).to(dev, non_blocking=True)
-                flat_pos, flat_tok = pos.reshape(-1), ids.detach().reshape(-1)  # [B*S]
-                keep_pos = flat_pos if keep_all else flat_pos[keep_rows]
-                keep_tok = flat_tok if keep_all else flat_tok[keep_rows]
-        return _Forward(step, tag, ids.detach(), valid, pos, keep_rows, keep_seq, b, s, keep_all, keep_pos, keep_tok)
+        seqs = [i for i in range(b) if _keep_sequence(self.seed, step, i, self.tokens)]
+        g.keep_rows = None
+        g.keep_n = len(seqs) * s
+        flat_pos, flat_tok = pos.reshape(-1), ids.detach().reshape(-1)  # [B*S]
+        assert g.valid is not None
+        if len(seqs) == b:
+            g.keep_seq = torch.arange(b, device=dev).repeat_interleave(s)
+            g.keep_pos, g.keep_tok, g.keep_valid = flat_pos, flat_tok, g.valid
+        elif seqs:
+            kept = torch.tensor(seqs, dtype=torch.long)
+            rows = (kept[:, None] * s + torch.arange(s)[None, :]).reshape(-1)  # [n]
+            g.keep_rows = rows.to(dev, non_blocking=True)
+            g.keep_seq = kept.repeat_interleave(s).to(dev, non_blocking=True)
+            g.keep_pos, g.keep_tok = flat_pos[g.keep_rows], flat_tok[g.keep_rows]
+            g.keep_valid = g.valid[g.keep_rows]
+        # Fresh row buffers every forward (the previous ones went to the flush queue); a layer whose router
+        # does not run leaves ids at -1, and the flush drops those rows.
+        g.rows.clear()
+        for layer in self._grid_layers[name]:
+            k = self.layers[layer].top_k
+            g.rows[layer] = (
+                torch.full((b * s, k), -1, dtype=torch.long, device=dev),  # [T, k]
+                torch.empty(b * s, k, dtype=torch.float32, device=dev),  # [T, k]
+                torch.full((b * s, 4), math.nan, dtype=torch.float32, device=dev),  # [T, 4]
+            )
+
+    def _collect_rows(self) -> None:
+        """Queue the token rows the last forward wrote (sampled sequences only) for the next flush."""
+        for g in self._grids.values():
+            if not g.rows:
+                continue
+            if g.active and g.keep_n:
+                r = g.keep_rows
+                for layer, (ids, w, st) in g.rows.items():
+                    self._rows.append((g.step, g.tag, layer, {
+                        "seq": g.keep_seq, "pos": g.keep_pos, "token_id": g.keep_tok, "valid": g.keep_valid,
+                        "experts": ids if r is None else ids[r],
+                        "weights": w if r is None else w[r],
+                        "stats4": st if r is None else st[r],
+                    }))
+                    self._n_rows += g.keep_n
+            g.rows.clear()
+
+    def _sync_key(self) -> None:
+        """Start a new accumulation window when (step, tag) changed: the buffer's copy joins the flush queue."""
+        if self._hot is None or not self._open:
+            return
+        key = (self.step, self.current_tag)
+        if key == self._key:
+            return
+        self._retire()
+        self._key = key
+
+    def _retire(self) -> None:
+        """Queue a copy of the live buffer under the current key (unless that step is a resumed one) and reset it."""
+        assert self._hot is not None
+        if self._key is None:
+            return
+        snap = self._hot.snapshot()
+        if self._resume_step is None or self._key[0] > self._resume_step:
+            self._acc.append((self._key, snap))
+            self._maybe_flush()
 
     def _make_hooks(self, info: LayerInfo) -> tuple[Callable[..., None], Callable[..., None]]:
         """The router forward hook and, for experts_input specs, the experts pre-hook of one layer."""
         stash: dict[str, Any] = {}
+        hot = self._hot
+        assert hot is not None
+        layer, spec, n, k, grids = info.layer, info.spec, info.n_experts, info.top_k, info.owner_grids
+
+        def grid() -> Grid | None:
+            for g in grids:
+                if g.active:
+                    return g
+            return None
 
         def router_hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+            if in_backward():
+                return  # an activation-checkpoint recompute: recorded in the forward already
             with torch.no_grad():
-                ev = A.extract_router_output(info.spec, output, info.n_experts, info.top_k)
+                ev = A.extract_router_output(spec, output, n, k)
                 if ev is None:
                     return
-                if info.spec.source == "experts_input":
+                if spec.source == "experts_input":
                     stash["logits"] = ev.logits  # completed by the experts pre-hook
                     return
-                self._accumulate(info, ev)
+                hot.update(layer, ev, grid(), spec.probs)
 
         def experts_hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+            if in_backward():
+                return
             with torch.no_grad():
-                ids, w = A.extract_experts_input(info.spec, args, kwargs, info.n_experts)
-                self._accumulate(info, A.RouterEvent(stash.pop("logits", None), ids, w))
+                ids, w = A.extract_experts_input(spec, args, kwargs, n)
+                hot.update(layer, A.RouterEvent(stash.pop("logits", None), ids, w), grid(), spec.probs)
 
         return router_hook, experts_hook
 
-    def _accumulate(self, info: LayerInfo, ev: A.RouterEvent) -> None:
-        """Fold one router call into the device-side accumulators (no host sync)."""
-        cur = self._cur
-        if self._depth == 0:
-            # A router called outside any entry module (user code calling a block directly): no token grid.
-            if self._resume_step is not None and self.step <= self._resume_step:
-                return
-            cur = _Forward(self.step, self.current_tag, None, None, None, None, None)
-        elif cur is None:
-            return  # a resumed step being skipped
-        else:
-            for owner in info.grid_owners:
-                grid = self._grids.get(owner)
-                if grid is not None:
-                    cur = grid
-                    break
-        ids, w = ev.ids, ev.weights  # [T, k]
-        t = ids.shape[0]
-        valid = cur.valid if cur.valid is not None and cur.valid.numel() == t else None
-        vt = valid if valid is not None else torch.ones(t, device=ids.device)  # [T]
-        logits = ev.logits if ev.logits is not None and ev.logits.shape[0] == t else None
-        vec, lse_max, per_token = layer_stats(logits, ids, w, vt, info.n_experts, info.spec.probs, ev.dropped)
-        ent, lse, margin = per_token if per_token is not None else (None, None, None)
-        key = (cur.step, cur.tag)
-        acc = self._pending.get(key)
-        if acc is None:
-            acc = self._pending[key] = _Acc()
-        if info.layer in acc.vec:
-            acc.vec[info.layer] = acc.vec[info.layer] + vec
-            acc.lse_max[info.layer] = torch.maximum(acc.lse_max[info.layer], lse_max)
-        else:
-            acc.vec[info.layer] = vec
-            acc.lse_max[info.layer] = lse_max
-        if cur.keep_rows is not None and cur.batch * cur.seqlen == t:
-            r = cur.keep_rows  # [n]
-
-            def take(x: torch.Tensor) -> torch.Tensor:
-                return x if cur.keep_all else x[r]
-
-            # pos/token_id/seq were gathered once per forward; the rest is one gather per tensor kind.
-            row: dict[str, torch.Tensor] = {
-                "seq": cur.keep_seq,
-                "pos": cur.keep_pos,
-                "token_id": cur.keep_tok,
-                "experts": take(ids),
-                "weights": take(w),
-            }
-            if valid is not None:
-                row["valid"] = take(valid)
-            if ent is not None:
-                row["stats3"] = take(torch.stack([ent, lse, margin], 1))  # [n, 3]
-            acc.rows.append((info.layer, row))
-            self._pending_rows += int(r.shape[0])
-            if self._pending_rows >= self.max_rows_per_flush:
-                self.flush()
-
     # -- flushing -----------------------------------------------------------------------------
     def _maybe_flush(self) -> None:
-        steps = {s for s, _ in self._pending}
-        if len(steps) >= self.flush_every:
+        if len({key[0] for key, _ in self._acc}) >= self.flush_every:
             self.flush()
 
     def flush(self) -> None:
-        """Copy the accumulators to the host (one sync) and hand them to the writer thread."""
-        if not self._pending:
+        """Copy the buffers to the host (one sync) and hand them to the writer thread."""
+        if self._hot is None:
             return
-        pending, self._pending = self._pending, {}
-        self._pending_rows = 0
-        keys = list(pending)
-        # One host copy per tensor kind for the whole flush.
+        self._collect_rows()
+        if self._key is not None and (self._resume_step is None or self._key[0] > self._resume_step):
+            self._acc.append((self._key, self._hot.snapshot()))
+        acc, self._acc = self._acc, []
+        rows, self._rows = self._rows, []
+        self._n_rows = 0
+        forwards, self._key_forwards = self._key_forwards, {}
+        if not acc and not rows:
+            return
         load_host: list[tuple[int, str, int, np.ndarray]] = []
         stats_host: list[tuple[int, str, int, np.ndarray]] = []
-        vecs, maxes, meta = [], [], []
-        for step, tag in keys:
-            acc = pending[(step, tag)]
-            for layer in sorted(acc.vec):
-                vecs.append(acc.vec[layer])
-                maxes.append(acc.lse_max[layer])
-                meta.append((step, tag, layer))
-        if vecs:
-            sizes = [v.shape[0] for v in vecs]
-            flat = torch.cat(vecs).cpu().numpy()  # one device→host copy for every layer and step
-            mx = torch.stack(maxes).cpu().numpy()
-            starts = np.cumsum([0] + sizes)
-            n_exp = {li.layer: li.n_experts for li in self.layers}
-            for i, (step, tag, layer) in enumerate(meta):
-                load, st = _split(flat[starts[i] : starts[i + 1]], float(mx[i]), n_exp[layer])
-                load_host.append((step, tag, layer, load))
-                stats_host.append((step, tag, layer, st))
-        rows_host: list[tuple[int, str, int, dict[str, np.ndarray]]] = []
-        for step, tag in keys:
-            for layer, row in pending[(step, tag)].rows:
-                rows_host.append((step, tag, layer, {k: v.cpu().numpy() for k, v in row.items()}))
+        if acc:
+            flat = torch.stack([a for _, a in acc]).cpu().numpy()  # [N, L, W]: one device→host copy per flush
+            merged: dict[tuple[int, str], np.ndarray] = {}
+            for (key, _), arr in zip(acc, flat, strict=True):
+                if key in merged:  # the same (step, tag) again (tags left and re-entered): sums add, maxima max
+                    prev = merged[key]
+                    lmax = np.maximum(prev[:, -1], arr[:, -1])
+                    prev += arr
+                    prev[:, -1] = lmax
+                else:
+                    merged[key] = arr.copy()
+            for (step, tag), arr in merged.items():
+                seen = False
+                for li in self.layers:
+                    load, st = decode(arr[li.layer], li.n_experts, self.stats)
+                    if st[0] <= 0 and not load[:, 0].any():
+                        continue  # this router did not run under this key
+                    seen = True
+                    load_host.append((step, tag, li.layer, load))
+                    stats_host.append((step, tag, li.layer, st))
+                if not seen and forwards.get((step, tag), 0):
+                    self._silent(forwards[(step, tag)])
+        rows_host: list[tuple[int, str, int, dict[str, np.ndarray]]] = [
+            (step, tag, layer, {k: v.cpu().numpy() for k, v in row.items()}) for step, tag, layer, row in rows
+        ]
         nbytes = sum(a.nbytes for *_, a in load_host) + sum(
             sum(v.nbytes for v in r.values()) for *_, r in rows_host
         )
@@ -664,6 +628,16 @@ class Recorder:
                 raise
             self._keep_alerts()
 
+    def _silent(self, n: int) -> None:
+        """The watchdog: forwards ran but no router hook fired (compiled code without the hooks, a wrong model)."""
+        if not self.silent_forwards:
+            warnings.warn(
+                f"moescope: {n} forward(s) ran but no router hook fired; if the model was compiled before "
+                "record() in another way than torch.compile(model), call torch._dynamo.reset() before record()",
+                stacklevel=3,
+            )
+        self.silent_forwards += n
+
     def _keep_alerts(self) -> None:
         """Queue the alerts raised since the last call as rows of the trace's `alerts` table (writer thread)."""
         new = self.alerts[self._alerts_kept :]
@@ -695,6 +669,7 @@ class Recorder:
                 "seed": self.seed,
                 "on_full": self.on_full,
                 "max_queue_mb": self.max_queue_bytes / (1 << 20),
+                "stats": self.stats,
             },
             "rank": self.rank,
             "world_size": self.world_size,
@@ -706,6 +681,7 @@ class Recorder:
                 "dropped_flushes": stats.dropped_flushes if stats else 0,
                 "dropped_records": stats.dropped_rows if stats else 0,
                 "skipped_resumed_forwards": self.skipped_forwards,
+                "silent_forwards": self.silent_forwards,
                 "resumed_after_step": self._resume_step,
                 "write_errors": list(stats.errors) if stats else [],
             },
@@ -714,6 +690,41 @@ class Recorder:
         if self._stopped_by_alert is not None:
             body["stopped_by_alert"] = self._stopped_by_alert
         write_manifest(self.run_dir, body, self.rank)
+
+
+def _takes_token_ids(mod: nn.Module) -> bool:
+    """Whether a module's forward has a token-ids parameter (blocks take hidden states and are not entry modules)."""
+    try:
+        params = inspect.signature(mod.forward).parameters
+    except (TypeError, ValueError):
+        return False
+    return any(p in params for p in _ID_PARAMS)
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    """Where the model's weights live (the buffers follow the model if it moves later)."""
+    for p in model.parameters():
+        return p.device
+    return torch.device("cpu")
+
+
+def forget_compiled(model: nn.Module) -> None:
+    """Drop torch.compile's cached code of this model's forwards, so the next call compiles with the hooks.
+
+    Dynamo caches code per code object and does not guard on hooks added or removed later: a model (or
+    another instance of its classes) compiled and run before record() would keep running code without them.
+    """
+    import sys
+
+    if "torch._dynamo" not in sys.modules:
+        return
+    codes = {nn.Module._call_impl.__code__, nn.Module._wrapped_call_impl.__code__}
+    for mod in model.modules():
+        fwd = getattr(type(mod), "forward", None)
+        if fwd is not None and hasattr(fwd, "__code__"):
+            codes.add(fwd.__code__)
+    for code in codes:
+        torch._dynamo.reset_code(code)
 
 
 def _to_tables(
@@ -775,15 +786,15 @@ def _to_tables(
         weights_l: list[np.ndarray] = []
         tags_l: list[str] = []
         for step, tag, layer, r in rows_host:
-            keep = r["valid"] > 0 if "valid" in r else np.ones(len(r["seq"]), bool)
+            keep = (r["valid"] > 0) & (r["experts"][:, 0] >= 0)  # real tokens of routers that ran
             n = int(keep.sum())
             parts["step"].append(np.full(n, step, np.int64))
             parts["layer"].append(np.full(n, layer, np.int16))
             parts["seq"].append(r["seq"][keep].astype(np.int32))
             parts["pos"].append(r["pos"][keep].astype(np.int32))
             parts["token_id"].append(r["token_id"][keep].astype(np.int32))
-            for j, name in enumerate(("entropy", "lse", "margin")):
-                col = r["stats3"][keep, j] if "stats3" in r else np.full(n, np.nan)
+            st = r["stats4"][keep]  # [n, 4]: entropy, top-1, top-2, lse
+            for name, col in (("entropy", st[:, 0]), ("lse", st[:, 3]), ("margin", st[:, 1] - st[:, 2])):
                 parts[name].append(col.astype(np.float16))
             experts_l.append(r["experts"][keep].astype(np.int16))
             weights_l.append(r["weights"][keep].astype(np.float16))

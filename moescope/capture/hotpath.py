@@ -1,0 +1,210 @@
+"""The capture hot path: what a router hook does, as a handful of tensor ops into buffers preallocated at start.
+
+A router hook reads no Python state that changes between steps and writes none: it adds one router call into
+the device buffer `HotPath.acc` [L + 1, W] (float64) through views made once at start, and copies token rows
+into the row buffers of the current forward's `Grid`. Step, tag and sequence sampling are decided on the host,
+outside the traced path: the recorder snapshots the buffer when the (step, tag) key changes (`set_step`, `tag`,
+or the model's entry) and reads every snapshot on the host at flush. So the same code runs eager, under
+`torch.compile` (no Python-state guards, hence no recompiles when the step changes) and inside CUDA graphs
+(replays add into the same static buffer).
+
+Per layer, a row of `acc` holds, for E experts (W = 3·E_max + 9):
+
+    [0, E)        assignments per expert (valid tokens only)
+    [E, 2E)       gate weight sums per expert
+    [2E, 3E+6)    feature sums over valid finite tokens: prob (E), entropy, top-1 prob, top-2 prob, lse, finite, lse²
+    W-3, W-2      valid tokens, dropped tokens
+    W-1           max logsumexp (max over valid finite tokens)
+
+Row L (one past the last layer) counts, at the model's entry, the valid tokens the forwards fed in: the
+watchdog compares it with what the routers saw.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from .adapters import RouterEvent
+
+#: Router stats per layer, in the order of schema.ROUTER_STATS.
+STAT_NAMES = ("tokens", "entropy_sum", "lse_sq_sum", "lse_sum", "lse_max", "margin_sum", "nonfinite", "dropped")
+#: Per-token columns of the feature matrix after the E probabilities (their valid sums land in the buffer).
+_FEATURES = ("entropy", "top1", "top2", "lse", "finite", "lse_sq")
+_NF = len(_FEATURES)
+#: Columns a token row keeps from the feature matrix: entropy, top1, top2, lse (margin = top1 − top2 on the host).
+_ROW_STATS = 4
+
+
+def width(n_experts: Sequence[int]) -> int:
+    """Columns of one buffer row for layers of these expert counts."""
+    return 3 * max(n_experts) + _NF + 3
+
+
+def in_backward() -> bool:
+    """True while autograd runs a backward: an activation-checkpoint recompute, whose routing is already recorded."""
+    if torch.compiler.is_compiling():
+        return False  # compiled recompute lives inside the backward graph, where no hook runs
+    return torch._C._current_graph_task_id() != -1
+
+
+@dataclass
+class Grid:
+    """The token grid one entry module received in the current forward (built on the host at the model's entry).
+
+    Tensors are replaced every forward; the objects holding them are created once, so a compiled hook that
+    reads them guards on their shapes only.
+    """
+
+    active: bool = False
+    has_mask: bool = False
+    keep_n: int = 0  # rows kept from this forward (0: none sampled)
+    valid: torch.Tensor | None = None  # [T] float32, 0 for padding
+    v2d: torch.Tensor | None = None  # [1, T] float32 (a view of valid, for one matmul)
+    vk: dict[int, torch.Tensor] = field(default_factory=dict)  # k -> [T*k] float64 valid per assignment
+    ntok: torch.Tensor | None = None  # [] float64 valid tokens
+    negpad: torch.Tensor | None = None  # [T] float32: 0 for real tokens, -inf for padding
+    rows: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    token_ids: torch.Tensor | None = None  # [B, S]
+    # host-side, for the rows of this forward
+    step: int = 0
+    tag: str = ""
+    keep_rows: torch.Tensor | None = None  # [n] flat token indices of the sampled sequences (None: all)
+    keep_seq: torch.Tensor | None = None  # [n]
+    keep_pos: torch.Tensor | None = None  # [n]
+    keep_tok: torch.Tensor | None = None  # [n]
+    keep_valid: torch.Tensor | None = None  # [n]
+
+    def fill(self, valid: torch.Tensor, ks: Sequence[int]) -> None:
+        """Set the per-token weights of a forward from its validity mask valid [T] (float32)."""
+        self.valid = valid
+        self.v2d = valid.reshape(1, -1)  # [1, T]
+        v64 = valid.double()
+        self.vk.clear()
+        for k in ks:
+            self.vk[k] = v64.repeat_interleave(k) if k > 1 else v64  # [T*k]
+        self.ntok = v64.sum()
+        self.negpad = torch.where(valid > 0, 0.0, -math.inf).to(torch.float32)  # [T]
+        self.active = True
+
+
+class HotPath:
+    """Device buffers of one recording and the update a router hook runs per call."""
+
+    def __init__(self, n_experts: Sequence[int], device: torch.device, stats: bool = True, rows: bool = False) -> None:
+        self.n_experts = list(n_experts)
+        self.stats = stats
+        self.rows = rows
+        self.w = width(self.n_experts)
+        n = len(self.n_experts)
+        self.acc = torch.zeros(n + 1, self.w, dtype=torch.float64, device=device)  # [L + 1, W]
+        self.acc[:, -1] = -math.inf
+        # Views made once: a hook indexes nothing, it adds into its layer's slices.
+        self.cnt = [self.acc[i, :e] for i, e in enumerate(self.n_experts)]  # [E]
+        self.wsum = [self.acc[i, e : 2 * e] for i, e in enumerate(self.n_experts)]  # [E]
+        self.fsum = [self.acc[i : i + 1, 2 * e : 3 * e + _NF] for i, e in enumerate(self.n_experts)]  # [1, E+6]
+        self.tok = [self.acc[i, -3] for i in range(n)]  # []
+        self.drop = [self.acc[i, -2] for i in range(n)]  # []
+        self.lmax = [self.acc[i, -1] for i in range(n)]  # []
+        self.fin = [self.acc[i, 3 * e + 4] for i, e in enumerate(self.n_experts)]  # []: finite valid tokens
+        self.fed = self.acc[n, 0]  # []: valid tokens fed at the model's entry
+
+    def to(self, device: torch.device) -> None:
+        """Move the buffer to the model's device (a model moved after record() started), keeping its contents."""
+        if self.acc.device != device:
+            old = self.acc
+            self.__init__(self.n_experts, device, self.stats, self.rows)  # type: ignore[misc]
+            self.acc.copy_(old)
+
+    def snapshot(self) -> torch.Tensor:
+        """A copy of the buffer [L + 1, W], and reset it (two ops, no host sync)."""
+        snap = self.acc.clone()
+        self.acc.zero_()
+        self.acc[:, -1] = -math.inf
+        return snap
+
+    def update(self, layer: int, ev: RouterEvent, grid: Grid | None, probs: str = "softmax") -> None:
+        """Add one router call into layer `layer`'s slices (and its token rows into `grid`)."""
+        ids, w = ev.ids, ev.weights  # [T, k]
+        t, k = ids.shape
+        e = self.n_experts[layer]
+        logits = ev.logits if ev.logits is not None and ev.logits.shape[0] == t else None  # [T, E]
+        if grid is not None and grid.valid is not None and grid.valid.shape[0] == t and k in grid.vk:
+            vk, v2d, ntok, negpad = grid.vk[k], grid.v2d, grid.ntok, grid.negpad
+        else:  # no token grid for this call (a block called directly, other tokens than the entry's)
+            grid = None
+            ones = torch.ones(t, dtype=torch.float32, device=ids.device)  # [T]
+            vk, v2d, ntok, negpad = ones.double().repeat_interleave(k), ones.reshape(1, t), ones.double().sum(), None
+        idx = ids.reshape(-1)  # [T*k]
+        self.cnt[layer].index_add_(0, idx, vk)
+        self.wsum[layer].index_add_(0, idx, w.reshape(-1) * vk)
+        self.tok[layer].add_(ntok)
+        if ev.dropped is not None:
+            self.drop[layer].add_(v2d.reshape(-1) @ ev.dropped.to(v2d.dtype))
+        feats = None
+        feats, lse = None, None
+        if self.stats or self.rows:
+            feats, lse = _features(logits, e, probs)  # [T, E+6], [T]
+        rows = grid.rows.get(layer) if (self.rows and grid is not None) else None
+        if rows is not None and rows[0].shape == ids.shape:
+            rows[0].copy_(ids)
+            rows[1].copy_(w)
+            if feats is not None:
+                rows[2].copy_(feats[:, e : e + _ROW_STATS])
+        if not self.stats:
+            return
+        if feats is None or lse is None:
+            self.fin[layer].add_(ntok)  # no logits: no token is non-finite
+        else:
+            feats.nan_to_num_(0.0, 0.0, 0.0)  # non-finite tokens add nothing; `finite` counts the others
+            self.fsum[layer].add_(v2d @ feats)
+            masked = lse + negpad if negpad is not None else lse.clone()  # [T]: padding → -inf
+            lm = self.lmax[layer]
+            torch.maximum(lm, masked.nan_to_num_(-math.inf, -math.inf, -math.inf).amax(), out=lm)
+
+
+def _features(logits: torch.Tensor | None, e: int, probs: str) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Per-token features [T, E+6] (probabilities, entropy, top-2 probabilities, lse, finite, lse²) and lse [T]."""
+    if logits is None:
+        return None, None
+    lse = torch.logsumexp(logits, -1)  # [T]
+    if probs == "softmax":
+        p = pn = torch.softmax(logits, -1)  # [T, E]
+    else:  # sigmoid routers: prob_sum of the sigmoid scores; entropy and margin of the normalised scores
+        p = torch.sigmoid(logits)  # [T, E]
+        pn = p / p.sum(-1, keepdim=True).clamp_min(1e-20)  # [T, E]
+    ent = torch.special.entr(pn).sum(-1)  # [T]; entr(0) = 0, so a masked (−inf) expert adds nothing
+    top2 = pn.topk(2, -1).values if e > 1 else torch.cat([pn, torch.zeros_like(pn)], -1)  # [T, 2]
+    # NaN or +Inf anywhere in a row makes its logsumexp non-finite (a lone −Inf is a masked expert, not an error)
+    feats = torch.column_stack([p, ent, top2, lse, lse.isfinite(), lse.square()])  # [T, E+6]
+    return feats, lse
+
+
+def decode(row: np.ndarray, e: int, stats: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Host side of one layer's buffer row [W]: load [E, 3] (tokens, prob_sum, weight_sum) and stats [8]."""
+    f = row[2 * e : 3 * e + _NF]
+    prob = f[:e] if stats else np.full(e, np.nan)
+    load = np.stack([row[:e], prob, row[e : 2 * e]], 1)
+    ent, top1, top2, lse, finite, lse_sq = f[e:]
+    tokens, dropped, lse_max = row[-3], row[-2], row[-1]
+    if not stats:
+        ent = top1 = top2 = lse = lse_sq = lse_max = np.nan
+        finite = tokens
+    vals = {
+        "tokens": tokens,
+        "entropy_sum": ent,
+        "lse_sq_sum": lse_sq,
+        "lse_sum": lse,
+        "lse_max": lse_max,
+        "margin_sum": top1 - top2,
+        "nonfinite": tokens - finite,
+        "dropped": dropped,
+    }
+    return load, np.array([vals[n] for n in STAT_NAMES], np.float64)
+
+
+__all__ = ["STAT_NAMES", "Grid", "HotPath", "decode", "in_backward", "width"]
