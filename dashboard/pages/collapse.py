@@ -6,6 +6,7 @@ from typing import Any
 
 import dash
 import pandas as pd
+import plotly.graph_objects as go
 from dash import html
 
 from moescope.dashboard import components as C
@@ -20,6 +21,20 @@ def _findings_table(findings: pd.DataFrame, layer: int) -> Any:
         return C.message(f"Layer {layer}: no WARN or FAIL findings.", "info")
     cols = ["status", "rule", "window", "expert", "metric", "value", "threshold", "message"]
     return C.table(df, "col-findings", columns=cols, page_size=10)
+
+
+def _mark_alerts(fig: Any, alerts: pd.DataFrame) -> Any:
+    """Online alerts kept in the trace as markers on the findings timeline (at the step of the flush that raised
+    them, on their layer's row)."""
+    if alerts.empty:
+        return fig
+    fig.add_trace(go.Scatter(
+        x=alerts["step"].astype(int), y=[f"L{int(v)}" for v in alerts["layer"]], mode="markers", name="online alert",
+        marker={"symbol": "x-thin", "size": 13, "line": {"width": 3, "color": F.status_color("FAIL")}},
+        hovertext=[f"{r.status} {r.rule} at step {int(r.step)}: {r.message}" for r in alerts.itertuples()],
+        hovertemplate="%{hovertext}<extra></extra>",
+    ))
+    return fig
 
 
 def layout(**query: Any) -> html.Div:
@@ -43,7 +58,7 @@ def layout(**query: Any) -> html.Div:
                      "load imbalance, router logit growth."),
             C.selection_bar(state, data),
             C.card(C.guard("timeline", lambda: C.figure(data, "col-timeline", (run, layer), lambda: (
-                F.findings_timeline(data.health(run), data.layers(run), run, layer))))),
+                _mark_alerts(F.findings_timeline(data.health(run), data.layers(run), run, layer), data.alerts(run)))))),
             C.row(
                 C.card(C.guard("min utilization", lambda: curve(
                     "col-minutil", "min_utilization", "Least-used expert: min N·f", "min N·f", threshold=0.05,

@@ -75,8 +75,18 @@ def layout(**query: Any) -> html.Div:
                 title="Health",
             ),
             C.card(C.guard("findings", lambda: _findings_table(data.findings())), title="Findings (WARN and worse)"),
+            C.guard("alerts", lambda: _alerts_card(data.alerts())),
         ]
     )
+
+
+def _alerts_card(alerts: pd.DataFrame) -> Any:
+    """The online alerts kept in the trace (raised while recording), newest first; nothing when there are none."""
+    if alerts.empty:
+        return None
+    cols = ["step", "run", "layer", "status", "rule", "value", "threshold", "message"]
+    return C.card(C.table(alerts, "ov-alerts", columns=cols, page_size=10),
+                  title=f"Alerts raised while recording ({len(alerts)})")
 
 
 @dash.callback(

@@ -25,6 +25,10 @@ from moescope.analysis.selection import Selection
 
 T = TypeVar("T")
 
+#: The SQL console's caps besides rows and seconds: DuckDB memory, and Arrow bytes of one response.
+SQL_MEMORY_LIMIT = "1GB"
+SQL_MAX_BYTES = 4 << 20
+
 #: Status order, best to worst; the worst status of a cell is the one shown for it.
 STATUS_ORDER = ("PASS", "SKIP", "WARN", "FAIL", "ERROR")
 
@@ -134,7 +138,10 @@ class DashboardData:
         # Locked for our own queries too: the dashboard never needs to write, and this makes it impossible.
         self.trace = moescope.open(trace_root, locked=True)
         self._console: Any = None
-        self._console_args = {"max_rows": int(sql_max_rows), "timeout": float(sql_timeout)}
+        # The console's own database, with its own caps: a visitor's query can neither block nor starve the charts.
+        self._console_args: dict[str, Any] = {"max_rows": int(sql_max_rows), "timeout": float(sql_timeout),
+                                              "memory_limit": SQL_MEMORY_LIMIT, "threads": 2,
+                                              "max_bytes": SQL_MAX_BYTES}
         # One DuckDB connection must not run two queries at once; the lock orders them (cheap: results are cached).
         self._lock = threading.RLock()
         self._console_lock = threading.Lock()
@@ -380,6 +387,13 @@ class DashboardData:
 
         return self._cached(("health_grid",), compute)
 
+    def alerts(self, run: str | None = None) -> pd.DataFrame:
+        """Online alerts the recorder kept in the trace, newest first: run, step, step_start, layer, rule, status,
+        value, threshold, experts, message."""
+        from moescope.analysis.live import alerts_frame
+
+        return self._cached(("alerts", run), lambda: alerts_frame(self.trace, run))
+
     def findings(self, run: str | None = None, include_pass: bool = False) -> pd.DataFrame:
         """Findings worst first (without PASS unless asked), for the findings tables."""
         df = self.health(run)
@@ -564,7 +578,9 @@ class DashboardData:
         truncated = bool(df.attrs.get("truncated", False))
         n = len(df)
         msg = f"{n} row{'s' if n != 1 else ''} in {dt:.2f} s"
-        if truncated:
+        if truncated and df.attrs.get("truncated_by") == "bytes":
+            msg += f" (cut at {n} rows: over the {SQL_MAX_BYTES >> 20} MB response limit)"
+        elif truncated:
             msg += f" (cut at {n} rows)"
         return SqlResult(frame=df, message=msg, ok=True, truncated=truncated, seconds=dt)
 

@@ -108,3 +108,31 @@ def test_cli_refresh_flag() -> None:
                        capture_output=True, text=True, cwd=Path(__file__).resolve().parents[2])
     assert r.returncode == 2 and r.stderr.strip().endswith("--refresh must be 0 (off) or a positive number of "
                                                            "seconds, got -1")
+
+
+def test_alerts_show_on_overview_and_collapse_timeline(tmp_path: Path) -> None:
+    from moescope.capture.alerts import Alert
+    from moescope.capture.recorder import alerts_table
+
+    run_dir = tmp_path / "t" / "r"
+    a = Alert("collapse", "FAIL", 0, (0,), 0, 9, 0.97, 0.9, "routing collapsed onto expert 0", "r", 0)
+    write_run(run_dir, {"alerts": alerts_table("r", 0, [a]).to_pandas()}, run="r", layers=LAYERS)
+    _write(run_dir, range(0, 10), closed=True)
+    app = dashboard.create_app(tmp_path / "t", warm=False, refresh=0)
+    c = Client(app)
+    router = c.dep("_pages_content.children")
+
+    def page(path: str, search: str = "") -> str:
+        inputs = [{"id": "_pages_location", "property": "pathname", "value": path},
+                  {"id": "_pages_location", "property": "search", "value": search},
+                  {"id": "ms-live-version", "property": "data", "value": 0}]
+        status, out = c.post(router, inputs)
+        assert status == 200
+        return json.dumps(out, ensure_ascii=False)
+
+    ov = page("/")
+    assert "Alerts raised while recording (1)" in ov and "routing collapsed onto expert 0" in ov
+    col = page("/collapse", "?run=r&layer=0")
+    assert '"name": "online alert"' in col and "FAIL collapse at step 9: routing collapsed onto expert 0" in col
+    assert '"uirevision"' in col  # the timeline keeps its zoom through live redraws
+    app.moescope_data.close()
