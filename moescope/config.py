@@ -67,7 +67,7 @@ FAIL_ON = ("fail", "warn")
 __all__ = [
     "RULES", "ClonesRule", "CollapseRule", "ConfigError", "DeadExpertRule", "DriftConfig", "HealthConfig",
     "LoadCVRule", "MaxVioRule", "NonFiniteRule", "OverconfidenceRule", "Rule", "RuleConfig", "Window",
-    "ZLossRule", "as_config", "config_from_dict", "load_config",
+    "ZLossRule", "as_config", "config_from_dict", "default_config_path", "load_config",
 ]
 
 
@@ -252,6 +252,15 @@ def load_config(path: str | os.PathLike[str] | None) -> HealthConfig:
     if p.name == "pyproject.toml":
         data = data.get("tool", {}).get("moescope", {})
     return config_from_dict(data, str(p))
+
+
+#: The config file commands pick up from the working directory when none is given.
+DEFAULT_CONFIG = "moescope.toml"
+
+
+def default_config_path() -> str | None:
+    """./moescope.toml when it exists (what `check` and the dashboard read without --config), else None."""
+    return DEFAULT_CONFIG if Path(DEFAULT_CONFIG).is_file() else None
 
 
 def as_config(config: HealthConfig | str | os.PathLike[str] | None) -> HealthConfig:

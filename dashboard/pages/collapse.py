@@ -1,4 +1,8 @@
-"""Collapse: the health findings of a run on a step timeline per layer, and the metrics the rules read."""
+"""Collapse: the health findings of a run on a step timeline per layer, and the metrics the rules read.
+
+Threshold lines come from the rules' settings (`data.config`: moescope.toml or the registry's defaults), so
+a line sits exactly where its rule fires.
+"""
 
 from __future__ import annotations
 
@@ -37,6 +41,26 @@ def _mark_alerts(fig: Any, alerts: pd.DataFrame) -> Any:
     return fig
 
 
+def thresholds(config: Any) -> dict[str, dict[str, Any]]:
+    """Keyword arguments of each curve's threshold lines, read off the rules' settings (none for a disabled rule)."""
+    def on(name: str) -> Any:
+        rc = config.rule(name)
+        return rc if rc.enabled else None
+
+    out: dict[str, dict[str, Any]] = {"min_utilization": {}, "top_m_share": {}, "maxvio": {}, "router_entropy": {}}
+    if (r := on("dead_expert")) is not None:
+        out["min_utilization"] = {"threshold": r.fail_below, "threshold_label": f"dead expert < {r.fail_below:g}"}
+    if (r := on("collapse")) is not None:
+        out["top_m_share"] = {"threshold": r.share, "threshold_label": f"collapse ≥ {r.share:g}"}
+    if (r := on("maxvio")) is not None:
+        out["maxvio"] = {"threshold": r.warn_above, "threshold_label": f"WARN > {r.warn_above:g}"}
+        if r.fail_above is not None:
+            out["maxvio"].update(threshold2=r.fail_above, threshold2_label=f"FAIL > {r.fail_above:g}")
+    if (r := on("overconfidence")) is not None:
+        out["router_entropy"] = {"threshold": r.warn_below, "threshold_label": f"WARN: over-confident < {r.warn_below:g}"}
+    return out
+
+
 def layout(**query: Any) -> html.Div:
     """The collapse page for the URL's query parameters."""
     data, state = C.page_state(query)
@@ -48,6 +72,7 @@ def layout(**query: Any) -> html.Div:
         return data.load_metrics(run, steps)
 
     key = (run, layer, steps)
+    lines = thresholds(data.config)
 
     def curve(gid: str, column: str, title: str, ytitle: str, **kw: Any) -> Any:
         return C.figure(data, gid, key, lambda: F.metric_curves(lm(), column, title, ytitle, layer, **kw))
@@ -61,18 +86,16 @@ def layout(**query: Any) -> html.Div:
                 _mark_alerts(F.findings_timeline(data.health(run), data.layers(run), run, layer), data.alerts(run)))))),
             C.row(
                 C.card(C.guard("min utilization", lambda: curve(
-                    "col-minutil", "min_utilization", "Least-used expert: min N·f", "min N·f", threshold=0.05,
-                    threshold_label="dead expert < 0.05"))),
+                    "col-minutil", "min_utilization", "Least-used expert: min N·f", "min N·f", **lines["min_utilization"]))),
                 C.card(C.guard("top-m share", lambda: curve(
                     "col-topm", "top_m_share", "Share of the m busiest experts", "share (m = max(k, N/4))",
-                    threshold=0.9, threshold_label="collapse ≥ 0.9"))),
+                    **lines["top_m_share"]))),
             ),
             C.row(
                 C.card(C.guard("maxvio", lambda: curve(
-                    "col-maxvio", "maxvio", "MaxVio: max / mean load − 1", "MaxVio", threshold=1.0,
-                    threshold_label="WARN > 1", threshold2=3.0, threshold2_label="FAIL > 3"))),
+                    "col-maxvio", "maxvio", "MaxVio: max / mean load − 1", "MaxVio", **lines["maxvio"]))),
                 C.card(C.guard("router entropy", lambda: curve(
-                    "col-entropy", "router_entropy", "Router entropy H(p)/ln N", "entropy"))),
+                    "col-entropy", "router_entropy", "Router entropy H(p)/ln N", "entropy", **lines["router_entropy"]))),
             ),
             C.card(C.guard("findings", lambda: _findings_table(data.health(run), layer)),
                    title=f"Findings in layer {layer}"),

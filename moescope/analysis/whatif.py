@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 
 from .engine import ensure_layer_info, run_analysis, translate
-from .selection import Selection, Window, window_params
+from .selection import Selection, Window, check_selection, window_params
 from .sqlkit import Raw, literal, render
 
 #: A capacity group: one forward pass ("batch"), one sequence ("sequence"), or runs of n consecutive tokens.
@@ -149,6 +149,7 @@ def capacity_drops(
         raise ValueError(f"capacity factors must be positive numbers, got {list(factors)!r}")
     if source not in ("auto", "routing", "counts"):
         raise ValueError(f"source must be 'auto', 'routing' or 'counts', got {source!r}")
+    check_selection(c, Selection(run=run, tag=tag, steps=steps), "capacity")  # a typo is an error, not "no rows"
     layers = _layers(c, run)
     if layers.empty:
         return pd.DataFrame(columns=CAPACITY_COLUMNS)

@@ -7,7 +7,7 @@ import os
 import sys
 from pathlib import Path
 
-DEFAULT_CONFIG = "moescope.toml"
+from ..config import DEFAULT_CONFIG
 
 EPILOG = """\
 exit codes:
@@ -79,9 +79,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def _config_path(arg: str | None) -> str | None:
     """The config to use: --config, else ./moescope.toml when it exists, else None (built-in defaults)."""
-    if arg is not None:
-        return arg
-    return DEFAULT_CONFIG if Path(DEFAULT_CONFIG).is_file() else None
+    from ..config import default_config_path
+
+    return arg if arg is not None else default_config_path()
 
 
 def cmd_check(args: argparse.Namespace) -> int:

@@ -63,11 +63,12 @@ def _tokens(v: Any) -> str:
 
 def render_report(tr: Any, runs: list[str] | None = None, config: Any = None, window: Any = None) -> str:
     """The text of `moescope report` (separate from printing, so tests and the dashboard can reuse it)."""
-    from ..analysis.health import SEVERITY
-    from ..config import HealthConfig, load_config
+    from ..analysis.rules import STATUS_ORDER, severity
+    from ..config import as_config
 
-    cfg = config if isinstance(config, HealthConfig) else load_config(config)
+    cfg = as_config(config)
     if window is not None:
+        cfg = cfg.copy()  # the caller's config stays as it was
         cfg.window = window
     runs = runs or list(tr.runs)
     lm = tr.load_metrics(run=runs, window=cfg.window)
@@ -91,7 +92,7 @@ def render_report(tr: Any, runs: list[str] | None = None, config: Any = None, wi
             rows = []
             for row in last.to_dict("records"):
                 worst = h[h["layer"] == row["layer"]]["status"]
-                status = max(worst, key=lambda s: SEVERITY.get(s, 0)) if len(worst) else "–"
+                status = max(worst, key=severity) if len(worst) else "–"
                 rows.append({
                     "layer": int(row["layer"]),
                     "N": int(row["n_experts"]),
@@ -113,10 +114,10 @@ def render_report(tr: Any, runs: list[str] | None = None, config: Any = None, wi
             out += ["    " + line for line in table.splitlines()]
         bad = h[h["status"].isin(["FAIL", "ERROR", "WARN"])].copy()
         counts = h["status"].value_counts().to_dict()
-        summary = ", ".join(f"{counts[s]} {s}" for s in ("FAIL", "ERROR", "WARN", "SKIP", "PASS") if counts.get(s))
+        summary = ", ".join(f"{counts[s]} {s}" for s in reversed(STATUS_ORDER) if counts.get(s))
         out.append(f"  findings: {summary or 'none'}")
         if len(bad):
-            bad["_sev"] = bad["status"].map(SEVERITY)
+            bad["_sev"] = bad["status"].map(severity)
             bad = bad.sort_values(["_sev", "layer", "window_start"], ascending=[False, True, True])
             for f in bad.to_dict("records"):
                 where = f" [{f['window']}]" if f["window"] else ""
@@ -137,6 +138,7 @@ def render_report(tr: Any, runs: list[str] | None = None, config: Any = None, wi
 
 def run(args: argparse.Namespace) -> int:
     """Execute `moescope report`."""
+    from ..analysis.selection import SelectionError
     from ..analysis.trace import Trace
     from ..cli import CLIError
     from ..config import ConfigError
@@ -145,14 +147,14 @@ def run(args: argparse.Namespace) -> int:
     window: Any = args.window
     if isinstance(window, str) and window.isdigit():
         window = int(window)
-    if window not in (None, "thirds", "all") and not isinstance(window, int):
+    if window not in (None, "thirds", "all") and not (isinstance(window, int) and window > 0):
         raise CLIError(f'--window must be "thirds", "all" or a number of steps, got {args.window!r}')
     unknown = [r for r in args.run or [] if r not in tr.runs]
     if unknown:
         raise CLIError(f"no run {unknown[0]!r} in {args.trace} (runs: {', '.join(tr.runs)})")
     try:
         text = render_report(tr, args.run, args.config, window)
-    except ConfigError as e:
+    except (ConfigError, SelectionError) as e:
         raise CLIError(str(e), 2) from None
     sys.stdout.write(text)
     return 0

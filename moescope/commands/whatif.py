@@ -147,20 +147,26 @@ def _emit(df: pd.DataFrame, fmt: str) -> None:
         sys.stdout.write("(no rows)\n")
         return
     # a terminal table: columns with nothing in them go, and notes print once under the table, not per row
-    notes = [n for n in dict.fromkeys(df.pop("note")) if isinstance(n, str) and n] if "note" in df else []
+    notes: list[tuple[Any, str]] = []
+    if "note" in df:
+        runs = df["run"] if "run" in df else [None] * len(df)
+        notes = [(r, n) for r, n in dict.fromkeys(zip(runs, df.pop("note"))) if isinstance(n, str) and n]
     df = df.dropna(axis=1, how="all")
     sys.stdout.write(df.to_string(index=False, float_format=lambda x: f"{x:.4g}", na_rep="-") + "\n")
-    for n in notes:
-        sys.stdout.write(f"note: {n}\n")
+    for r, n in notes:  # a note is about one run: say which
+        sys.stdout.write(f"note (run {r}): {n}\n" if r is not None else f"note: {n}\n")
 
 
 def run(args: argparse.Namespace) -> int:
     """Run one what-if on TRACE and print its table."""
     from ..analysis import whatif
+    from ..analysis.selection import Selection, check_selection
     from ..cli import CLIError
 
     tr = open_trace(args.trace)
     try:
+        # A typo'd run is a usage error naming the runs that exist (SelectionError is a ValueError: exit 2).
+        check_selection(tr.cursor(), Selection(run=args.run), "--run")
         if args.analysis == "capacity":
             window: Any = int(args.window) if str(args.window).isdigit() else args.window
             df = whatif.capacity_drops(

@@ -21,7 +21,9 @@ from typing import Any, TypeVar
 import pandas as pd
 
 import moescope
+from moescope.analysis import rules as _rules
 from moescope.analysis.selection import Selection
+from moescope.config import HealthConfig, as_config, default_config_path
 
 T = TypeVar("T")
 
@@ -29,8 +31,8 @@ T = TypeVar("T")
 SQL_MEMORY_LIMIT = "1GB"
 SQL_MAX_BYTES = 4 << 20
 
-#: Status order, best to worst; the worst status of a cell is the one shown for it.
-STATUS_ORDER = ("PASS", "SKIP", "WARN", "FAIL", "ERROR")
+#: Status order, best to worst (the one `Status` order of the rule registry); a cell shows its worst status.
+STATUS_ORDER = _rules.STATUS_ORDER
 
 #: The most points a step axis gets; longer runs are bucketed into windows of a round width.
 MAX_STEP_POINTS = 120
@@ -50,13 +52,7 @@ def bucket_width(lo: int, hi: int, max_points: int = MAX_STEP_POINTS) -> int:
 
 def worst_status(statuses: Any) -> str:
     """The worst of some finding statuses (ERROR > FAIL > WARN > SKIP > PASS); '' when there are none."""
-    rank = {s: i for i, s in enumerate(STATUS_ORDER)}
-    best, best_rank = "", -1
-    for s in statuses:
-        r = rank.get(str(s), -1)
-        if r > best_rank:
-            best, best_rank = str(s), r
-    return best
+    return _rules.worst(statuses, default="")
 
 
 def token_text(token_id: Any) -> str:
@@ -133,8 +129,11 @@ class DashboardData:
         sql_timeout: float = 10.0,
         sql_max_rows: int = 1000,
         cache_size: int = 512,
+        config: HealthConfig | str | Path | None = None,
     ) -> None:
         self.root = Path(trace_root)
+        #: Rule settings of the health findings and the threshold lines (default: ./moescope.toml if present).
+        self.config: HealthConfig = as_config(config if config is not None else default_config_path())
         # Locked for our own queries too: the dashboard never needs to write, and this makes it impossible.
         self.trace = moescope.open(trace_root, locked=True)
         self._console: Any = None
@@ -361,7 +360,7 @@ class DashboardData:
         """Findings of the health rules (all runs computed once; filtered to `run` when given)."""
 
         def compute() -> pd.DataFrame:
-            df = self.trace.health()
+            df = self.trace.health(config=self.config)
             return df.reset_index(drop=True)
 
         df = self._cached(("health",), compute)

@@ -211,8 +211,10 @@ def test_capacity_rejects_bad_arguments(cap_root: Path) -> None:
         whatif.capacity_drops(con, group="epoch")
     with pytest.raises(ValueError, match="positive"):
         whatif.capacity_drops(con, factors=(0.0,))
-    with pytest.raises(ValueError, match="not in the trace"):
+    with pytest.raises(ValueError, match=r"capacity: no run 'nope' in this trace \(runs: 'cnt', "):
         whatif.capacity_drops(con, run="nope")
+    with pytest.raises(ValueError, match=r"capacity: no tag 'cdoe'"):
+        whatif.capacity_drops(con, tag="cdoe")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -514,8 +516,14 @@ def test_cli_whatif(cap_root: Path, tmp_path: Path, capsys: pytest.CaptureFixtur
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "token-level routing" in err
     assert main(["whatif", str(cap_root), "capacity", "--group", "epoch"]) == 2
+    capsys.readouterr()
     assert main(["whatif", str(cap_root), "placement", "--run", "nope"]) == 2
-    assert "not in the trace" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--run: no run 'nope' in this trace (runs: 'cnt', " in err
+    # notes under the table say which run they are about
+    assert main(["whatif", str(cap_root), "capacity"]) == 0
+    notes = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("note")]
+    assert notes and all(ln.startswith("note (run ") for ln in notes), notes
     capsys.readouterr()
     assert main(["whatif", str(tmp_path / "nope"), "capacity"]) == 3
 
