@@ -22,10 +22,10 @@ from typing import TYPE_CHECKING, Any, Union
 
 import duckdb
 import pandas as pd
-import pyarrow.parquet as pq
 
-from ..format.schema import FORMAT, FORMAT_VERSION, META_KEY, TABLES, duckdb_columns
-from ..format.writer import TraceError, read_manifest
+from ..format.manifest import Manifest, TraceError
+from ..format.reader import check_part
+from ..format.schema import TABLES, duckdb_columns
 from . import live as _live
 from . import metrics as M
 from .engine import ensure_layer_info, translate
@@ -51,8 +51,9 @@ class RunInfo:
 
     run: str
     path: Path
-    manifests: dict[int, dict[str, Any]]
+    manifests: dict[int, dict[str, Any]]  # JSON form of `typed`, for callers that read keys
     files: dict[str, list[Path]] = field(default_factory=dict)
+    typed: dict[int, Manifest] = field(default_factory=dict)
 
 
 def _first_line(e: BaseException) -> str:
@@ -70,21 +71,8 @@ def _rank_of(manifest: Path) -> int:
 
 
 def _load_manifest_file(p: Path) -> dict[str, Any]:
-    try:
-        m = json.loads(p.read_text())
-    except (OSError, ValueError) as e:
-        raise TraceError(f"{p}: unreadable manifest ({e.__class__.__name__}: {_first_line(e)})") from None
-    if not isinstance(m, dict) or m.get("format") != FORMAT:
-        raise TraceError(f"{p}: not a moescope trace manifest")
-    try:
-        version = int(m.get("version", -1))
-    except (TypeError, ValueError):
-        raise TraceError(f"{p}: manifest version {m.get('version')!r} is not a number") from None
-    if version > FORMAT_VERSION:
-        raise TraceError(f"{p}: trace format v{version} is newer than this moescope (v{FORMAT_VERSION})")
-    if "layers" in m and not isinstance(m["layers"], list):
-        raise TraceError(f"{p}: manifest 'layers' must be a list")
-    return m
+    """One manifest file, validated by the format's reader, as its JSON dict."""
+    return Manifest.read(p).to_dict()
 
 
 def discover(roots: Sequence[PathLike]) -> list[RunInfo]:
@@ -101,15 +89,14 @@ def discover(roots: Sequence[PathLike]) -> list[RunInfo]:
         if not manifests:
             raise TraceError(f"{root}: no moescope runs found (no manifest.json below it)")
         for run_dir in sorted({m.parent for m in manifests}):
-            read_manifest(run_dir)  # the format's own validation of the run's primary manifest
-            by_rank = {_rank_of(p): _load_manifest_file(p) for p in manifests if p.parent == run_dir}
-            primary = by_rank.get(0) or by_rank[min(by_rank)]
-            name = str(primary.get("run") or run_dir.name)
+            typed = {_rank_of(p): Manifest.read(p) for p in manifests if p.parent == run_dir}
+            primary = typed.get(0) or typed[min(typed)]
+            name = primary.run or run_dir.name
             if name in runs and runs[name].path != run_dir:
                 raise TraceError(
                     f"run name {name!r} appears twice ({runs[name].path} and {run_dir}); open the roots separately"
                 )
-            info = RunInfo(name, run_dir, by_rank)
+            info = RunInfo(name, run_dir, {r: m.to_dict() for r, m in typed.items()}, typed=typed)
             for table in TABLES:
                 info.files[table] = sorted((run_dir / table).glob("part-*.parquet"))
             runs[name] = info
@@ -117,21 +104,8 @@ def discover(roots: Sequence[PathLike]) -> list[RunInfo]:
 
 
 def _check_file(path: Path) -> list[str]:
-    """Read a part's footer: its column names; a truncated or foreign file raises TraceError naming it."""
-    try:
-        md = pq.read_metadata(path)
-        schema = md.schema.to_arrow_schema()
-    except Exception as e:  # pyarrow raises several types for broken files
-        raise TraceError(f"{path}: corrupt or truncated Parquet file ({_first_line(e)})") from None
-    meta = schema.metadata or {}
-    if META_KEY in meta:
-        try:
-            version = int(meta[META_KEY])
-        except ValueError:
-            raise TraceError(f"{path}: bad format version in Parquet metadata") from None
-        if version > FORMAT_VERSION:
-            raise TraceError(f"{path}: trace format v{version} is newer than this moescope (v{FORMAT_VERSION})")
-    return list(schema.names)
+    """A part's column names; a truncated, foreign, newer or damaged file (page checksums) raises TraceError."""
+    return check_part(path)
 
 
 def _table_view_sql(table: str, files: list[Path], present: set[str]) -> str:
@@ -148,31 +122,25 @@ def _table_view_sql(table: str, files: list[Path], present: set[str]) -> str:
 def _runs_frame(runs: list[RunInfo]) -> pd.DataFrame:
     rows = []
     for info in runs:
-        for rank, m in sorted(info.manifests.items()):
-            model = m.get("model") if isinstance(m.get("model"), dict) else {}
-            capture = m.get("capture") if isinstance(m.get("capture"), dict) else {}
-            counters = m.get("counters") if isinstance(m.get("counters"), dict) else {}
-            layers = m.get("layers") or []
-
-            def pick(d: dict[str, Any], *keys: str) -> Any:
-                return next((d[k] for k in keys if k in d), None)
-
+        for rank, m in sorted(info.typed.items()):
+            capture = m.to_dict()["capture"]
+            counters = m.to_dict()["counters"]
             rows.append(
                 {
                     "run": info.run,
                     "rank": rank,
                     "path": str(info.path),
-                    "created": str(m.get("created", "")) or None,
-                    "updated": None if m.get("updated") is None else str(m.get("updated")),
-                    "closed": None if m.get("closed") is None else bool(m.get("closed")),
-                    "world_size": m.get("world_size"),
-                    "moescope_version": m.get("moescope_version"),
-                    "model_class": model.get("class"),
-                    "n_params": model.get("n_params"),
-                    "n_layers": len(layers),
-                    "token_fraction": pick(capture, "tokens", "token_fraction"),
-                    "flush_interval": pick(capture, "flush_interval", "flush_every", "flush_steps"),
-                    "dropped_records": pick(counters, "dropped_records", "dropped_rows", "dropped"),
+                    "created": m.created or None,
+                    "updated": m.updated,
+                    "closed": m.closed,
+                    "world_size": m.world_size,
+                    "moescope_version": m.moescope_version,
+                    "model_class": m.model.class_name,
+                    "n_params": m.model.n_params,
+                    "n_layers": len(m.layers),
+                    "token_fraction": m.capture.tokens,
+                    "flush_interval": m.capture.flush_every,
+                    "dropped_records": m.counters.dropped_records,
                     "capture": json.dumps(capture, default=str, sort_keys=True),
                     "counters": json.dumps(counters, default=str, sort_keys=True),
                 }
@@ -191,21 +159,12 @@ def _runs_frame(runs: list[RunInfo]) -> pd.DataFrame:
 def _layers_frame(runs: list[RunInfo]) -> pd.DataFrame:
     rows: dict[tuple[str, int], dict[str, Any]] = {}
     for info in runs:
-        for _, m in sorted(info.manifests.items()):
-            for entry in m.get("layers") or []:
-                if not isinstance(entry, dict) or "layer" not in entry:
-                    raise TraceError(f"{info.path}: manifest 'layers' entries need a 'layer' field")
-                key = (info.run, int(entry["layer"]))
+        for _, m in sorted(info.typed.items()):
+            for entry in m.layers:
                 rows.setdefault(
-                    key,
-                    {
-                        "run": info.run,
-                        "layer": int(entry["layer"]),
-                        "n_experts": entry.get("n_experts"),
-                        "top_k": entry.get("top_k"),
-                        "router_kind": entry.get("router_kind"),
-                        "module": entry.get("module"),
-                    },
+                    (info.run, entry.layer),
+                    {"run": info.run, "layer": entry.layer, "n_experts": entry.n_experts, "top_k": entry.top_k,
+                     "router_kind": entry.router_kind, "module": entry.module},
                 )
     df = pd.DataFrame(list(rows.values()), columns=["run", "layer", "n_experts", "top_k", "router_kind", "module"])
     df["layer"] = df["layer"].astype("int16")

@@ -25,7 +25,8 @@ import torch
 from torch import nn
 
 from .. import __version__
-from ..format.writer import TraceWriter, write_manifest
+from ..format.manifest import CaptureSettings, Counters, LayerEntry, Manifest, ModelInfo, now_utc
+from ..format.writer import TraceWriter
 from . import adapters as A
 from .hotpath import STAT_NAMES, Grid, HotPath, decode, in_backward
 
@@ -237,6 +238,7 @@ class Recorder:
         self._key_forwards: dict[tuple[int, str], int] = {}  # forwards seen per key since the last flush
         self._skipping = False  # the current forward repeats a resumed step
         self._acc: list[tuple[tuple[int, str], torch.Tensor]] = []  # buffer copies [L, W] waiting for a flush
+        self._acc_steps: set[int] = set()  # steps among them in which a forward ran
         self._rows: list[tuple[int, str, int, dict[str, torch.Tensor]]] = []  # token rows waiting for a flush
         self._n_rows = 0
         self.silent_forwards = 0  # forwards in which no router hook fired (the watchdog)
@@ -514,6 +516,8 @@ class Recorder:
         snap = self._hot.snapshot()
         if self._resume_step is None or self._key[0] > self._resume_step:
             self._acc.append((self._key, snap))
+            if self._key_forwards.get(self._key):  # a step counts towards flush_every once a forward ran in it
+                self._acc_steps.add(self._key[0])
             self._maybe_flush()
 
     def _make_hooks(self, info: LayerInfo) -> tuple[Callable[..., None], Callable[..., None]]:
@@ -552,7 +556,7 @@ class Recorder:
 
     # -- flushing -----------------------------------------------------------------------------
     def _maybe_flush(self) -> None:
-        if len({key[0] for key, _ in self._acc}) >= self.flush_every:
+        if len(self._acc_steps) >= self.flush_every:
             self.flush()
 
     def flush(self) -> None:
@@ -563,6 +567,7 @@ class Recorder:
         if self._key is not None and (self._resume_step is None or self._key[0] > self._resume_step):
             self._acc.append((self._key, self._hot.snapshot()))
         acc, self._acc = self._acc, []
+        self._acc_steps = set()
         rows, self._rows = self._rows, []
         self._n_rows = 0
         forwards, self._key_forwards = self._key_forwards, {}
@@ -655,41 +660,37 @@ class Recorder:
     def _write_manifest(self, closed: bool) -> None:
         stats = self._writer.stats if self._writer is not None else None
         n_params = sum(p.numel() for p in self.model.parameters())
-        body: dict[str, Any] = {
-            "run": self.run,
-            "created": self._created,
-            "updated": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "closed": closed,
-            "moescope_version": __version__,
-            "model": {"class": type(self.model).__name__, "n_params": int(n_params)},
-            "layers": [li.to_manifest() for li in self.layers],
-            "capture": {
-                "tokens": self.tokens,
-                "flush_every": self.flush_every,
-                "seed": self.seed,
-                "on_full": self.on_full,
-                "max_queue_mb": self.max_queue_bytes / (1 << 20),
-                "stats": self.stats,
-            },
-            "rank": self.rank,
-            "world_size": self.world_size,
-            "counters": {
-                "forwards": self._forwards,
-                "flushes": self.flushes,
-                "parts_written": stats.parts_written if stats else 0,
-                "rows_written": dict(stats.rows_written) if stats else {},
-                "dropped_flushes": stats.dropped_flushes if stats else 0,
-                "dropped_records": stats.dropped_rows if stats else 0,
-                "skipped_resumed_forwards": self.skipped_forwards,
-                "silent_forwards": self.silent_forwards,
-                "resumed_after_step": self._resume_step,
-                "write_errors": list(stats.errors) if stats else [],
-            },
-            "meta": self.meta,
-        }
-        if self._stopped_by_alert is not None:
-            body["stopped_by_alert"] = self._stopped_by_alert
-        write_manifest(self.run_dir, body, self.rank)
+        Manifest(
+            run=self.run,
+            created=self._created,
+            updated=now_utc(),
+            closed=closed,
+            moescope_version=__version__,
+            model=ModelInfo(type(self.model).__name__, int(n_params)),
+            layers=[LayerEntry(**li.to_manifest()) for li in self.layers],
+            capture=CaptureSettings(
+                tokens=self.tokens,
+                flush_every=self.flush_every,
+                seed=self.seed,
+                on_full=self.on_full,
+                max_queue_mb=self.max_queue_bytes / (1 << 20),
+            ),
+            counters=Counters(
+                forwards=self._forwards,
+                flushes=self.flushes,
+                parts_written=stats.parts_written if stats else 0,
+                rows_written=dict(stats.rows_written) if stats else {},
+                dropped_flushes=stats.dropped_flushes if stats else 0,
+                dropped_records=stats.dropped_rows if stats else 0,
+                skipped_resumed_forwards=self.skipped_forwards,
+                resumed_after_step=self._resume_step,
+                write_errors=list(stats.errors) if stats else [],
+            ),
+            rank=self.rank,
+            world_size=self.world_size,
+            meta=self.meta,
+            stopped_by_alert=self._stopped_by_alert,
+        ).write(self.run_dir, self.rank)
 
 
 def _takes_token_ids(mod: nn.Module) -> bool:

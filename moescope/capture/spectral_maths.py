@@ -30,7 +30,6 @@ from __future__ import annotations
 import json
 import re
 import struct
-import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,8 +39,9 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
+from ..format.manifest import Manifest, TraceError, manifest_name, now_utc
 from ..format.schema import EXPERT_SIMILARITY, EXPERT_SPECTRA
-from ..format.writer import manifest_name, next_part_seq, write_manifest, write_part
+from ..format.writer import next_part_seq, write_manifest, write_part
 
 WEIGHT_METRICS = ("subspace_overlap", "subspace_overlap_centered")
 ALL_METRICS = (*WEIGHT_METRICS, "cka")
@@ -124,9 +124,9 @@ def assign_layer_numbers(paths: Sequence[str], run_dir: str | Path | None = None
     known: dict[str, int] = {}
     if run_dir is not None and (Path(run_dir) / "manifest.json").is_file():
         try:
-            m = json.loads((Path(run_dir) / "manifest.json").read_text())
-            known = {ly["experts_module"]: int(ly["layer"]) for ly in m.get("layers", []) if ly.get("experts_module")}
-        except (OSError, ValueError, KeyError, TypeError):
+            m = Manifest.read(Path(run_dir) / "manifest.json")
+            known = {ly.experts_module: ly.layer for ly in m.layers if ly.experts_module}
+        except TraceError:  # an unreadable manifest numbers layers in module order, like a run without one
             known = {}
     if paths and all(p in known for p in paths):
         return [known[p] for p in paths]
@@ -311,7 +311,7 @@ def write_snapshot(
 
         body = {
             "run": run_dir.name,
-            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "created": now_utc(),
             "moescope_version": __version__,
             "model": {},
             "layers": [],
@@ -319,7 +319,7 @@ def write_snapshot(
             "counters": {},
             **manifest,
         }
-        write_manifest(run_dir, body, rank)
+        write_manifest(run_dir, body, rank)  # validated through the Manifest dataclass
 
 
 # ----------------------------------------------------------------------------------------------- offline reading

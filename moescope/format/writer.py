@@ -1,8 +1,7 @@
-"""Writing trace files: atomic Parquet parts, the manifest, and the background writer thread."""
+"""Writing trace files: atomic Parquet parts (with page checksums), the manifest, and the background writer thread."""
 
 from __future__ import annotations
 
-import json
 import os
 import queue
 import re
@@ -16,32 +15,21 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from .manifest import Manifest, TraceError, atomic_write_bytes, manifest_name, now_utc
 from .schema import FORMAT, FORMAT_VERSION, META_KEY, TABLES
+
+__all__ = ["TraceError", "manifest_name", "write_manifest", "read_manifest", "write_part", "write_run", "TraceWriter",
+           "next_part_seq", "atomic_write_bytes", "WriterStats", "Manifest"]
 
 _PART_RE = re.compile(r"^part-(\d+)-(\d{6})\.parquet$")
 #: Row groups of at least this many rows keep column statistics useful and readers fast.
 ROW_GROUP_ROWS = 1_000_000
 
 
-class TraceError(Exception):
-    """A trace could not be read or written; the message is one line meant for a person."""
-
-
 def _version() -> str:
     from .. import __version__
 
     return __version__
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write a file under a temporary name and rename it, so a reader never sees half of it."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
 
 
 def write_part(run_dir: str | Path, table: str, rank: int, seq: int, data: pa.Table) -> Path:
@@ -63,6 +51,8 @@ def write_part(run_dir: str | Path, table: str, rank: int, seq: int, data: pa.Ta
         use_dictionary=[f.name if not pa.types.is_list(f.type) else f"{f.name}.list.element"
                         for f in schema if f.type not in (pa.float16(), pa.list_(pa.float16()))],
         write_statistics=True,
+        # A CRC per page: a flipped or zeroed page is an error when read (moescope.format.reader), not other numbers.
+        write_page_checksum=True,
     )
     os.replace(tmp, out)
     return out
@@ -83,35 +73,17 @@ def next_part_seq(run_dir: str | Path, rank: int) -> int:
     return best + 1
 
 
-def manifest_name(rank: int) -> str:
-    """Rank 0 owns manifest.json; other ranks write their own counters beside it."""
-    return "manifest.json" if rank == 0 else f"manifest.rank-{rank}.json"
-
-
-def write_manifest(run_dir: str | Path, manifest: dict[str, Any], rank: int = 0) -> None:
-    """Write the manifest atomically."""
-    body = {"format": FORMAT, "version": FORMAT_VERSION, **manifest}
-    atomic_write_bytes(Path(run_dir) / manifest_name(rank), json.dumps(body, indent=2, default=str).encode())
+def write_manifest(run_dir: str | Path, manifest: Manifest | dict[str, Any], rank: int = 0) -> Path:
+    """Write a run's manifest atomically; a dict is validated through `Manifest` first (one schema)."""
+    if not isinstance(manifest, Manifest):
+        manifest = Manifest.from_dict({"format": FORMAT, "version": FORMAT_VERSION, **manifest},
+                                      Path(run_dir) / manifest_name(rank))
+    return manifest.write(run_dir, rank)
 
 
 def read_manifest(run_dir: str | Path) -> dict[str, Any]:
-    """Read and validate a run's manifest; raises TraceError with a one-line reason."""
-    p = Path(run_dir) / "manifest.json"
-    if not p.is_file():
-        # A run written only by ranks > 0 still has their manifests.
-        others = sorted(Path(run_dir).glob("manifest.rank-*.json"))
-        if not others:
-            raise TraceError(f"{run_dir}: no manifest.json (not a moescope run directory)")
-        p = others[0]
-    try:
-        m = json.loads(p.read_text())
-    except (OSError, ValueError) as e:
-        raise TraceError(f"{p}: unreadable manifest ({e.__class__.__name__}: {e})") from None
-    if not isinstance(m, dict) or m.get("format") != FORMAT:
-        raise TraceError(f"{p}: not a moescope trace manifest")
-    if int(m.get("version", -1)) > FORMAT_VERSION:
-        raise TraceError(f"{p}: trace format v{m.get('version')} is newer than this moescope (v{FORMAT_VERSION})")
-    return m
+    """A run's primary manifest, validated, as its JSON dict (`Manifest.read_run` gives the typed form)."""
+    return Manifest.read_run(run_dir).to_dict()
 
 
 @dataclass
@@ -234,18 +206,7 @@ def write_run(
                 tbl = tbl.append_column(f.name, pa.array([0] * tbl.num_rows, f.type))
         write_part(run_dir, name, rank, seq, tbl)
     if not (run_dir / manifest_name(rank)).exists():
-        write_manifest(
-            run_dir,
-            {
-                "run": run,
-                "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                "moescope_version": _version(),
-                "model": {"class": "hand-built", "n_params": 0},
-                "layers": layers or [],
-                "capture": {},
-                "counters": {},
-                **(extra or {}),
-            },
-            rank,
-        )
+        body = {"run": run, "created": now_utc(), "moescope_version": _version(),
+                "model": {"class": "hand-built", "n_params": 0}, "layers": layers or [], **(extra or {})}
+        write_manifest(run_dir, body, rank)  # through Manifest: hand-built traces meet the same schema
     return run_dir
