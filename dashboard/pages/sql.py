@@ -1,4 +1,5 @@
-"""SQL: a console over the trace's views, in locked mode (read-only, no file access, row and time limits)."""
+"""SQL: a console over the trace's views, in locked mode (moescope.analysis.console: read-only at any depth,
+no file access, a cursor of its own per query, row, byte, memory and time limits)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import dash
 from dash import Input, Output, State, dcc, html
 
 from moescope.dashboard import components as C
-from moescope.dashboard.data import current
+from moescope.dashboard.data import SQL_MAX_BYTES, current
 
 dash.register_page(__name__, path="/sql", name="SQL", title="moescope · SQL", order=6)
 
@@ -41,8 +42,9 @@ def layout(**query: Any) -> html.Div:
     first = next(iter(EXAMPLES))
     return html.Div(
         [
-            C.header("SQL", "Query the trace's views with DuckDB SQL. Read-only: one SELECT at a time, no file "
-                     f"access, at most {data.sql_limits[0]:,} rows and {data.sql_limits[1]:g} s per query."),
+            C.header("SQL", "Query the trace's views with DuckDB SQL. Read-only: one SELECT at a time over the "
+                     f"views below (no file access, no settings), at most {data.sql_limits[0]:,} rows, "
+                     f"{SQL_MAX_BYTES >> 20} MB and {data.sql_limits[1]:g} s per query."),
             html.Div(
                 [
                     html.Div(

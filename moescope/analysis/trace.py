@@ -26,8 +26,10 @@ import pandas as pd
 from ..format.manifest import Manifest, TraceError
 from ..format.reader import check_part
 from ..format.schema import TABLES, duckdb_columns
+from . import console as _console
 from . import live as _live
 from . import metrics as M
+from .console import QueryError
 from .engine import ensure_layer_info, translate
 from .selection import Selection, Window
 from .sqlkit import literal, render
@@ -39,10 +41,6 @@ PathLike = Union[str, "os.PathLike[str]"]
 #: Views a Trace always defines (besides `layer_info`).
 VIEWS = ("expert_load", "router_stats", "routing", "assignments", "expert_similarity", "expert_spectra", "alerts",
          "runs")
-
-
-class QueryError(ValueError):
-    """A query was refused or stopped (locked mode) or failed; the message is one line for a person."""
 
 
 @dataclass
@@ -193,6 +191,7 @@ class Trace:
         timeout: float = 30.0,
         memory_limit: str | None = None,
         threads: int | None = None,
+        max_bytes: int = _console.Limits.max_bytes,
     ) -> None:
         roots = [root] if isinstance(root, (str, os.PathLike)) else list(root)
         if not roots:
@@ -219,8 +218,9 @@ class Trace:
         self.con: duckdb.DuckDBPyConnection = duckdb.connect(":memory:", config=config)
         self._lock = threading.Lock()
         self._create_views()
+        self._console: _console.Console | None = None
         if locked:
-            self._lock_down()
+            self._lock_down(memory_limit, threads, int(max_bytes))
 
     # -- set-up ---------------------------------------------------------------------------------
 
@@ -274,18 +274,15 @@ class Trace:
         """Recording, finished or stopped by an alert; the last step and when data last arrived."""
         return _live.live_state(self)
 
-    def _lock_down(self) -> None:
-        # Order matters: the views above already point at the files; from here on only the trace roots
-        # are readable, nothing is writable through SQL (statement allow-list), and settings are frozen.
-        dirs = ", ".join(literal(str(r) + os.sep) for r in self.roots)
-        for stmt in (
-            f"SET allowed_directories = [{dirs}]",
-            "SET enable_external_access = false",
-            "SET autoinstall_known_extensions = false",
-            "SET autoload_known_extensions = false",
-            "SET lock_configuration = true",
-        ):
-            self.con.execute(stmt)
+    def _lock_down(self, memory_limit: str | None, threads: int | None, max_bytes: int) -> None:
+        # Order matters: the views above already point at the files; from here on only the trace roots are
+        # readable and settings are frozen; user SQL goes through the console's guard (moescope/analysis/console.py).
+        tables = [r[0] for r in self.con.execute(
+            "SELECT view_name FROM duckdb_views() WHERE NOT internal UNION SELECT table_name FROM duckdb_tables()"
+        ).fetchall()]
+        _console.lock_down(self.con, self.roots, memory_limit, threads)
+        limits = _console.Limits(max_rows=self.max_rows, timeout=self.timeout, max_bytes=max_bytes)
+        self._console = _console.Console(self.con, tables, limits)
 
     # -- public data access -----------------------------------------------------------------------
 
@@ -329,52 +326,30 @@ class Trace:
 
     def query(self, query: str) -> pd.DataFrame:
         """Run SQL and return a DataFrame; in locked mode `df.attrs['truncated']` says whether rows were cut."""
+        if self.locked and self._console is not None:
+            result = self._console.run(query)
+            self.last_truncated = result.truncated
+            cur = self.con.cursor()  # its own cursor: console queries run concurrently, a connection is not thread-safe
+            try:
+                df = cur.from_arrow(result.table).df()
+            finally:
+                cur.close()
+            df.attrs["truncated"] = result.truncated
+            df.attrs["truncated_by"] = result.reason  # "rows", "bytes" or ""
+            return df
         rel = self.sql(query)
         if rel is None:
             return pd.DataFrame()
         df = rel.df()
-        df.attrs["truncated"] = self.last_truncated if self.locked else False
+        df.attrs["truncated"] = False
         return df
 
     def _locked_sql(self, query: str) -> duckdb.DuckDBPyRelation:
-        try:
-            stmts = duckdb.extract_statements(query)
-        except duckdb.Error as e:
-            raise QueryError(f"SQL error: {_first_line(e)}") from None
-        if len(stmts) != 1:
-            raise QueryError(f"one statement at a time, please (got {len(stmts)})")
-        kind = stmts[0].type
-        if kind != duckdb.StatementType.SELECT:
-            name = str(kind).rsplit(".", 1)[-1]
-            raise QueryError(f"refused: {name} statements are not allowed here (read-only console: SELECT only)")
+        assert self._console is not None
+        result = self._console.run(query)  # checked, on its own cursor, within the limits; QueryError otherwise
+        self.last_truncated = result.truncated
         with self._lock:
-            state = {"done": False, "fired": False}
-
-            def stop() -> None:
-                if not state["done"]:
-                    state["fired"] = True
-                    self.con.interrupt()
-
-            timer = threading.Timer(self.timeout, stop)
-            timer.daemon = True
-            timer.start()
-            try:
-                table = self.con.sql(query).limit(self.max_rows + 1).to_arrow_table()
-            except duckdb.InterruptException:
-                raise QueryError(f"query stopped: it ran past the {self.timeout:g} s time limit") from None
-            except duckdb.PermissionException as e:
-                raise QueryError(f"refused: {_first_line(e)}") from None
-            except duckdb.Error as e:
-                if state["fired"]:
-                    raise QueryError(f"query stopped: it ran past the {self.timeout:g} s time limit") from None
-                raise QueryError(f"SQL error: {_first_line(e)}") from None
-            finally:
-                state["done"] = True
-                timer.cancel()
-        self.last_truncated = table.num_rows > self.max_rows
-        if self.last_truncated:
-            table = table.slice(0, self.max_rows)
-        return self.con.from_arrow(table)
+            return self.con.from_arrow(result.table)
 
     def close(self) -> None:
         """Close the DuckDB connection."""

@@ -75,9 +75,12 @@ def test_path_traversal_out_of_the_root_is_refused(locked, trace_root):
     _still_answers(locked)
 
 
-def test_files_inside_the_trace_are_readable(locked, trace_root):
+def test_files_inside_the_trace_are_read_through_the_views_only(locked, trace_root):
+    # the views are built from the file list, so user SQL never needs a file function, not even for the trace
     part = next((trace_root / "a" / "expert_load").glob("*.parquet"))
-    assert len(locked.query(f"SELECT * FROM read_parquet('{part}')")) == 50
+    with pytest.raises(QueryError, match=r"read_parquet\(\) is not available in the console: query the views"):
+        locked.sql(f"SELECT * FROM read_parquet('{part}')")
+    assert len(locked.query("SELECT * FROM expert_load")) == 50
 
 
 def test_endless_queries_are_stopped(locked):
