@@ -104,6 +104,6 @@ def quiet_server(app: Any) -> None:
     import flask.cli
 
     logging.getLogger("werkzeug").setLevel(logging.ERROR)
-    app.logger.setLevel(logging.WARNING)
+    logging.getLogger("dash.dash").setLevel(logging.WARNING)  # Dash's own logger ("Dash is running on ...")
     # Flask's app.run looks the banner function up on flask.cli at call time
     flask.cli.show_server_banner = lambda *args, **kwargs: None
