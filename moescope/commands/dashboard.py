@@ -53,6 +53,9 @@ def run(args: argparse.Namespace) -> int:
         raise CLIError(f"--sql-timeout must be a positive number of seconds, got {args.sql_timeout:g}", 2)
     if not args.refresh >= 0:
         raise CLIError(f"--refresh must be 0 (off) or a positive number of seconds, got {args.refresh:g}", 2)
+    problem = dashboard.bind_error(args.host, args.port)  # before Dash: it aborts on these (exit 134)
+    if problem:
+        raise CLIError(problem, 2)
     try:  # serve() prints the warning when --host is not a loopback address
         dashboard.serve(args.trace, host=args.host, port=args.port, debug=args.debug, sql_timeout=args.sql_timeout,
                         refresh=args.refresh)

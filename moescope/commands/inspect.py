@@ -77,7 +77,15 @@ def load_model(spec: str) -> Any:
             obj = getattr(importlib.import_module(mod_name), attr)
         except (ImportError, AttributeError) as e:
             raise CLIError(f"cannot import {spec}: {e}") from None
-        return obj() if callable(obj) and not isinstance(obj, torch.nn.Module) else obj
+        if callable(obj) and not isinstance(obj, torch.nn.Module):
+            try:
+                obj = obj()
+            except Exception as e:  # noqa: BLE001 - a user's builder failing is their input's error, one line
+                first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+                raise CLIError(f"{spec}: calling it failed ({type(e).__name__}: {first})", 2) from None
+        if not isinstance(obj, torch.nn.Module):
+            raise CLIError(f"{spec}: gave a {type(obj).__name__}, not a torch.nn.Module", 2)
+        return obj
     raise CLIError(f"{spec}: not a path, 'hf:<model_type>', 'reference' or module:callable")
 
 

@@ -59,6 +59,10 @@ def run(args: argparse.Namespace) -> int:
 
     if args.format == "parquet" and not args.output:
         raise CLIError("--format parquet needs -o FILE (Parquet is not written to a terminal)")
+    if args.output and Path(args.output).is_dir():
+        raise CLIError(f"-o {args.output}: is a directory; give a file name", 2)
+    if args.output and not Path(args.output).parent.is_dir():
+        raise CLIError(f"-o {args.output}: no such directory {str(Path(args.output).parent)!r}", 2)
     tr = Trace(args.trace)
     if args.query is None:
         text = _list_views(tr)
@@ -68,6 +72,13 @@ def run(args: argparse.Namespace) -> int:
             sys.stdout.write(text)
         return 0
     query = sys.stdin.read() if args.query == "-" else args.query
+    try:
+        n_statements = len(duckdb.extract_statements(query))
+    except duckdb.Error:  # a syntax error: running it below gives DuckDB's own message
+        n_statements = 1
+    if n_statements != 1:  # DuckDB would run them all and return only the last result: say so instead
+        raise CLIError(f"one statement per call, please (got {n_statements}): run them as separate "
+                       "`moescope sql` calls", 2)
     try:
         rel = tr.con.sql(query)
         if rel is None:  # a statement without a result (SET, CREATE ...): nothing to print

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from pathlib import Path
 from typing import Any
@@ -24,19 +25,29 @@ capacity works on count-only runs too (a lower bound, group 'batch' only); cache
 """
 
 
+def _items(text: str) -> list[str]:
+    """The comma-separated items of `text`; an empty item ('1,,2', '1,') is an error, not skipped."""
+    items = [x.strip() for x in text.split(",")]
+    if not text.strip():
+        raise argparse.ArgumentTypeError("expected at least one number")
+    if any(not x for x in items):
+        raise argparse.ArgumentTypeError(f"empty item in {text!r}: give numbers separated by single commas")
+    return items
+
+
 def _floats(text: str) -> list[float]:
     try:
-        vals = [float(x) for x in text.split(",") if x.strip()]
+        vals = [float(x) for x in _items(text)]
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
-    if not vals:
-        raise argparse.ArgumentTypeError("expected at least one number")
+    if not all(math.isfinite(v) and v > 0 for v in vals):
+        raise argparse.ArgumentTypeError(f"every factor must be a finite number > 0, got {text!r}")
     return vals
 
 
 def _ints(text: str) -> list[int]:
     try:
-        vals = [int(x) for x in text.split(",") if x.strip()]
+        vals = [int(x) for x in _items(text)]
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
     if not vals:

@@ -14,6 +14,7 @@ imports them itself through its pages_folder mechanism. Pages import their helpe
 
 from __future__ import annotations
 
+import errno
 import importlib
 import ipaddress
 import os
@@ -68,6 +69,29 @@ def is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
+
+
+def bind_error(host: str, port: int) -> str | None:
+    """Why `host:port` cannot be served (unresolvable host, port in use, no permission), or None if it can.
+
+    Checked before Dash starts: its server dies on these with a C++ abort (exit 134), not a message.
+    """
+    import socket
+
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except (socket.gaierror, UnicodeError, OverflowError) as e:
+        return f"--host {host}: cannot resolve this address ({getattr(e, 'strerror', None) or e})"
+    family, kind, proto, _, addr = infos[0]
+    with socket.socket(family, kind, proto) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as werkzeug does: a TIME_WAIT port is free
+        try:
+            s.bind(addr)
+        except OSError as e:
+            if e.errno == errno.EADDRINUSE:
+                return f"port {port} on {host} is in use (another dashboard?): pick another with --port"
+            return f"cannot listen on {host}:{port}: {e.strerror or e}"
+    return None
 
 
 def exposure_warning(host: str) -> str | None:
