@@ -4,23 +4,16 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import os
 import sys
 from collections.abc import Sequence
 
 from . import __version__
-from .format.writer import TraceError
+from .errors import CLIError, classify, debug
+
+__all__ = ["main", "build_parser", "CLIError", "COMMANDS"]
 
 #: Command modules in the order `--help` lists them; each defines `register(subparsers)`.
 COMMANDS = ["demo", "check", "sql", "report", "dashboard", "watch", "inspect", "whatif"]
-
-
-class CLIError(Exception):
-    """A user-facing error: printed as one line, exits with `code`."""
-
-    def __init__(self, message: str, code: int = 2) -> None:
-        super().__init__(message)
-        self.code = code
 
 
 class _Parser(argparse.ArgumentParser):
@@ -60,35 +53,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         rc = args.func(args)
         return int(rc or 0)
-    except CLIError as e:
-        sys.stderr.write(f"moescope: error: {e}\n")
-        return e.code
-    except TraceError as e:
-        sys.stderr.write(f"moescope: error: {e}\n")
-        return 3
-    except KeyboardInterrupt:
-        sys.stderr.write("moescope: interrupted\n")
-        return 130
-    except BrokenPipeError:
-        return 0
-    except Exception as e:  # never a traceback for a user; MOESCOPE_DEBUG=1 shows it
-        if os.environ.get("MOESCOPE_DEBUG"):
+    except (Exception, KeyboardInterrupt) as e:  # never a traceback: one classifier decides line and exit code
+        failure = classify(e)
+        if failure.code == 1 and debug():
             raise
-        msg = " ".join(str(e).split())
-        if _is_damaged_data(e):
-            # DuckDB finds a damaged data page only when a query reads it: still an unreadable trace (exit 3).
-            sys.stderr.write(f"moescope: error: unreadable trace data: {msg}\n")
-            return 3
-        sys.stderr.write(f"moescope: error: {e.__class__.__name__}: {msg}\n")
-        return 1
-
-
-def _is_damaged_data(e: BaseException) -> bool:
-    """True for DuckDB errors that mean a trace file is corrupt or unreadable (not a bad query)."""
-    if type(e).__module__.split(".")[0] not in ("duckdb", "_duckdb"):
-        return False
-    text = str(e).lower()
-    return any(w in text for w in ("corrupt", "thrift", "parquet", "io error", "invalid input error: no magic"))
+        if failure.message:
+            kind = "" if isinstance(e, KeyboardInterrupt) else "error: "
+            sys.stderr.write(f"moescope: {kind}{failure.message}\n")
+        return failure.code
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -93,6 +93,24 @@ def translate(e: Exception, con: duckdb.DuckDBPyConnection | None = None) -> Exc
     return e
 
 
+def integer_counts(rel: duckdb.DuckDBPyRelation) -> duckdb.DuckDBPyRelation:
+    """Cast HUGEINT result columns to BIGINT, so `sum(tokens)` is an integer in pandas and CSV, not 27685.0.
+
+    DuckDB's sum over BIGINT is HUGEINT, which `.df()` turns into float64. Token counts stay far below 2^63,
+    and a count that did not fit would be an error, never a rounded number. Relations with duplicate column
+    names are returned unchanged (a projection by name would be ambiguous).
+    """
+    cols, types = rel.columns, [str(t) for t in rel.types]
+    if "HUGEINT" not in types or len(set(cols)) != len(cols):
+        return rel
+
+    def quoted(c: str) -> str:
+        return '"' + c.replace('"', '""') + '"'
+
+    return rel.project(", ".join(f"CAST({quoted(c)} AS BIGINT) AS {quoted(c)}" if t == "HUGEINT" else quoted(c)
+                                 for c, t in zip(cols, types)))
+
+
 def run_analysis(con: duckdb.DuckDBPyConnection, name: str, params: dict[str, Any], final: str | None = None) -> pd.DataFrame:
     """Render analyses/`name`.sql with `params`, run it on `con` and return a DataFrame (`win` renamed `window`)."""
     ensure_layer_info(con)

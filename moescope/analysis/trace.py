@@ -30,7 +30,7 @@ from . import console as _console
 from . import live as _live
 from . import metrics as M
 from .console import QueryError
-from .engine import ensure_layer_info, translate
+from .engine import ensure_layer_info, integer_counts, translate
 from .selection import Selection, Window
 from .sqlkit import literal, render
 
@@ -319,7 +319,8 @@ class Trace:
         """Run SQL over the views and return a DuckDB relation (locked: checked, limited, already executed)."""
         if not self.locked:
             try:
-                return self.con.sql(query)
+                rel = self.con.sql(query)
+                return rel if rel is None else integer_counts(rel)  # sum(tokens) stays an integer in .df()
             except duckdb.Error as e:
                 raise translate(e, self.con) from None
         return self._locked_sql(query)

@@ -86,27 +86,23 @@ def _config_path(arg: str | None) -> str | None:
 
 def cmd_check(args: argparse.Namespace) -> int:
     """Run the check and print or write the report; returns the exit code."""
-    from ..analysis.selection import SelectionError
-    from ..check import CheckError, format_text, render, run_check, summary_line, write_step_summary
-    from ..cli import CLIError
-    from ..config import ConfigError
+    from ..check import format_text, render, run_check, summary_line, write_step_summary
+    from ..errors import CLIError
 
     if args.min_tokens is not None and args.min_tokens < 0:
         raise CLIError(f"--min-tokens must be >= 0, got {args.min_tokens}", 2)
     config = _config_path(args.config)
-    try:
-        result = run_check(
-            args.trace,
-            config=config,
-            reference=args.reference,
-            fail_on=args.fail_on,
-            min_tokens=args.min_tokens,
-            run=args.run,
-            tag=args.tag,
-            reference_tag=args.reference_tag,
-        )
-    except (ConfigError, CheckError, SelectionError) as e:
-        raise CLIError(_one_line(e), 2) from None  # the message names the file and key, or what exists
+    # ConfigError, CheckError, SelectionError (exit 2) and TraceError (exit 3): moescope.errors.classify decides.
+    result = run_check(
+        args.trace,
+        config=config,
+        reference=args.reference,
+        fail_on=args.fail_on,
+        min_tokens=args.min_tokens,
+        run=args.run,
+        tag=args.tag,
+        reference_tag=args.reference_tag,
+    )
     text = format_text(result, verbose=args.verbose) if args.format == "text" else render(result, args.format)
     if args.output:
         try:
@@ -131,9 +127,3 @@ def cmd_check(args: argparse.Namespace) -> int:
             # The verdict matters more than the summary page: say so and keep the check's own exit code.
             sys.stderr.write(f"moescope: warning: cannot append to $GITHUB_STEP_SUMMARY: {e.strerror or e}\n")
     return result.exit_code
-
-
-def _one_line(e: BaseException) -> str:
-    """The first line of an exception message (errors are one line)."""
-    s = str(e).strip()
-    return s.splitlines()[0] if s else e.__class__.__name__

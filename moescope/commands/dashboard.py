@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
-from ..cli import CLIError
+from ..errors import CLIError
 
 EPILOG = """\
 The trace is opened read-only; the SQL page runs queries in locked mode (SELECT only, no file access,
@@ -15,6 +14,7 @@ something that has.
 examples:
   moescope dashboard traces
   moescope dashboard traces/run-a --port 8051
+  moescope dashboard traces --check      # open the trace and build the app, then exit (0 = it would serve)
   moescope dashboard traces/run-a --refresh 2     # follow a run while it records
 """
 
@@ -38,6 +38,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--refresh", type=float, default=5.0, metavar="SECONDS",
                    help="re-read the trace every SECONDS while a run records: new steps, ranks and runs appear, "
                    "zoom is kept (default: 5; 0 = off)")
+    p.add_argument("--check", action="store_true",
+                   help="open the trace and build the app, then exit without serving (exit 0, or 2/3 as any command)")
     p.set_defaults(func=run)
 
 
@@ -45,8 +47,6 @@ def run(args: argparse.Namespace) -> int:
     """Check the arguments, build the app and serve it until interrupted."""
     from .. import dashboard
 
-    if not Path(args.trace).exists():
-        raise CLIError(f"{args.trace}: no such trace", 3)
     if not 0 < args.port < 65536:
         raise CLIError(f"--port must be between 1 and 65535, got {args.port}", 2)
     if not args.sql_timeout > 0:
@@ -56,9 +56,13 @@ def run(args: argparse.Namespace) -> int:
     problem = dashboard.bind_error(args.host, args.port)  # before Dash: it aborts on these (exit 134)
     if problem:
         raise CLIError(problem, 2)
-    try:  # serve() prints the warning when --host is not a loopback address
-        dashboard.serve(args.trace, host=args.host, port=args.port, debug=args.debug, sql_timeout=args.sql_timeout,
-                        refresh=args.refresh)
-    except ImportError as e:  # dash or plotly missing: say which extra to install
-        raise CLIError(str(e), 2) from None
+    # A missing or damaged trace, or dash not installed, raises here; moescope.errors.classify says the exit code.
+    if args.check:
+        app = dashboard.create_app(args.trace, sql_timeout=args.sql_timeout, refresh=args.refresh, warm=False)
+        app.moescope_data.close()  # type: ignore[attr-defined]
+        print(f"moescope dashboard: {args.trace} opens and the app builds (--check: not serving)")
+        return 0
+    # serve() prints the warning when --host is not a loopback address
+    dashboard.serve(args.trace, host=args.host, port=args.port, debug=args.debug, sql_timeout=args.sql_timeout,
+                    refresh=args.refresh)
     return 0

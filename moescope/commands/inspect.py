@@ -34,7 +34,7 @@ def register(sub: Any) -> None:
 
 def load_model(spec: str) -> Any:
     """Build the model named by `spec` (see `moescope inspect --help`), without real weights where possible."""
-    from ..cli import CLIError
+    from ..errors import CLIError
 
     try:
         import torch

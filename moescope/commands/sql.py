@@ -54,8 +54,9 @@ def _list_views(tr: object) -> str:
 
 def run(args: argparse.Namespace) -> int:
     """Execute `moescope sql`."""
+    from ..analysis.engine import integer_counts, translate
     from ..analysis.trace import Trace
-    from ..cli import CLIError
+    from ..errors import CLIError
 
     if args.format == "parquet" and not args.output:
         raise CLIError("--format parquet needs -o FILE (Parquet is not written to a terminal)")
@@ -79,10 +80,11 @@ def run(args: argparse.Namespace) -> int:
     if n_statements != 1:  # DuckDB would run them all and return only the last result: say so instead
         raise CLIError(f"one statement per call, please (got {n_statements}): run them as separate "
                        "`moescope sql` calls", 2)
-    try:
+    try:  # errors go to moescope.errors.classify (cli.main); translate names a damaged file first
         rel = tr.con.sql(query)
         if rel is None:  # a statement without a result (SET, CREATE ...): nothing to print
             return 0
+        rel = integer_counts(rel)
         if args.format == "parquet":
             import pyarrow.parquet as pq
 
@@ -91,8 +93,7 @@ def run(args: argparse.Namespace) -> int:
             return 0
         df = rel.df()
     except duckdb.Error as e:
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else e.__class__.__name__
-        raise CLIError(f"SQL error: {msg}", 2) from None
+        raise translate(e, tr.con) from None
     if args.format == "csv":
         text = df.to_csv(index=False)
     elif args.format == "json":

@@ -172,7 +172,7 @@ def run(args: argparse.Namespace) -> int:
     """Run one what-if on TRACE and print its table."""
     from ..analysis import whatif
     from ..analysis.selection import Selection, check_selection
-    from ..cli import CLIError
+    from ..errors import as_usage
 
     tr = open_trace(args.trace)
     try:
@@ -204,7 +204,7 @@ def run(args: argparse.Namespace) -> int:
                     index=["run", "layer", "cache_size", "n_experts", "tokens"], columns="policy", values="hit_rate"
                 ).reset_index()
                 df.columns.name = None
-    except ValueError as e:
-        raise CLIError(str(e)) from None
+    except ValueError as e:  # the what-ifs raise ValueError for bad arguments; damaged data stays exit 3
+        raise as_usage(e) from None
     _emit(df, args.format)
     return 0
