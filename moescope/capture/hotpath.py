@@ -13,11 +13,9 @@ Per layer, a row of `acc` holds, for E experts (W = 3·E_max + 9):
     [0, E)        assignments per expert (valid tokens only)
     [E, 2E)       gate weight sums per expert
     [2E, 3E+6)    feature sums over valid finite tokens: prob (E), entropy, top-1 prob, top-2 prob, lse, finite, lse²
-    W-3, W-2      valid tokens, dropped tokens
+    3E+6          valid tokens (the feature matrix's last column, the validity mask itself: v·v = v)
+    W-2           dropped tokens
     W-1           max logsumexp (max over valid finite tokens)
-
-Row L (one past the last layer) counts, at the model's entry, the valid tokens the forwards fed in: the
-watchdog compares it with what the routers saw.
 """
 
 from __future__ import annotations
@@ -101,17 +99,17 @@ class HotPath:
         self.rows = rows
         self.w = width(self.n_experts)
         n = len(self.n_experts)
-        self.acc = torch.zeros(n + 1, self.w, dtype=torch.float64, device=device)  # [L + 1, W]
+        self.acc = torch.zeros(n, self.w, dtype=torch.float64, device=device)  # [L, W]
         self.acc[:, -1] = -math.inf
         # Views made once: a hook indexes nothing, it adds into its layer's slices.
         self.cnt = [self.acc[i, :e] for i, e in enumerate(self.n_experts)]  # [E]
         self.wsum = [self.acc[i, e : 2 * e] for i, e in enumerate(self.n_experts)]  # [E]
-        self.fsum = [self.acc[i : i + 1, 2 * e : 3 * e + _NF] for i, e in enumerate(self.n_experts)]  # [1, E+6]
-        self.tok = [self.acc[i, -3] for i in range(n)]  # []
+        # [1, E+7]: the feature sums and, last, the valid tokens
+        self.fsum = [self.acc[i : i + 1, 2 * e : 3 * e + _NF + 1] for i, e in enumerate(self.n_experts)]
+        self.tok = [self.acc[i, 3 * e + _NF] for i, e in enumerate(self.n_experts)]  # []
         self.drop = [self.acc[i, -2] for i in range(n)]  # []
         self.lmax = [self.acc[i, -1] for i in range(n)]  # []
         self.fin = [self.acc[i, 3 * e + 4] for i, e in enumerate(self.n_experts)]  # []: finite valid tokens
-        self.fed = self.acc[n, 0]  # []: valid tokens fed at the model's entry
 
     def to(self, device: torch.device) -> None:
         """Move the buffer to the model's device (a model moved after record() started), keeping its contents."""
@@ -121,7 +119,7 @@ class HotPath:
             self.acc.copy_(old)
 
     def snapshot(self) -> torch.Tensor:
-        """A copy of the buffer [L + 1, W], and reset it (two ops, no host sync)."""
+        """A copy of the buffer [L, W], and reset it (no host sync)."""
         snap = self.acc.clone()
         self.acc.zero_()
         self.acc[:, -1] = -math.inf
@@ -134,31 +132,30 @@ class HotPath:
         e = self.n_experts[layer]
         logits = ev.logits if ev.logits is not None and ev.logits.shape[0] == t else None  # [T, E]
         if grid is not None and grid.valid is not None and grid.valid.shape[0] == t and k in grid.vk:
-            vk, v2d, ntok, negpad = grid.vk[k], grid.v2d, grid.ntok, grid.negpad
+            valid, vk, v2d, ntok, negpad = grid.valid, grid.vk[k], grid.v2d, grid.ntok, grid.negpad
         else:  # no token grid for this call (a block called directly, other tokens than the entry's)
             grid = None
             ones = torch.ones(t, dtype=torch.float32, device=ids.device)  # [T]
-            vk, v2d, ntok, negpad = ones.double().repeat_interleave(k), ones.reshape(1, t), ones.double().sum(), None
+            valid, vk, v2d, ntok, negpad = ones, ones.double().repeat_interleave(k), ones.reshape(1, t), ones.double().sum(), None
         idx = ids.reshape(-1)  # [T*k]
         self.cnt[layer].index_add_(0, idx, vk)
         self.wsum[layer].index_add_(0, idx, w.reshape(-1) * vk)
-        self.tok[layer].add_(ntok)
         if ev.dropped is not None:
             self.drop[layer].add_(v2d.reshape(-1) @ ev.dropped.to(v2d.dtype))
         feats = None
         feats, lse = None, None
         if self.stats or self.rows:
-            feats, lse = _features(logits, e, probs)  # [T, E+6], [T]
+            feats, lse = _features(logits, e, probs, valid)  # [T, E+7], [T]
         rows = grid.rows.get(layer) if (self.rows and grid is not None) else None
         if rows is not None and rows[0].shape == ids.shape:
             rows[0].copy_(ids)
             rows[1].copy_(w)
             if feats is not None:
                 rows[2].copy_(feats[:, e : e + _ROW_STATS])
-        if not self.stats:
-            return
-        if feats is None or lse is None:
-            self.fin[layer].add_(ntok)  # no logits: no token is non-finite
+        if not self.stats or feats is None or lse is None:
+            self.tok[layer].add_(ntok)
+            if self.stats:
+                self.fin[layer].add_(ntok)  # no logits: no token is non-finite
         else:
             feats.nan_to_num_(0.0, 0.0, 0.0)  # non-finite tokens add nothing; `finite` counts the others
             self.fsum[layer].add_(v2d @ feats)
@@ -167,8 +164,10 @@ class HotPath:
             torch.maximum(lm, masked.nan_to_num_(-math.inf, -math.inf, -math.inf).amax(), out=lm)
 
 
-def _features(logits: torch.Tensor | None, e: int, probs: str) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """Per-token features [T, E+6] (probabilities, entropy, top-2 probabilities, lse, finite, lse²) and lse [T]."""
+def _features(
+    logits: torch.Tensor | None, e: int, probs: str, valid: torch.Tensor
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Per-token features [T, E+7] (probabilities, entropy, top-2 probabilities, lse, finite, lse², valid) and lse."""
     if logits is None:
         return None, None
     lse = torch.logsumexp(logits, -1)  # [T]
@@ -180,17 +179,19 @@ def _features(logits: torch.Tensor | None, e: int, probs: str) -> tuple[torch.Te
     ent = torch.special.entr(pn).sum(-1)  # [T]; entr(0) = 0, so a masked (−inf) expert adds nothing
     top2 = pn.topk(2, -1).values if e > 1 else torch.cat([pn, torch.zeros_like(pn)], -1)  # [T, 2]
     # NaN or +Inf anywhere in a row makes its logsumexp non-finite (a lone −Inf is a masked expert, not an error)
-    feats = torch.column_stack([p, ent, top2, lse, lse.isfinite(), lse.square()])  # [T, E+6]
+    # the last column is the 0/1 validity mask: summed against itself (v·v = v) it counts the valid tokens
+    feats = torch.column_stack([p, ent, top2, lse, lse.isfinite(), lse.square(), valid])  # [T, E+7]
     return feats, lse
 
 
 def decode(row: np.ndarray, e: int, stats: bool) -> tuple[np.ndarray, np.ndarray]:
     """Host side of one layer's buffer row [W]: load [E, 3] (tokens, prob_sum, weight_sum) and stats [8]."""
     f = row[2 * e : 3 * e + _NF]
+    tokens = row[3 * e + _NF]
     prob = f[:e] if stats else np.full(e, np.nan)
     load = np.stack([row[:e], prob, row[e : 2 * e]], 1)
     ent, top1, top2, lse, finite, lse_sq = f[e:]
-    tokens, dropped, lse_max = row[-3], row[-2], row[-1]
+    dropped, lse_max = row[-2], row[-1]
     if not stats:
         ent = top1 = top2 = lse = lse_sq = lse_max = np.nan
         finite = tokens

@@ -674,6 +674,7 @@ class Recorder:
                 seed=self.seed,
                 on_full=self.on_full,
                 max_queue_mb=self.max_queue_bytes / (1 << 20),
+                extra={"stats": self.stats},
             ),
             counters=Counters(
                 forwards=self._forwards,
@@ -685,6 +686,7 @@ class Recorder:
                 skipped_resumed_forwards=self.skipped_forwards,
                 resumed_after_step=self._resume_step,
                 write_errors=list(stats.errors) if stats else [],
+                extra={"silent_forwards": self.silent_forwards},
             ),
             rank=self.rank,
             world_size=self.world_size,

@@ -1,0 +1,243 @@
+"""Capture under the execution modes real MoE runs use: activation checkpointing, torch.compile (both orders),
+the lean hot path's op budget, the watchdog, CUDA graphs. Each is compared with the eager, uncheckpointed run
+and with the ids the routers themselves returned."""
+
+from __future__ import annotations
+
+import json
+import sys
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+
+torch = pytest.importorskip("torch")
+
+import moescope  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from toy_moe import ToyMoE, ToyRouter  # noqa: E402
+
+B, S, K = 2, 32, 2
+
+
+def tables(run: Path) -> dict[str, pd.DataFrame]:
+    """Every table of a run, sorted so two runs compare row by row."""
+    out = {}
+    for name, keys in (("expert_load", ["step", "tag", "layer", "expert"]), ("router_stats", ["step", "tag", "layer"]),
+                       ("routing", ["step", "tag", "layer", "seq", "pos"])):
+        if (run / name).is_dir():
+            df = pq.read_table(run / name).to_pandas().drop(columns=["run"])
+            out[name] = df.sort_values(keys).reset_index(drop=True)
+    return out
+
+
+def assert_same_trace(a: Path, b: Path) -> None:
+    """Counts and rows identical; float statistics equal within float32 tolerance."""
+    ta, tb = tables(a), tables(b)
+    assert set(ta) == set(tb)
+    pd.testing.assert_frame_equal(ta["expert_load"].drop(columns=["prob_sum", "weight_sum"]),
+                                  tb["expert_load"].drop(columns=["prob_sum", "weight_sum"]))
+    for col in ("prob_sum", "weight_sum"):
+        np.testing.assert_allclose(ta["expert_load"][col], tb["expert_load"][col], rtol=1e-5, atol=1e-5)
+    sa, sb = ta["router_stats"], tb["router_stats"]
+    for col in sa.columns:
+        if sa[col].dtype.kind in "iuO":
+            assert sa[col].tolist() == sb[col].tolist(), col
+        else:
+            np.testing.assert_allclose(sa[col], sb[col], rtol=1e-5, atol=1e-4, err_msg=col)
+    if "routing" in ta:
+        ra, rb = ta["routing"], tb["routing"]
+        for col in ("step", "tag", "layer", "seq", "pos", "token_id"):
+            assert ra[col].tolist() == rb[col].tolist(), col
+        assert [list(x) for x in ra.experts] == [list(x) for x in rb.experts]
+        np.testing.assert_allclose(np.stack(ra.weights), np.stack(rb.weights), atol=1e-3)
+
+
+def batch(seed: int = 0, vocab: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randint(0, vocab, (B, S), generator=g)
+    mask = torch.ones(B, S, dtype=torch.long)
+    mask[1, :10] = 0  # left padding: 54 real tokens of 64
+    return x, mask
+
+
+def router_truth(model: torch.nn.Module, router_cls: type, run: Any) -> list[torch.Tensor]:
+    """ids [T, k] each router returned in forwards (not in backward recomputes), in call order."""
+    seen: list[torch.Tensor] = []
+
+    def hook(m: Any, a: Any, out: Any) -> None:
+        if torch._C._current_graph_task_id() == -1:
+            seen.append(out[2].detach().reshape(-1, out[2].shape[-1]).clone())
+
+    hs = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, router_cls)]
+    try:
+        run()
+    finally:
+        for h in hs:
+            h.remove()
+    return seen
+
+
+# -- activation checkpointing -------------------------------------------------------------------------------
+
+
+def train_steps(model: torch.nn.Module, out: Path | None, steps: int = 3, tokens: float = 1.0, hf: bool = False,
+                vocab: int = 64) -> None:
+    """Forward + backward of `steps` padded batches, recorded into `out` (None: not recorded)."""
+    def run(rec: Any = None) -> None:
+        for s in range(steps):
+            if rec is not None:
+                rec.step = s
+            x, mask = batch(s, vocab)
+            y = model(input_ids=x, attention_mask=mask)
+            loss = y.logits.float().pow(2).mean() if hf else (y.logits if hasattr(y, "logits") else y).pow(2).mean()
+            loss.backward()
+    if out is None:
+        run()
+        return
+    with moescope.record(model, out, tokens=tokens) as rec:
+        run(rec)
+
+
+@pytest.mark.parametrize("mode", ["non_reentrant", "reentrant", "checkpoint_wrapper"])
+def test_toy_checkpointing_records_once(mode: str, tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    plain = ToyMoE()
+    torch.manual_seed(0)
+    ckpt = ToyMoE(checkpoint=None if mode == "checkpoint_wrapper" else mode)
+    if mode == "checkpoint_wrapper":
+        from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+
+        ckpt.blocks = torch.nn.ModuleList(checkpoint_wrapper(b) for b in ckpt.blocks)
+    train_steps(plain, tmp_path / "plain")
+    truth = router_truth(ckpt, ToyRouter, lambda: train_steps(ckpt, tmp_path / "ckpt"))
+    assert_same_trace(tmp_path / "plain", tmp_path / "ckpt")
+    load = tables(tmp_path / "ckpt")["expert_load"]
+    # 54 real tokens × top-2 per layer per step, not twice that: the recompute in backward is not recorded
+    assert (load.groupby(["step", "layer"]).tokens.sum() == 54 * K).all()
+    _, mask = batch()
+    for i, ids in enumerate(truth):
+        step, layer = divmod(i, 2)
+        valid = batch(step)[1].reshape(-1).bool()
+        expected = np.bincount(ids[valid].reshape(-1).numpy(), minlength=8)
+        got = load[(load.step == step) & (load.layer == layer)].sort_values("expert").tokens.tolist()
+        assert got == expected.tolist()
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_hf_gradient_checkpointing_records_once(reentrant: bool, tmp_path: Path) -> None:
+    from hf_helpers import tiny_mixtral
+
+    plain = tiny_mixtral().train()
+    ckpt = tiny_mixtral().train()
+    ckpt.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+    train_steps(plain, tmp_path / "plain", hf=True, vocab=100)
+    router_cls = type(next(m for m in ckpt.modules() if type(m).__name__ == "MixtralTopKRouter"))
+    truth = router_truth(ckpt, router_cls, lambda: train_steps(ckpt, tmp_path / "ckpt", hf=True, vocab=100))
+    assert len(truth) == 3 * 2  # the recompute really ran in backward (the hook above skipped it)
+    assert_same_trace(tmp_path / "plain", tmp_path / "ckpt")
+    load = tables(tmp_path / "ckpt")["expert_load"]
+    assert (load.groupby(["step", "layer"]).tokens.sum() == 54 * K).all()
+
+
+def test_reference_model_checkpoint_wrapper(tmp_path: Path) -> None:
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+
+    from moescope.reference.model import MoEConfig, MoEModel
+
+    cfg = MoEConfig(vocab_size=64, d_model=32, n_layers=2, n_experts=4, top_k=2)
+    torch.manual_seed(0)
+    plain = MoEModel(cfg).train()
+    torch.manual_seed(0)
+    ckpt = MoEModel(cfg).train()
+    ckpt.layers = torch.nn.ModuleList(checkpoint_wrapper(layer) for layer in ckpt.layers)
+    train_steps(plain, tmp_path / "plain")
+    train_steps(ckpt, tmp_path / "ckpt")
+    assert_same_trace(tmp_path / "plain", tmp_path / "ckpt")
+    load = tables(tmp_path / "ckpt")["expert_load"]
+    assert (load.groupby(["step", "layer"]).tokens.sum() == 54 * K).all()
+
+
+# -- the hot path's op budget ---------------------------------------------------------------------------------
+
+
+def hook_ops(tmp_path: Path, **record_kw: Any) -> int:
+    """Top-level aten ops one router hook call dispatches (profiled on CPU, after a forward set the token grid)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.manual_seed(0)
+    m = ToyMoE(n_layers=4).eval()
+    x, mask = batch()
+    router = m.blocks[1].router
+    with moescope.record(m, tmp_path / "r", **record_kw), torch.no_grad():
+        m(x, attention_mask=mask)
+        hook = next(h for h in router._forward_hooks.values())
+        inp = m.emb(x).reshape(-1, 16)
+        out = router(inp)  # the hook already ran once here (warm)
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            hook(router, (inp,), out)
+    events = [e for e in prof.events() if e.name.startswith("aten::")]
+    return sum(1 for e in events if e.cpu_parent is None or not e.cpu_parent.name.startswith("aten::"))
+
+
+def test_hot_path_op_budget(tmp_path: Path) -> None:
+    counts_only = hook_ops(tmp_path / "a", tokens=0.0, stats=False)
+    default = hook_ops(tmp_path / "b", tokens=0.0)
+    rows = hook_ops(tmp_path / "c", tokens=1.0)
+    assert counts_only <= 8, counts_only
+    assert default <= 20, default
+    assert rows <= 25, rows
+    assert counts_only < default < rows
+
+
+def test_counts_only_mode_records_exact_counts(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    m = ToyMoE().eval()
+    x, mask = batch()
+    truth = router_truth(m, ToyRouter, lambda: m(x, attention_mask=mask))
+    with moescope.record(m, tmp_path / "r", stats=False), torch.no_grad():
+        m(x, attention_mask=mask)
+    t = tables(tmp_path / "r")
+    valid = mask.reshape(-1).bool()
+    for layer, ids in enumerate(truth):
+        load = t["expert_load"][t["expert_load"].layer == layer]
+        assert load.tokens.tolist() == np.bincount(ids[valid].reshape(-1).numpy(), minlength=8).tolist()
+        assert load.prob_sum.isna().all()  # not computed in this mode
+    assert t["router_stats"].tokens.tolist() == [54, 54]
+    man = json.loads((tmp_path / "r" / "manifest.json").read_text())
+    assert man["capture"]["stats"] is False
+
+
+# -- the watchdog ---------------------------------------------------------------------------------------------
+
+
+class SometimesSkips(ToyMoE):
+    """A model whose forward can bypass every MoE block (so its routers never run)."""
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                skip: bool = False) -> torch.Tensor:
+        if skip:
+            return self.head(self.emb(input_ids))
+        return super().forward(input_ids, attention_mask)
+
+
+def test_watchdog_warns_once_and_counts_silent_forwards(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    m = SometimesSkips().eval()
+    x, _ = batch()
+    with warnings.catch_warnings(record=True) as caught, torch.no_grad():
+        warnings.simplefilter("always")
+        with moescope.record(m, tmp_path / "r", flush_every=2) as rec:
+            for s in range(6):
+                rec.step = s
+                m(x, skip=s >= 2)
+    silent = [w for w in caught if "no router hook fired" in str(w.message)]
+    assert len(silent) == 1
+    man = json.loads((tmp_path / "r" / "manifest.json").read_text())
+    assert man["counters"]["silent_forwards"] == 4
+    assert sorted(tables(tmp_path / "r")["expert_load"].step.unique()) == [0, 1]
