@@ -272,7 +272,7 @@ def extract_router_output(spec: RouterSpec, out: Any, n_experts: int, top_k: int
     """Normalise a router's forward output into a RouterEvent (ids/weights may be filled later, experts_input)."""
     logits = None if spec.logits_are == "none" else _pick(out, spec.logits)
     if logits is not None:
-        logits = logits.detach().reshape(-1, logits.shape[-1]).float()  # [T, E]
+        logits = _rows(logits, logits.shape[-1], torch.float32)  # [T, E]
         if spec.logits_are == "probs":
             # log p is a logits vector of the same softmax: entropy, margin and prob_sum stay exact (lse = 0)
             logits = logits.clamp_min(torch.finfo(torch.float32).tiny).log()
@@ -288,7 +288,7 @@ def extract_router_output(spec: RouterSpec, out: Any, n_experts: int, top_k: int
     raw_ids = _pick(out, spec.ids)
     if raw_ids is None:
         raise AdapterError(f"{spec.family}: router output has no ids at index {spec.ids}")
-    raw_ids = raw_ids.detach()
+    raw_ids = raw_ids if _no_grad() else raw_ids.detach()
     if spec.ids_layout == "sorted_by_expert":
         return _sorted_by_expert(spec, out, raw_ids, logits, n_experts, top_k)
     dropped = None
@@ -300,7 +300,7 @@ def extract_router_output(spec: RouterSpec, out: Any, n_experts: int, top_k: int
             # A dropped token's row is empty: keep the expert it chose (its full expert), not a fake expert 0.
             ids = torch.where(dropped[:, None], logits.argmax(-1, keepdim=True), ids)
     else:
-        ids = raw_ids.reshape(-1, raw_ids.shape[-1]).long()  # [T, k]
+        ids = _rows(raw_ids, raw_ids.shape[-1], torch.long)  # [T, k]
     if spec.weights_from == "probs" and logits is not None:
         w = _probs(logits, spec.probs).gather(-1, ids)
     elif spec.weights_from == "ones" or spec.weights is None:
@@ -309,16 +309,29 @@ def extract_router_output(spec: RouterSpec, out: Any, n_experts: int, top_k: int
         raw_w = _pick(out, spec.weights)
         if raw_w is None:
             raise AdapterError(f"{spec.family}: router output has no weights at index {spec.weights}")
-        raw_w = raw_w.detach().float()
         if raw_w.shape[-1] == n_experts and ids.shape[-1] != n_experts:
             # Dense [T, E] score matrix (zeros off the selection): read each selected expert's weight.
-            w = raw_w.reshape(-1, n_experts).gather(-1, ids)
+            w = _rows(raw_w, n_experts, torch.float32).gather(-1, ids)
         else:
-            w = raw_w.reshape(ids.shape[0], -1)
+            w = _rows(raw_w, ids.shape[-1], torch.float32) if raw_w.shape[-1] == ids.shape[-1] \
+                else raw_w.detach().float().reshape(ids.shape[0], -1)
     if spec.skip_expert:
         # Zaya masks a chosen skip class to (id 0, weight 0.0); a real expert 0 always has a positive softmax weight.
         ids = torch.where((ids == 0) & (w == 0), torch.full_like(ids, n_experts - 1), ids)
     return RouterEvent(logits, ids, w, dropped)
+
+
+def _no_grad() -> bool:
+    return not torch.is_grad_enabled()
+
+
+def _rows(t: torch.Tensor, width: int, dtype: torch.dtype) -> torch.Tensor:
+    """t as a [T, width] tensor of `dtype`, dispatching no op where it already is one (the hot path counts ops)."""
+    if t.dim() != 2:
+        t = t.reshape(-1, width)
+    if t.dtype != dtype:
+        t = t.to(dtype)
+    return t if _no_grad() else t.detach()
 
 
 def _sorted_by_expert(
