@@ -88,13 +88,29 @@ _parser_lock = threading.Lock()
 _parser: duckdb.DuckDBPyConnection | None = None
 
 
+def _parser_connection() -> duckdb.DuckDBPyConnection:
+    """One private, empty connection that only parses; it can read no file (call under `_parser_lock`)."""
+    global _parser
+    if _parser is None:
+        con = duckdb.connect(":memory:")
+        # DuckDB 1.x's parser reads IMPORT DATABASE's schema.sql/load.sql while splitting statements
+        for stmt in ("SET enable_external_access = false", "SET autoload_known_extensions = false",
+                     "SET autoinstall_known_extensions = false", "SET lock_configuration = true"):
+            con.execute(stmt)
+        _parser = con
+    return _parser
+
+
+def _statements(query: str) -> list[Any]:
+    """The statements of `query`, split by DuckDB's parser on the file-less parser connection."""
+    with _parser_lock:
+        return list(_parser_connection().extract_statements(query))
+
+
 def _parse(query: str) -> dict[str, Any]:
     """DuckDB's statement tree of `query` as JSON (parsed only, never bound or run)."""
-    global _parser
-    with _parser_lock:  # one private, empty connection that only ever runs this one statement
-        if _parser is None:
-            _parser = duckdb.connect(":memory:")
-        text = _parser.execute("SELECT json_serialize_sql($1::VARCHAR)", [query]).fetchall()[0][0]
+    with _parser_lock:
+        text = _parser_connection().execute("SELECT json_serialize_sql($1::VARCHAR)", [query]).fetchall()[0][0]
     return json.loads(text)  # type: ignore[no-any-return]
 
 
@@ -110,7 +126,9 @@ def check(query: str, tables: Iterable[str], limits: Limits = Limits()) -> str:
     if len(query) > limits.max_chars:
         raise QueryError(f"refused: the query is {len(query):,} characters long (limit {limits.max_chars:,})")
     try:
-        stmts = duckdb.extract_statements(query)
+        stmts = _statements(query)
+    except duckdb.PermissionException:
+        raise QueryError("refused: this statement reads files (read-only console: one SELECT only)") from None
     except duckdb.Error as e:
         raise QueryError(f"SQL error: {_first_line(e)}") from None
     if len(stmts) != 1:
@@ -120,7 +138,9 @@ def check(query: str, tables: Iterable[str], limits: Limits = Limits()) -> str:
     except ValueError:  # a statement type newer than this duckdb's Python enum (e.g. UPDATE EXTENSIONS)
         kind = None
     if kind != duckdb.StatementType.SELECT:
-        name = str(kind).rsplit(".", 1)[-1] if kind is not None else "this kind of"
+        name = str(kind).rsplit(".", 1)[-1] if kind is not None else ""
+        if not name.replace("_", "").isalpha():
+            raise QueryError("refused: this statement is not allowed (read-only console: one SELECT only)")
         name = "multi-part (e.g. PIVOT)" if name == "MULTI" else name
         raise QueryError(f"refused: {name} statements are not allowed (read-only console: one SELECT only)")
     try:

@@ -66,7 +66,8 @@ ESCAPES: list[tuple[str, str]] = [
     ("COPY (SELECT 1) TO '{tmp}/out.csv'", statement("COPY")),
     ("COPY runs FROM '/etc/passwd'", statement("COPY")),
     ("EXPORT DATABASE '{root}/exported'", statement("EXPORT")),
-    ("IMPORT DATABASE '{tmp}'", statement("PRAGMA")),
+    # DuckDB 1.x's parser reads schema.sql/load.sql of the directory: the parser connection can read no file
+    ("IMPORT DATABASE '{tmp}'", r"refused: (PRAGMA statements are not allowed|this statement reads files)"),
     ("ATTACH ':memory:' AS m", statement("ATTACH")),
     ("ATTACH '{tmp}/other.db' AS other", statement("ATTACH")),
     ("DETACH memory", statement("DETACH")),
@@ -88,7 +89,7 @@ ESCAPES: list[tuple[str, str]] = [
     ("VACUUM", statement("VACUUM")),
     ("BEGIN TRANSACTION", statement("TRANSACTION")),
     ("EXPLAIN ANALYZE DELETE FROM runs", statement("EXPLAIN")),
-    ("UPDATE EXTENSIONS", r"refused: this kind of statements are not allowed"),
+    ("UPDATE EXTENSIONS", r"refused: this statement is not allowed"),
     ("PIVOT runs ON run USING count(*)", r"refused: multi-part \(e.g. PIVOT\) statements"),
     # more than one statement
     ("SELECT 1; DELETE FROM runs", r"refused: one statement at a time, please \(got 2\)"),
@@ -142,6 +143,8 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     (cwd / ".tmp" / "secret.csv").write_text("secret\nhunter2\n")
     scratch = base / "scratch"
     scratch.mkdir()
+    (scratch / "schema.sql").write_text("CREATE TABLE leak AS SELECT 'hunter2' AS secret;\n")
+    (scratch / "load.sql").write_text("hunter2 is not SQL\n")
     yield {"root": root, "cwd": cwd, "tmp": scratch, "digest": tree_digest(root)}
 
 
@@ -217,7 +220,7 @@ def _n_runs(tr: moescope.Trace) -> int:
 def test_escape_is_refused_by_open_locked(locked, world, query, message):
     with pytest.raises(QueryError, match=message) as e:
         locked.sql(_fill(query, world))
-    assert "\n" not in str(e.value)
+    assert "\n" not in str(e.value) and "hunter2" not in str(e.value)
     assert _n_runs(locked) == 2
 
 
@@ -227,7 +230,7 @@ def test_escape_is_refused_over_http(http, world, query, message):
 
     msg, cls, table, _ = http.sql(_fill(query, world))
     assert re.search(message, msg), msg
-    assert "ms-msg-error" in cls and table is None and "\n" not in msg
+    assert "ms-msg-error" in cls and table is None and "\n" not in msg and "hunter2" not in msg
 
 
 def test_trace_unchanged_and_check_still_fails(locked, http, world):
