@@ -31,6 +31,7 @@ from .run import (
     CheckResult,
     normalize_findings,
     regression_findings,
+    regressions,
     resolve_config,
     run_check,
 )
@@ -55,6 +56,7 @@ __all__ = [
     "format_text",
     "normalize_findings",
     "regression_findings",
+    "regressions",
     "render",
     "resolve_config",
     "run_check",

@@ -336,6 +336,27 @@ def _drift_message(rec: Mapping[str, Any]) -> str:
     return f"layer {rec.get('layer')}: JS distance {_fmt(rec.get('js'))} vs threshold {_fmt(rec.get('threshold'))}"
 
 
+def regressions(
+    baseline_con: Any,
+    baseline: Selection,
+    current_con: Any,
+    current: Selection,
+    config: HealthConfig | str | os.PathLike[str] | None = None,
+) -> pd.DataFrame:
+    """Regression findings of `current` (rows of current_con) against `baseline` (rows of baseline_con).
+
+    A pure function of (connections, selections, config), like health and drift: the health rules run on each
+    side, then `regression_findings` compares them.
+    """
+    from ..analysis.health import health
+    from ..config import as_config
+
+    cfg = as_config(config)
+    base = normalize_findings(health(baseline_con, baseline, cfg))
+    cur = normalize_findings(health(current_con, current, cfg))
+    return regression_findings(base, cur)
+
+
 def regression_findings(baseline: pd.DataFrame, current: pd.DataFrame) -> pd.DataFrame:
     """Findings for what got worse since the baseline: experts that died, load CV past its threshold, non-finite routing.
 

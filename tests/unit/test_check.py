@@ -813,3 +813,20 @@ def test_sample_shift_flagged_against_baseline(capsys: pytest.CaptureFixture[str
     assert code in (0, 1), err
     drift = [c for c in json.loads(out)["checks"] if c["rule"] == "drift"]
     assert any(c["status"] in ("WARN", "FAIL") for c in drift), drift
+
+
+def test_regressions_is_a_function_of_connections_and_selections(traces: dict[str, Path]) -> None:
+    import moescope
+    from moescope.analysis.selection import Selection
+    from moescope.check import regressions, run_check
+
+    base, cur = moescope.open(traces["baseline"]), moescope.open(traces["collapse"])
+    reg = regressions(base.cursor(), Selection(), cur.cursor(), Selection(), None)
+    assert set(reg["rule"]) >= {"regression_dead_expert"} and set(reg["layer"]) == {1}
+    # the same rows `check --reference` reports
+    via_check = run_check(traces["collapse"], reference=traces["baseline"]).findings
+    via_check = via_check[via_check["rule"].str.startswith("regression_")]
+    key = ["rule", "layer", "status", "value"]
+    assert reg[key].sort_values(key).values.tolist() == via_check[key].sort_values(key).values.tolist()
+    # against itself nothing regressed
+    assert regressions(cur.cursor(), Selection(), cur.cursor(), Selection()).empty
