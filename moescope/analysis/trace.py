@@ -24,7 +24,7 @@ import duckdb
 import pandas as pd
 
 from ..format.manifest import Manifest, TraceError
-from ..format.reader import check_part
+from ..format.reader import check_part, check_parts
 from ..format.schema import TABLES, duckdb_columns
 from . import console as _console
 from . import live as _live
@@ -229,9 +229,9 @@ class Trace:
         for table in TABLES:
             files = [f for info in self._runs for f in info.files.get(table, [])]
             present: set[str] = set()
+            # every new part: footer, version and page checksums (moescope.format.reader), verified in parallel
+            self._columns.update(check_parts([f for f in files if f not in self._columns]))
             for f in files:
-                if f not in self._columns:
-                    self._columns[f] = _check_file(f)
                 present.update(self._columns[f])
             con.execute(f"CREATE OR REPLACE VIEW {table} AS {_table_view_sql(table, files, present)}")
         con.execute(f"CREATE OR REPLACE VIEW assignments AS {render('view_assignments')}")
