@@ -22,10 +22,14 @@ import pandas as pd
 
 import moescope
 from moescope.analysis import rules as _rules
+from moescope.analysis import whatif
 from moescope.analysis.selection import Selection
 from moescope.config import HealthConfig, as_config, default_config_path
 
 T = TypeVar("T")
+
+#: Capacity factors the Systems page's drop-rate curve is drawn at.
+WHATIF_FACTORS = (0.5, 0.75, 1.0, 1.25, 1.5, 2.0, 3.0)
 
 #: The SQL console's caps besides rows and seconds: DuckDB memory, and Arrow bytes of one response.
 SQL_MEMORY_LIMIT = "1GB"
@@ -537,6 +541,42 @@ class DashboardData:
             return df
 
         return self._cached(("token_routing", run, int(step), int(seq), tag, rank), compute)
+
+    # -- systems what-ifs (the Systems page) ---------------------------------------------------------
+
+    def whatif_capacity(self, run: str, steps: tuple[int, int] | None = None) -> pd.DataFrame:
+        """Drop rates at WHATIF_FACTORS for every layer of `run` over the step window."""
+        return self._cached(
+            ("whatif-capacity", run, steps),
+            lambda: whatif.capacity_drops(self.trace, run=run, factors=WHATIF_FACTORS, steps=steps),
+        )
+
+    def whatif_placement(self, run: str, devices: int) -> pd.DataFrame:
+        """Held-out balancedness per layer: round-robin, greedy LPT, LPT with one spare replica per device."""
+
+        def compute() -> pd.DataFrame:
+            plain = whatif.suggest_placement(self.trace, devices=devices, run=run).report
+            rep = whatif.suggest_placement(self.trace, devices=devices, run=run, replicas=devices).report
+            if plain.empty:
+                return pd.DataFrame()
+            out = plain[["layer", "eval_start", "eval_end", "balancedness_before", "balancedness_after"]].rename(
+                columns={"balancedness_before": "round-robin", "balancedness_after": "LPT"}
+            )
+            out[f"LPT + {devices} replicas"] = rep["balancedness_after"].to_numpy()
+            return out
+
+        return self._cached(("whatif-placement", run, devices), compute)
+
+    def whatif_cache(self, run: str, layer: int, steps: tuple[int, int] | None = None) -> pd.DataFrame:
+        """Hit rates of one layer for cache sizes 1..N (empty when the run has no token-level routing)."""
+
+        def compute() -> pd.DataFrame:
+            try:
+                return whatif.cache_hit_rates(self.trace, run=run, layer=layer, steps=steps)
+            except ValueError:  # count-only run: the figure says so
+                return pd.DataFrame(columns=whatif.CACHE_COLUMNS)
+
+        return self._cached(("whatif-cache", run, layer, steps), compute)
 
     # -- SQL console ---------------------------------------------------------------------------------
 

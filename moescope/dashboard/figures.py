@@ -532,3 +532,87 @@ def token_heatmap(tok: pd.DataFrame, n_experts: int, title: str) -> go.Figure:
     fig.update_yaxes(dtick=1, autorange="reversed", showgrid=False)
     fig.update_layout(width=width, margin={"t": 80, "r": 16, "b": 16})
     return fig
+
+
+# -- systems what-ifs (the Systems page) ----------------------------------------------------------------------
+
+#: Line style of each expert-cache policy: label, colour, dash.
+POLICY_STYLE = {
+    "lru": ("LRU", "#4269d0", "solid"),
+    "lfu": ("LFU", "#efb118", "solid"),
+    "belady": ("Belady (optimal bound)", "#3ca951", "dot"),
+}
+
+
+def capacity_figure(cap: pd.DataFrame, layer: int) -> go.Figure:
+    """Drop rate vs capacity factor: the selected layer strong, the others faint, the model's own rate dotted."""
+    title = "Token drops vs capacity factor"
+    if cap.empty or cap["drop_rate"].notna().sum() == 0:
+        note = cap["note"].dropna().iloc[0] if len(cap) and cap["note"].notna().any() else "no routing in this window"
+        return empty_figure(title, note)
+    fig = _fig(title, "capacity factor", "dropped assignments", height=340)
+    for lay in sorted(int(x) for x in cap["layer"].unique()):
+        g = cap[cap["layer"] == lay].sort_values("capacity_factor")
+        strong = lay == layer
+        fig.add_trace(
+            go.Scatter(
+                x=g["capacity_factor"], y=g["drop_rate"], mode="lines+markers" if strong else "lines",
+                name=f"layer {lay}", showlegend=False,
+                line={"color": "#1f4e9e" if strong else "#c3cad6", "width": 2.4 if strong else 1.2},
+                hovertemplate=f"layer {lay}<br>cf %{{x}}<br>dropped %{{y:.1%}}<extra></extra>",
+            )
+        )
+    fig.data = tuple(sorted(fig.data, key=lambda t: t.name == f"layer {layer}"))  # the selected layer on top
+    sel = cap[cap["layer"] == layer]
+    reported = sel["reported_drop_rate"].dropna()
+    if len(reported):
+        fig.add_hline(y=float(reported.iloc[0]), line={"color": status_color("WARN"), "dash": "dot", "width": 1},
+                      annotation_text="model-reported", annotation_position="top right")
+    fig.update_yaxes(tickformat=".0%", rangemode="tozero")
+    src = "" if sel.empty else str(sel["source"].iloc[0])
+    text = f"<b>layer {layer}</b> · others in grey" + (" · lower bound from counts" if src == "counts" else "")
+    fig.add_annotation(text=text, x=1, y=1.0, xref="paper", yref="paper", xanchor="right", yanchor="bottom",
+                       showarrow=False, font={"size": 11, "color": MUTED})
+    return fig
+
+
+def balance_figure(cmp: pd.DataFrame, devices: int, layer: int) -> go.Figure:
+    """Balancedness (mean/max device load) per layer for three placements, judged on the held-out window."""
+    title = f"Expert-parallel balance on {devices} devices (held-out steps)"
+    if cmp.empty:
+        return empty_figure(title, "not enough steps to fit on one window and judge on a later one")
+    a, b = int(cmp["eval_start"].iloc[0]), int(cmp["eval_end"].iloc[0])
+    fig = _fig(f"{title}: steps {a}–{b}", "layer", "balancedness = mean / max device load", height=340)
+    names = [c for c in cmp.columns if c not in ("layer", "eval_start", "eval_end")]
+    for name, color in zip(names, ("#9498a0", "#4269d0", "#3ca951")):
+        fig.add_trace(
+            go.Bar(
+                x=[f"layer {int(x)}" for x in cmp["layer"]], y=cmp[name], name=name, marker_color=color,
+                marker_line={"width": [2 if int(x) == layer else 0 for x in cmp["layer"]], "color": INK},
+                hovertemplate=f"{name}<br>%{{x}}<br>balancedness %{{y:.3f}}<extra></extra>",
+            )
+        )
+    fig.update_layout(barmode="group", legend={"orientation": "h", "y": -0.2})
+    fig.update_yaxes(range=[0, 1.05])
+    return fig
+
+
+def cache_figure(hits: pd.DataFrame, layer: int) -> go.Figure:
+    """Hit rate vs cache size (experts kept on the device) for LRU, LFU and the Belady bound."""
+    title = f"Expert cache hit rate, layer {layer}"
+    if hits.empty:
+        return empty_figure(title, "needs token-level routing (record with tokens > 0)")
+    fig = _fig(title, "cache size (experts on device)", "hit rate", height=340)
+    for policy, g in hits.groupby("policy"):
+        label, color, dash = POLICY_STYLE.get(str(policy), (str(policy), INK, "solid"))
+        g = g.sort_values("cache_size")
+        fig.add_trace(
+            go.Scatter(
+                x=g["cache_size"], y=g["hit_rate"], mode="lines+markers", name=label,
+                line={"color": color, "dash": dash, "width": 2},
+                hovertemplate=f"{label}<br>%{{x}} experts<br>hit rate %{{y:.1%}}<extra></extra>",
+            )
+        )
+    fig.update_yaxes(tickformat=".0%", range=[0, 1.02])
+    fig.update_layout(legend={"orientation": "h", "y": -0.2})
+    return fig
