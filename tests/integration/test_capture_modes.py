@@ -241,3 +241,86 @@ def test_watchdog_warns_once_and_counts_silent_forwards(tmp_path: Path) -> None:
     man = json.loads((tmp_path / "r" / "manifest.json").read_text())
     assert man["counters"]["silent_forwards"] == 4
     assert sorted(tables(tmp_path / "r")["expert_load"].step.unique()) == [0, 1]
+
+
+# -- torch.compile ---------------------------------------------------------------------------------------------
+
+
+def steps_with_tags(rec: Any, fn: Any, first: int, last: int) -> None:
+    """Steps first..last-1, the step and the tag changing every step (what must not recompile)."""
+    x, mask = batch()
+    for s in range(first, last):
+        rec.step = s
+        with rec.tag(f"t{s % 3}"), torch.no_grad():
+            fn(x, attention_mask=mask)
+
+
+def dynamo_state() -> tuple[int, int, int]:
+    """(graphs compiled, frames compiled, graph breaks) so far in this process."""
+    from torch._dynamo.utils import counters
+
+    return (counters["stats"]["unique_graphs"], counters["frames"]["total"], sum(counters["graph_break"].values()))
+
+
+@pytest.fixture
+def fresh_dynamo() -> Any:
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    yield
+    torch._dynamo.reset()
+
+
+def eager_trace(out: Path, n: int = 53) -> None:
+    torch.manual_seed(0)
+    m = ToyMoE(dense=True).eval()
+    with moescope.record(m, out, tokens=1.0) as rec:
+        steps_with_tags(rec, m, 0, n)
+
+
+@pytest.mark.slow
+def test_compile_after_record_equals_eager_without_recompiles(tmp_path: Path, fresh_dynamo: Any) -> None:
+    eager_trace(tmp_path / "eager")
+    torch.manual_seed(0)
+    m = ToyMoE(dense=True).eval()
+    with moescope.record(m, tmp_path / "compiled", tokens=1.0) as rec:
+        cm = torch.compile(m)
+        steps_with_tags(rec, cm, 0, 3)  # warm-up
+        warm = dynamo_state()
+        steps_with_tags(rec, cm, 3, 53)
+        assert dynamo_state() == warm  # 0 recompiles over 50 steps while step and tag change
+    assert warm[2] == 0  # no graph break anywhere, MoE blocks included
+    assert_same_trace(tmp_path / "eager", tmp_path / "compiled")
+
+
+@pytest.mark.slow
+def test_compile_before_record_equals_eager(tmp_path: Path, fresh_dynamo: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    eager_trace(tmp_path / "eager", 6)
+    torch.manual_seed(0)
+    m = ToyMoE(dense=True).eval()
+    cm = torch.compile(m)
+    x, mask = batch()
+    with torch.no_grad():
+        cm(x, attention_mask=mask)  # compiled and cached before any hook exists
+    with moescope.record(cm, tmp_path / "compiled", tokens=1.0) as rec:
+        steps_with_tags(rec, cm, 0, 6)
+    assert_same_trace(tmp_path / "eager", tmp_path / "compiled")
+
+    # Another instance of the same class, compiled and run before: its cached code must not be reused hook-less.
+    torch.manual_seed(0)
+    other = ToyMoE(dense=True).eval()
+    with moescope.record(other, tmp_path / "other", tokens=1.0) as rec:
+        co = torch.compile(other)
+        steps_with_tags(rec, co, 0, 6)
+    assert_same_trace(tmp_path / "eager", tmp_path / "other")
+
+    # What the reset prevents: without it, the cached code runs without the hooks and the watchdog speaks.
+    import moescope.capture.recorder as recorder_mod
+
+    monkeypatch.setattr(recorder_mod, "forget_compiled", lambda model: None)
+    with torch.no_grad():
+        cm(x, attention_mask=mask)  # compiled again (without hooks) after the last recording's reset
+    with pytest.warns(UserWarning, match="no router hook fired"):
+        with moescope.record(cm, tmp_path / "stale") as rec:
+            steps_with_tags(rec, cm, 0, 2)
+    assert not (tmp_path / "stale" / "expert_load").exists()  # nothing recorded, and the manifest says so
+    assert json.loads((tmp_path / "stale" / "manifest.json").read_text())["counters"]["silent_forwards"] == 2
