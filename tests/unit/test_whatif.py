@@ -553,11 +553,12 @@ def test_systems_page_renders(tmp_path: Path) -> None:
             assert "ms-msg-error" not in text, text[:2000]
             assert text.count("Graph(") == 3
         data = app.moescope_data  # type: ignore[attr-defined]
-        cap = page.capacity_figure(page.capacity_data(data, "collapse", None), 1)
-        assert len(cap.data) == 2 and list(cap.data[-1].x) == list(page.FACTORS)
-        bal = page.balance_figure(page.placement_data(data, "collapse", 4), 4, 1)
+        F = glue.figures
+        cap = F.capacity_figure(data.whatif_capacity("collapse", None), 1)
+        assert len(cap.data) == 2 and list(cap.data[-1].x) == list(glue.data.WHATIF_FACTORS)
+        bal = F.balance_figure(data.whatif_placement("collapse", 4), 4, 1)
         assert [t.name for t in bal.data] == ["round-robin", "LPT", "LPT + 4 replicas"]
-        hits = page.cache_figure(page.cache_data(data, "collapse", 1, None), 1)
+        hits = F.cache_figure(data.whatif_cache("collapse", 1, None), 1)
         assert len(hits.data) == 3 and list(hits.data[0].x) == list(range(1, 9))
     finally:
         app_context.reset(token)
