@@ -305,3 +305,29 @@ def test_docs_plain_loop_example_runs(
 
     st = pq.read_table(tmp_path / "traces" / "plain-run" / "router_stats").to_pandas()
     assert sorted(st.step.unique()) == list(range(8)) and (st.tokens == 2 * 8 * 32).all()
+
+
+@pytest.mark.hf
+def test_live_recorder_alert_points_at_the_users_line(tmp_path: Path) -> None:
+    # A plain script with a real recorder: one warning line per alert, at the script's own line.
+    tests_dir = Path(__file__).resolve().parents[1]
+    script = tmp_path / "train.py"
+    script.write_text(
+        "import sys, torch\n"
+        f"sys.path.insert(0, {str(tests_dir)!r})\n"
+        "import moescope\n"
+        "from hf_helpers import plant_collapse, tiny_mixtral\n"
+        "model = tiny_mixtral()\n"
+        "plant_collapse(model)\n"
+        f"with moescope.record(model, {str(tmp_path / 'run')!r}, flush_every=2, alert_rules={{}}) as rec:\n"
+        "    for step in range(3):\n"
+        "        rec.step = step  # line 9: a new step may flush the last window\n"
+        "        model(input_ids=torch.randint(0, 100, (2, 32)))  # line 10: or the forward that starts it\n"
+    )
+    res = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300, check=True)
+    lines = [ln for ln in res.stderr.splitlines() if "MoEAlertWarning" in ln]
+    alerts = [ln for ln in res.stderr.splitlines() if "moescope FAIL" in ln or "moescope WARN" in ln]
+    assert lines and len(alerts) == len(lines), res.stderr  # no second copy through a logger
+    # The warning names the user's line that flushed (which of the two depends on where the recorder flushes).
+    assert all(ln.startswith((f"{script}:9: MoEAlertWarning: moescope ", f"{script}:10: MoEAlertWarning: moescope "))
+               for ln in lines), res.stderr
