@@ -232,3 +232,11 @@ def test_cli_exits_2_with_one_line(tr, trace_root: Path, tmp_path: Path, capsys:
         assert err.count("\n") == 1 and str(p) in err and "Traceback" not in err, err
     if isinstance(text, bytes):
         assert "not UTF-8" in err
+
+
+def test_registry_order_is_report_order() -> None:
+    # Findings, alerts and the example toml list rules in this order; an import sorter must not reshuffle it.
+    assert list(REGISTRY) == ["dead_expert", "load_cv", "maxvio", "collapse", "z_loss", "nonfinite",
+                              "overconfidence", "clones"]
+    assert [s.name for s in rules(online=True)] == ["dead_expert", "load_cv", "maxvio", "collapse", "nonfinite",
+                                                    "overconfidence"]

@@ -10,9 +10,19 @@ a row in moescope.example.toml.
 
 from __future__ import annotations
 
-from . import load, router  # noqa: F401  (registration order = report order)
+# Importing a rule module registers its rules: import order is report order (isort must keep it).
+from . import load  # noqa: F401  (dead_expert, load_cv, maxvio, collapse)
+
+# isort: split
+from . import router  # noqa: F401  (z_loss, nonfinite)
+
+# isort: split
 from . import overconfidence  # noqa: F401
-from . import similarity  # noqa: F401
+
+# isort: split
+from . import similarity  # noqa: F401  (clones)
+
+# isort: split
 from .base import (
     COLUMNS,
     REGISTRY,
