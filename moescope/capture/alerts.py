@@ -95,7 +95,9 @@ def resolve_rules(value: Any) -> HealthConfig:
     A mapping is shaped like moescope.toml ({"health": {...}, "rules": {"maxvio": {"fail_above": 5}}}); two
     shortcuts are accepted too: "min_expected" (= health.min_tokens) and "disabled" (rule names to switch off).
     """
-    if value is None or isinstance(value, (HealthConfig, str, os.PathLike)):
+    if isinstance(value, (str, os.PathLike)):
+        return _config_file(Path(value))
+    if value is None or isinstance(value, HealthConfig):
         return as_config(value)
     if isinstance(value, Mapping):
         data = {k: v for k, v in value.items() if k not in ("min_expected", "disabled")}
@@ -113,6 +115,22 @@ def resolve_rules(value: Any) -> HealthConfig:
     raise TypeError(
         f"alert_rules: expected None, a HealthConfig, a moescope.toml path or a mapping, got {type(value).__name__}"
     )
+
+
+#: moescope.toml files read by the alerts, by (path, mtime, size): a flush does not re-read an unchanged file.
+_FILES: dict[tuple[str, int, int], HealthConfig] = {}
+
+
+def _config_file(path: Path) -> HealthConfig:
+    try:
+        st = path.stat()
+    except OSError:
+        return as_config(path)  # load_config says what is wrong with it
+    key = (str(path.resolve()), st.st_mtime_ns, st.st_size)
+    if key not in _FILES:
+        _FILES.clear()  # one config per training run: keep only the latest
+        _FILES[key] = as_config(path)
+    return _FILES[key]
 
 
 def default_rules() -> HealthConfig:

@@ -240,3 +240,25 @@ def test_registry_order_is_report_order() -> None:
                               "overconfidence", "clones"]
     assert [s.name for s in rules(online=True)] == ["dead_expert", "load_cv", "maxvio", "collapse", "nonfinite",
                                                     "overconfidence"]
+
+
+def test_report_and_whatif_usage_errors(tr, trace_root: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    for cmd, text in ((["report", str(trace_root), "--window", "0"], "--window"),
+                      (["report", str(trace_root), "--run", "nope"], "no run 'nope'"),
+                      (["whatif", str(trace_root), "capacity", "--run", "nope"], "--run: no run 'nope' in this trace (runs: 'a')")):
+        assert main(cmd) == 2, cmd
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and text in err, err
+    with pytest.raises(ValueError, match=r"health: no run 'nope' in this trace \(runs: 'a'\)"):
+        tr.health(run="nope")
+
+
+def test_alerts_read_a_config_file_once_per_change(tmp_path: Path) -> None:
+    from moescope.capture.alerts import resolve_rules
+
+    p = tmp_path / "moescope.toml"
+    p.write_text("[rules.collapse]\nshare = 0.8\n", encoding="utf-8")
+    first = resolve_rules(p)
+    assert first.collapse.share == 0.8 and resolve_rules(p) is first  # cached while unchanged
+    p.write_text("[rules.collapse]\nshare = 0.85\n", encoding="utf-8")
+    assert resolve_rules(p).collapse.share == 0.85
