@@ -68,9 +68,12 @@ def _top_k(con: duckdb.DuckDBPyConnection, sel: Selection) -> dict[int, int]:
     return {int(r.layer): int(r.k) for r in df.itertuples()}
 
 
-def _units(con: duckdb.DuckDBPyConnection, sel: Selection) -> tuple[pd.DataFrame, str]:
-    """Bootstrap units of the baseline: (unit id, layer, expert, c) rows and the unit kind."""
-    df = run_analysis(con, "drift_units", {"filter": sel.filter()})
+def _units(con: duckdb.DuckDBPyConnection, sel: Selection, pre: pd.DataFrame | None = None) -> tuple[pd.DataFrame, str]:
+    """Bootstrap units of the baseline: (unit id, layer, expert, c) rows and the unit kind.
+
+    `pre`: the drift_units rows of `sel` computed already (Trace keeps them per routing part), else run here.
+    """
+    df = run_analysis(con, "drift_units", {"filter": sel.filter()}) if pre is None else pre.copy()
     if len(df):
         key = ["run", "rank", "step", "tag", "seq"]
         df["unit"] = df.groupby(key, sort=False, dropna=False).ngroup()
@@ -100,10 +103,12 @@ def drift(
     *,
     n_boot: int | None = None,
     seed: int | None = None,
+    baseline_units: pd.DataFrame | None = None,
 ) -> pd.DataFrame:
     """Per layer drift of `current` (rows of current_con) against `baseline` (rows of baseline_con); see COLUMNS.
 
-    The two connections may be the same (slices of one trace) or two traces' connections.
+    The two connections may be the same (slices of one trace) or two traces' connections. `baseline_units`: the
+    baseline's per-sequence counts (analyses/drift_units.sql rows) when the caller keeps them already.
     """
     dc = drift_config(config)
     n_boot = dc.n_boot if n_boot is None else int(n_boot)
@@ -112,7 +117,7 @@ def drift(
         raise ValueError(f"n_boot must be >= 0 (0: no bootstrap), got {n_boot}")
     bcounts, ccounts = _counts(baseline_con, baseline), _counts(current_con, current)
     ks = _top_k(baseline_con, baseline)
-    units, unit_kind = _units(baseline_con, baseline)
+    units, unit_kind = _units(baseline_con, baseline, baseline_units)
     layers = sorted(set(bcounts["layer"].astype(int)) | set(ccounts["layer"].astype(int)))
     n_exp = 1 + int(max(bcounts["expert"].max() if len(bcounts) else 0, ccounts["expert"].max() if len(ccounts) else 0))
     rng = np.random.default_rng(seed)

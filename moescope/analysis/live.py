@@ -208,3 +208,66 @@ def alert_summary(tr: Trace, limit: int = 10) -> list[str]:
                      (f", newest {limit}:" if len(df) > limit else ":"))
         lines += ["  " + alert_line(r) for r in df.head(limit).to_dict("records")]
     return lines
+
+
+# -- per-sequence units, computed once per part --------------------------------------------------------
+
+
+def sequence_units(tr: Trace, sel: Any) -> pd.DataFrame:
+    """Per whole sequence × layer × expert, the assignments of a selection (analyses/drift_units.sql's rows).
+
+    The drift bootstrap resamples these. They are aggregated once per routing part (parts never change), kept,
+    and filtered per selection: a new baseline/current pair, or a refresh that added parts, reads no raw rows
+    again except the new parts'.
+    """
+    import threading
+
+    lock = tr.__dict__.setdefault("_units_lock", threading.Lock())
+    with lock:
+        con = _units_connection(tr)
+        return con.execute(f"SELECT * FROM units WHERE {sel.filter().sql}").df()
+
+
+def _units_connection(tr: Trace) -> Any:
+    """A private DuckDB connection holding `units`: the per-part aggregates of the trace's current routing parts."""
+    import duckdb
+    import pyarrow as pa
+
+    from ..format.schema import duckdb_columns
+    from .sqlkit import Raw, render
+    from .trace import _table_view_sql
+
+    state = tr.__dict__.setdefault("_units", {"parts": {}, "version": None, "con": None})
+    if state["con"] is not None and state["version"] == tr.data_version:
+        return state["con"]
+    files = [f for info in tr._runs for f in info.files.get("routing", [])]
+    parts: dict[Path, pa.Table] = state["parts"]
+    scratch = duckdb.connect(":memory:")
+    try:
+        for f in files:
+            if f in parts:
+                continue
+            # The same SQL as the analysis, over this one part (a view named `routing` on the scratch connection).
+            scratch.execute(f"CREATE OR REPLACE VIEW routing AS {_table_view_sql('routing', [f], set(tr._columns[f]))}")
+            tbl = scratch.sql(render("drift_units", {"filter": Raw("1 = 1")})).to_arrow_table()
+            # Run and tag repeat on every row: dictionaries keep the kept table small.
+            for name in ("run", "tag"):
+                i = tbl.schema.get_field_index(name)
+                tbl = tbl.set_column(i, name, tbl.column(name).dictionary_encode())
+            parts[f] = tbl
+    finally:
+        scratch.close()
+    for gone in set(parts) - set(files):  # a part that vanished leaves the units too
+        del parts[gone]
+    con = duckdb.connect(":memory:")
+    if parts:
+        con.register("units", pa.concat_tables([parts[f] for f in files if f in parts], promote_options="permissive"))
+    else:
+        cols = [c for c in duckdb_columns("routing") if c[0] in ("run", "rank", "step", "tag", "seq", "layer")]
+        sel = ", ".join(f"CAST(NULL AS {t}) AS {c}" for c, t in cols)
+        con.execute(f"CREATE VIEW units AS SELECT {sel}, CAST(NULL AS SMALLINT) AS expert, "
+                    "CAST(NULL AS DOUBLE) AS c WHERE 1 = 0")
+    if state["con"] is not None:
+        state["con"].close()
+    state.update(con=con, version=tr.data_version)
+    return con

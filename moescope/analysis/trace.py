@@ -494,8 +494,10 @@ class Trace:
                 sel = Selection.of({k: v for k, v in spec.items() if k != "root"})
                 check_selection(tr.cursor(), sel, name)  # a typo'd tag or run is an error, not a silent SKIP
                 sides.append((tr.cursor(), sel))
+                if name == "baseline":  # per-sequence counts kept per routing part: no raw-row scan per pair
+                    units = _live.sequence_units(tr, sel) if tr is self or tr is root else None
             (bcon, bsel), (ccon, csel) = sides
-            return drift(bcon, bsel, ccon, csel, config, n_boot=n_boot, seed=seed)
+            return drift(bcon, bsel, ccon, csel, config, n_boot=n_boot, seed=seed, baseline_units=units)
         finally:
             for t in opened:
                 t.close()

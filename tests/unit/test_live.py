@@ -226,3 +226,37 @@ def test_check_and_report_on_snapshot_only_and_alerts(trace_root: Path, make_run
     text = render_report(tr)
     assert "Alerts kept in the trace:" in text and "run r was stopped by an alert at step 9" in text
     tr.close()
+
+
+def test_sequence_units_follow_refresh_and_match_the_sql(trace_root: Path, make_run: Callable[..., Path]) -> None:
+    from trace_helpers import routing_frame
+
+    from moescope.analysis.drift import drift
+    from moescope.analysis.live import sequence_units
+    from moescope.analysis.selection import Selection
+
+    def routing(steps: range, tag: str, first: int) -> pd.DataFrame:
+        # 3 sequences of 4 tokens per step; sequence s sends its tokens to experts (s + first) % 4 and (s + 1) % 4
+        return routing_frame([{"step": st, "tag": tag, "layer": 0, "seq": s, "pos": p,
+                               "experts": [(s + first) % 4, (s + first + 1) % 4]}
+                              for st in steps for s in range(3) for p in range(4)])
+
+    def load(steps: range, tag: str) -> pd.DataFrame:
+        return load_frame([(s, 0, [60, 60, 60, 60]) for s in steps], tag=tag)
+
+    run_dir = make_run("a", layers=[layer_spec(0, 4, 2)], expert_load=load(range(0, 4), "en"),
+                       routing=routing(range(0, 4), "en", 0))
+    tr = moescope.open(trace_root)
+    u = sequence_units(tr, Selection.of({"run": "a", "tag": "en", "steps": (1, 1)}))
+    # step 1: 3 sequences × 2 experts each, 4 tokens per (sequence, expert)
+    assert len(u) == 6 and set(u["c"]) == {4.0} and set(u["seq"]) == {0, 1, 2}
+    write_run(run_dir, {"expert_load": load(range(4, 8), "code"), "routing": routing(range(4, 8), "code", 2)},
+              run="a")
+    assert tr.refresh()
+    assert len(sequence_units(tr, Selection.of({"tag": "code"}))) == 4 * 6  # the new part's units, after refresh
+    base, cur = Selection.of({"tag": "en"}), Selection.of({"tag": "code"})
+    via_trace = tr.drift({"tag": "en"}, {"tag": "code"}, n_boot=200)
+    via_sql = drift(tr.cursor(), base, tr.cursor(), cur, n_boot=200)
+    pd.testing.assert_frame_equal(via_trace, via_sql)
+    assert via_trace["unit"].tolist() == ["sequence"] and via_trace["n_units"].tolist() == [12]
+    tr.close()
