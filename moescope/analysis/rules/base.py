@@ -131,6 +131,7 @@ class Cell:
 
     @property
     def where(self) -> str:
+        """'layer L', how a finding's message starts."""
         return f"layer {self.layer}"
 
     def busiest(self, m: int) -> list[int]:
