@@ -1,4 +1,4 @@
-"""Router adapters: declarative specs (hooks/*.toml) resolved by module class through the MRO.
+"""Router adapters: declarative specs (hooks/*.toml, see specs.py) resolved by module class through the MRO.
 
 A spec says where a router's decisions come from. Three sources:
 
@@ -19,89 +19,17 @@ others return logits) and ``skip_expert`` (Zaya's extra no-compute class, report
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import tomllib
 import torch
 from torch import nn
 
-from .._paths import content_dir
+from . import specs as _specs
 
-SOURCES = ("output", "experts_input", "logits")
-SELECTIONS = (
-    "softmax_topk",
-    "softmax_topk_norm",
-    "sigmoid_topk",
-    "sigmoid_topk_norm",
-    "topk_softmax",
-    "topk_sigmoid",
-)
-PROBS = ("softmax", "sigmoid")
-IDS_LAYOUTS = ("topk", "sorted_by_expert")
-LOGITS_ARE = ("logits", "probs", "none")
-
-
-class AdapterError(ValueError):
-    """A router spec is invalid or a router output does not match its spec."""
-
-
-@dataclass(frozen=True)
-class RouterSpec:
-    """How to read one router family's decisions. Field names are those of hooks/*.toml."""
-
-    family: str
-    classes: tuple[str, ...]
-    source: str = "output"
-    logits: int | None = 0  # index of the logits in the router output; None: the output is the logits tensor
-    weights: int | None = None  # index of the gate weights in the router output
-    ids: int | None = None  # index of the selected expert ids (or, with onehot, the dispatch mask)
-    # ids are a one-hot dispatch mask [..., E]; all-zero rows are tokens dropped over capacity, stored with the
-    # expert they chose (argmax of the logits, the router's own choice before the capacity cut) and counted in `dropped`
-    onehot: bool = False
-    ids_layout: str = "topk"  # "topk": ids [T, k]; "sorted_by_expert": JetMoE (slot order, gates, sizes by expert)
-    expert_sizes: int | None = None  # sorted_by_expert: index of the per-expert slot counts in the output
-    # "probs": the output holds softmax probabilities (their log is stored as logits); "none": no per-expert logits
-    logits_are: str = "logits"
-    skip_expert: bool = False  # last logits column is a skip class the router masks to (id 0, weight 0)
-    weights_from: str = "output"  # "output", "probs" (probability of each selected expert), "ones"
-    selection: str = "softmax_topk"  # for source="logits", and to fill missing weights
-    probs: str = "softmax"  # how router probabilities follow from logits (for prob_sum and entropy)
-    n_experts: Any = "num_experts"  # attribute name(s) on the router module, or an int
-    top_k: Any = "top_k"
-    experts: str = "experts"  # path of the experts module, relative to the router's parent
-    experts_ids: Any = 1  # positional index or keyword of the ids in the experts forward (experts_input)
-    experts_weights: Any = 2
-    router_kind: str = "softmax_topk"
-    parent_n_experts: Any = None  # attribute names looked up on the parent block when the router lacks them
-    parent_top_k: Any = None
-    notes: str = ""
-
-    def __post_init__(self) -> None:
-        if self.source not in SOURCES:
-            raise AdapterError(f"router spec {self.family!r}: source must be one of {SOURCES}, got {self.source!r}")
-        if self.probs not in PROBS:
-            raise AdapterError(f"router spec {self.family!r}: probs must be one of {PROBS}, got {self.probs!r}")
-        if self.selection not in SELECTIONS:
-            raise AdapterError(
-                f"router spec {self.family!r}: selection must be one of {SELECTIONS}, got {self.selection!r}"
-            )
-        if self.source == "output" and self.ids is None:
-            raise AdapterError(f"router spec {self.family!r}: source='output' needs `ids` (index in the output)")
-        if self.ids_layout not in IDS_LAYOUTS:
-            raise AdapterError(
-                f"router spec {self.family!r}: ids_layout must be one of {IDS_LAYOUTS}, got {self.ids_layout!r}"
-            )
-        if self.ids_layout == "sorted_by_expert" and (self.expert_sizes is None or self.weights is None):
-            raise AdapterError(
-                f"router spec {self.family!r}: ids_layout='sorted_by_expert' needs `expert_sizes` and `weights`"
-            )
-        if self.logits_are not in LOGITS_ARE:
-            raise AdapterError(
-                f"router spec {self.family!r}: logits_are must be one of {LOGITS_ARE}, got {self.logits_are!r}"
-            )
+# The spec schema, loading and matching live in moescope/capture/specs.py (no torch); re-exported here.
+from .specs import IDS_LAYOUTS, LOGITS_ARE, PROBS, SELECTIONS, SOURCES, AdapterError, RouterSpec  # noqa: F401
 
 
 @dataclass
@@ -114,75 +42,27 @@ class RouterEvent:
     dropped: torch.Tensor | None = None  # [T] bool, tokens the model dropped over capacity
 
 
-_SPECS: list[tuple[RouterSpec, int]] = []  # (spec, priority): user registrations win over files
-_FILES_LOADED = False
-_FIELDS = {f.name for f in dataclasses.fields(RouterSpec)}
-
-
-def _spec_from_mapping(d: dict[str, Any], origin: str) -> RouterSpec:
-    unknown = sorted(set(d) - _FIELDS)
-    if unknown:
-        raise AdapterError(f"{origin}: unknown router spec field(s) {unknown}; valid fields: {sorted(_FIELDS)}")
-    d = dict(d)
-    classes = d.get("classes")
-    if isinstance(classes, str):
-        classes = [classes]
-    if not classes:
-        raise AdapterError(f"{origin}: router spec needs `classes`")
-    d["classes"] = tuple(classes)
-    d.setdefault("family", d["classes"][0])
-    return RouterSpec(**d)
-
-
 def load_spec_files() -> list[RouterSpec]:
-    """Read every hooks/*.toml spec shipped with moescope."""
-    specs: list[RouterSpec] = []
-    for path in sorted(content_dir("hooks").glob("*.toml")):
-        with open(path, "rb") as fh:
-            try:
-                doc = tomllib.load(fh)
-            except tomllib.TOMLDecodeError as e:
-                raise AdapterError(f"{path}: invalid TOML ({e})") from None
-        for i, entry in enumerate(doc.get("router", [])):
-            specs.append(_spec_from_mapping(entry, f"{path.name}[router {i}]"))
-    return specs
-
-
-def _ensure_loaded() -> None:
-    global _FILES_LOADED
-    if not _FILES_LOADED:
-        _SPECS.extend((s, 0) for s in load_spec_files())
-        _FILES_LOADED = True
+    """Read every hooks/*.toml spec shipped with moescope (moescope.capture.specs)."""
+    return _specs.load_spec_files()
 
 
 def register_router(cls: type | str, **spec: Any) -> RouterSpec:
     """Register a user router class with the fields of a hooks/*.toml spec; later registrations win."""
-    _ensure_loaded()
-    name = cls if isinstance(cls, str) else f"{cls.__module__}.{cls.__qualname__}"
-    spec.setdefault("family", name.rsplit(".", 1)[-1])
-    s = _spec_from_mapping({"classes": [name], **spec}, f"register_router({name})")
-    _SPECS.append((s, 1 + len(_SPECS)))
-    return s
+    return _specs.REGISTRY.register(cls, **spec)
 
 
 def all_specs() -> list[RouterSpec]:
     """Every known spec, highest priority first."""
-    _ensure_loaded()
-    return [s for s, _ in sorted(_SPECS, key=lambda sp: -sp[1])]
+    return _specs.REGISTRY.all()
 
 
 def resolve(module: nn.Module) -> RouterSpec | None:
-    """The spec for a module, matched by class through its MRO (exact class first, then bases)."""
-    _ensure_loaded()
-    specs = sorted(_SPECS, key=lambda sp: -sp[1])
-    for klass in type(module).__mro__:
-        if klass in (nn.Module, object):
-            break
-        names = (f"{klass.__module__}.{klass.__qualname__}", klass.__qualname__, klass.__name__)
-        for s, _ in specs:
-            if any(c in names for c in s.classes):
-                return s
-    return None
+    """The spec for a module, matched by module path and class name through its MRO (exact class first)."""
+    return _specs.REGISTRY.resolve(type(module), stop=(nn.Module, object))
+
+
+_spec_from_mapping = _specs.spec_from_mapping
 
 
 def _attr(obj: Any, spec_value: Any) -> int | None:

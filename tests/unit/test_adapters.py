@@ -14,13 +14,14 @@ from torch import nn  # noqa: E402
 
 from moescope._paths import content_dir  # noqa: E402
 from moescope.capture import adapters as A  # noqa: E402
+from moescope.capture import specs as S  # noqa: E402
 
 
 @pytest.fixture
 def clean_registry(monkeypatch: pytest.MonkeyPatch) -> None:
     """Let a test register routers without leaking them into other tests."""
     A.all_specs()  # load the files first, so the copy holds them
-    monkeypatch.setattr(A, "_SPECS", list(A._SPECS))
+    monkeypatch.setattr(S.REGISTRY, "entries", list(S.REGISTRY.entries))
 
 
 # -- spec loading ----------------------------------------------------------------------------------------------
@@ -54,7 +55,7 @@ def test_register_router_rejects_unknown_fields(clean_registry: None) -> None:
         ({"source": "outputs", "ids": 2}, "source must be one of"),
         ({"ids": 2, "probs": "tanh"}, "probs must be one of"),
         ({"source": "logits", "selection": "top2"}, "selection must be one of"),
-        ({"source": "output"}, "needs `ids`"),
+        ({"source": "output", "ids": None}, "needs `ids`"),
         ({"ids": 0, "ids_layout": "sorted"}, "ids_layout must be one of"),
         ({"ids": 0, "ids_layout": "sorted_by_expert", "weights": 2}, "needs `expert_sizes`"),
         ({"ids": 2, "logits_are": "scores"}, "logits_are must be one of"),
@@ -71,35 +72,89 @@ def test_spec_validation(fields: dict[str, object], message: str | None) -> None
 
 
 def test_shipped_classes_exist_in_transformers() -> None:
-    """Every class named in hooks/transformers.toml is defined in the installed transformers (no typos)."""
+    """Every transformers class named in hooks/*.toml is defined in the installed transformers (no typos)."""
     transformers = pytest.importorskip("transformers")
     root = Path(transformers.__file__).parent / "models"
     defined: set[str] = set()
     for path in root.glob("*/modeling_*.py"):
         defined.update(re.findall(r"^class (\w+)\(", path.read_text(encoding="utf-8"), flags=re.M))
+    named = {c for s in A.load_spec_files() if s.module == "transformers.models.*" for c in s.classes}
+    assert len(named) >= 70 and named - defined == set()
+
+
+def test_standard_family_is_one_classes_entry(tmp_path: Path) -> None:
+    """Defaults: logits 0, weights 1, ids 2, softmax; a file's [defaults] apply to each of its routers."""
+    (tmp_path / "mine.toml").write_text(
+        '[defaults]\nmodule = "mypkg.*"\nprobs = "sigmoid"\n\n'
+        '[[router]]\nfamily = "a"\nclasses = ["ARouter"]\n\n'
+        '[[router]]\nfamily = "b"\nclasses = ["BRouter"]\nprobs = "softmax"\n'
+    )
+    a, b = S.load_spec_files(tmp_path)
+    assert (a.logits, a.weights, a.ids, a.source, a.module) == (0, 1, 2, "output", "mypkg.*")
+    assert (a.probs, b.probs) == ("sigmoid", "softmax")  # the entry's own field beats the file's default
+    assert A.describe(a) == "forward hook: ids=output[2], weights=output[1], logits=output[0]"
+
+
+def test_spec_files_must_qualify_their_classes(tmp_path: Path) -> None:
+    """A bare class name without a module path is refused at load time (it would match any same-named class)."""
+    (tmp_path / "bad.toml").write_text('[[router]]\nfamily = "x"\nclasses = ["XRouter"]\n')
+    with pytest.raises(A.AdapterError, match=r"bad.toml\[router 0\].*'XRouter' needs a module path"):
+        S.load_spec_files(tmp_path)
+    (tmp_path / "bad.toml").write_text('[route]\nfamily = "x"\n')
+    with pytest.raises(A.AdapterError, match=r"unknown table\(s\) \['route'\]"):
+        S.load_spec_files(tmp_path)
+
+
+def test_shipped_files_are_grouped_by_routing_convention() -> None:
+    """One file per convention; the mixtral entry is just family + classes (everything else is a default)."""
+    names = {p.stem for p in content_dir("hooks").glob("*.toml")}
+    assert {"softmax_topk", "topk_softmax", "sigmoid_topk", "special", "reference"} <= names
     import tomllib
 
-    doc = tomllib.loads((content_dir("hooks") / "transformers.toml").read_text())
-    named = {c for entry in doc["router"] for c in entry["classes"]}
-    assert named - defined == set()
+    doc = tomllib.loads((content_dir("hooks") / "softmax_topk.toml").read_text())
+    assert next(r for r in doc["router"] if r["family"] == "mixtral") == {
+        "family": "mixtral", "classes": ["MixtralTopKRouter"]}
+    sig = {s.family: s for s in S.load_spec_files()}
+    assert sig["deepseek_v3"].probs == "sigmoid" and sig["gpt_oss"].router_kind == "topk_softmax"
 
 
 # -- resolution ------------------------------------------------------------------------------------------------
 
 
 class MixtralTopKRouter(nn.Module):
-    """Stands in for transformers' class: specs match class names, not import paths."""
+    """A user class that happens to share transformers' class name: not hooked by accident."""
+
+
+MixtralTopKRouter.__module__ = "transformers.models.mixtral.modeling_mixtral"  # stands in for transformers' class
 
 
 class PatchedRouter(MixtralTopKRouter):
-    """A user subclass (e.g. a quantised or instrumented router)."""
+    """A user subclass (e.g. a quantised or instrumented router), defined in the user's own module."""
 
 
-def test_resolve_by_name_and_through_the_mro() -> None:
-    """An exact name match, and a subclass inheriting its base's spec."""
+class SameName(nn.Module):
+    """Renamed below to transformers' class name, but defined in this test module."""
+
+
+SameName.__qualname__ = SameName.__name__ = "MixtralTopKRouter"
+
+
+def test_resolve_by_module_path_and_name_through_the_mro() -> None:
+    """The class at transformers' module path matches; a subclass inherits its base's spec; a namesake does not."""
     assert A.resolve(MixtralTopKRouter()).family == "mixtral"
     assert A.resolve(PatchedRouter()).family == "mixtral"
+    assert A.resolve(SameName()) is None  # same class name, another module: not hooked by accident
     assert A.resolve(nn.Linear(2, 2)) is None
+
+
+def test_qualified_names_and_registration_by_string(clean_registry: None) -> None:
+    """A qualified class string matches that module only; register_router(cls) registers cls's own module path."""
+    spec = A.register_router(f"{__name__}.SameName", family="by-path")
+    assert spec.classes == (f"{__name__}.SameName",) and spec.module is None
+    assert A.resolve(SameName()) is None  # qualname is MixtralTopKRouter now: the path names another class
+    own = A.register_router(SameName, family="own")
+    assert own.classes == (f"{__name__}.MixtralTopKRouter",)
+    assert A.resolve(SameName()) is own
 
 
 def test_register_router_wins_over_files(clean_registry: None) -> None:
