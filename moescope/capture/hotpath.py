@@ -21,8 +21,9 @@ Per layer, a row of `acc` holds, for E experts (W = 3·E_max + 9):
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -110,6 +111,9 @@ class HotPath:
         self.drop = [self.acc[i, -2] for i in range(n)]  # []
         self.lmax = [self.acc[i, -1] for i in range(n)]  # []
         self.fin = [self.acc[i, 3 * e + 4] for i, e in enumerate(self.n_experts)]  # []: finite valid tokens
+        # Static addresses: compiled graphs (and reduce-overhead's CUDA graphs) may mutate them in place.
+        for t in [self.acc, *self.cnt, *self.wsum, *self.fsum, *self.tok, *self.drop, *self.lmax, *self.fin]:
+            torch._dynamo.mark_static_address(t)
 
     def to(self, device: torch.device) -> None:
         """Move the buffer to the model's device (a model moved after record() started), keeping its contents."""
@@ -208,4 +212,20 @@ def decode(row: np.ndarray, e: int, stats: bool) -> tuple[np.ndarray, np.ndarray
     return load, np.array([vals[n] for n in STAT_NAMES], np.float64)
 
 
-__all__ = ["STAT_NAMES", "Grid", "HotPath", "decode", "in_backward", "width"]
+
+
+def ops_per_call(hook: Callable[..., Any], module: torch.nn.Module, args: tuple[Any, ...], output: Any) -> int:
+    """Top-level aten ops one call of a router hook dispatches (torch.profiler, CPU): the hot path's budget.
+
+    Ops an aten op runs inside itself (a CPU kernel's helpers) are not counted: on a GPU each top-level op is
+    one launch, whatever it does inside.
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        hook(module, args, output)
+    events = [e for e in prof.events() if e.name.startswith("aten::")]
+    return sum(1 for e in events if e.cpu_parent is None or not e.cpu_parent.name.startswith("aten::"))
+
+
+__all__ = ["STAT_NAMES", "Grid", "HotPath", "decode", "in_backward", "ops_per_call", "width"]

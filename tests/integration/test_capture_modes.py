@@ -168,7 +168,7 @@ def test_reference_model_checkpoint_wrapper(tmp_path: Path) -> None:
 
 def hook_ops(tmp_path: Path, **record_kw: Any) -> int:
     """Top-level aten ops one router hook call dispatches (profiled on CPU, after a forward set the token grid)."""
-    from torch.profiler import ProfilerActivity, profile
+    from moescope.capture.hotpath import ops_per_call
 
     torch.manual_seed(0)
     m = ToyMoE(n_layers=4).eval()
@@ -179,10 +179,7 @@ def hook_ops(tmp_path: Path, **record_kw: Any) -> int:
         hook = next(h for h in router._forward_hooks.values())
         inp = m.emb(x).reshape(-1, 16)
         out = router(inp)  # the hook already ran once here (warm)
-        with profile(activities=[ProfilerActivity.CPU]) as prof:
-            hook(router, (inp,), out)
-    events = [e for e in prof.events() if e.name.startswith("aten::")]
-    return sum(1 for e in events if e.cpu_parent is None or not e.cpu_parent.name.startswith("aten::"))
+        return ops_per_call(hook, router, (inp,), out)
 
 
 def test_hot_path_op_budget(tmp_path: Path) -> None:
@@ -324,3 +321,64 @@ def test_compile_before_record_equals_eager(tmp_path: Path, fresh_dynamo: Any, m
             steps_with_tags(rec, cm, 0, 2)
     assert not (tmp_path / "stale" / "expert_load").exists()  # nothing recorded, and the manifest says so
     assert json.loads((tmp_path / "stale" / "manifest.json").read_text())["counters"]["silent_forwards"] == 2
+
+
+# -- CUDA graphs ----------------------------------------------------------------------------------------------
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
+
+
+def expected_per_step(m: torch.nn.Module, x: torch.Tensor, mask: torch.Tensor) -> list[list[int]]:
+    """Assignments per expert per layer of one forward, from the routers' own ids (real tokens only)."""
+    truth = router_truth(m, ToyRouter, lambda: m(x, attention_mask=mask))
+    valid = mask.reshape(-1).bool().cpu()
+    return [np.bincount(ids.cpu()[valid].reshape(-1).numpy(), minlength=8).tolist() for ids in truth]
+
+
+@cuda
+def test_cuda_graph_replays_are_each_recorded(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    m = ToyMoE(dense=True).cuda().eval()
+    x, mask = (t.cuda() for t in batch())
+    with torch.no_grad():
+        per_forward = expected_per_step(m, x, mask)
+        with moescope.record(m, tmp_path / "g") as rec:
+            rec.step = 0
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                for _ in range(3):  # warm-up, recorded at step 0
+                    m(x, attention_mask=mask)
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):  # capture runs no kernel: nothing is added here
+                m(x, attention_mask=mask)
+            for s in range(1, 6):
+                rec.step = s
+                for _ in range(s):  # step s replays the captured forward s times
+                    graph.replay()
+    load = tables(tmp_path / "g")["expert_load"]
+    for s, n in [(0, 3)] + [(s, s) for s in range(1, 6)]:
+        for layer in (0, 1):
+            got = load[(load.step == s) & (load.layer == layer)].sort_values("expert").tokens.tolist()
+            assert got == [n * c for c in per_forward[layer]], (s, layer)
+
+
+@cuda
+@pytest.mark.slow
+def test_reduce_overhead_compile_records_every_call(tmp_path: Path, fresh_dynamo: Any) -> None:
+    torch.manual_seed(0)
+    m = ToyMoE(dense=True).cuda().eval()
+    x, mask = (t.cuda() for t in batch())
+    with torch.no_grad():
+        per_forward = expected_per_step(m, x, mask)
+        with moescope.record(m, tmp_path / "g") as rec:
+            cm = torch.compile(m, mode="reduce-overhead")
+            for s in range(8):  # the first calls warm up and record the graph; later ones replay it
+                rec.step = s
+                cm(x, attention_mask=mask)
+    load = tables(tmp_path / "g")["expert_load"]
+    for s in range(8):
+        for layer in (0, 1):
+            got = load[(load.step == s) & (load.layer == layer)].sort_values("expert").tokens.tolist()
+            assert got == per_forward[layer], (s, layer)

@@ -180,3 +180,34 @@ def test_docs_hf_example_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
     exec(compile(doc_example("Hugging Face Trainer"), "docs/integrations.md", "exec"), {"__name__": "doc_example"})
     st = pq.read_table(tmp_path / "traces" / "hf-run" / "router_stats").to_pandas()
     assert sorted(st.step.unique()) == list(range(8)) and (st.tokens == 2 * 8 * 32).all()
+
+
+def padded_dataset(n: int) -> list[dict[str, Any]]:
+    """Rows with 4 left-padding tokens each: the recorded tokens are the real ones only."""
+    rows = dataset(n)
+    mask = torch.ones(SEQ, dtype=torch.long)
+    mask[:4] = 0
+    return [{**r, "attention_mask": mask} for r in rows]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("switch", ["gradient_checkpointing", "torch_compile"])
+def test_trainer_switches_record_each_step_once(switch: str, tmp_path: Path) -> None:
+    """The Trainer's own switches: recompute forwards are not recorded again, compiled steps are recorded."""
+    run = tmp_path / "run"
+    cb = MoEScopeTrainerCallback(run, flush_every=2, alerts=False)
+    kw: dict[str, Any] = {"gradient_checkpointing": True, "gradient_checkpointing_kwargs": {"use_reentrant": False}} \
+        if switch == "gradient_checkpointing" else {"torch_compile": True}
+    if switch == "torch_compile":
+        torch._dynamo.reset()
+    trainer = Trainer(model=tiny_mixtral().train(), args=args(tmp_path, max_steps=3, **kw),
+                      train_dataset=padded_dataset(16), callbacks=[cb])
+    trainer.train()
+    if switch == "torch_compile":
+        torch._dynamo.reset()
+    load = pq.read_table(run / "expert_load").to_pandas()
+    assert sorted(load.step.unique()) == [0, 1, 2]  # trace steps = global steps
+    # assignments per step per layer = real tokens × k (not twice that, and no padding)
+    assert (load.groupby(["step", "layer"]).tokens.sum() == BATCH * (SEQ - 4) * K).all()
+    stats = pq.read_table(run / "router_stats").to_pandas()
+    assert (stats.tokens == BATCH * (SEQ - 4)).all() and (stats.nonfinite == 0).all()
