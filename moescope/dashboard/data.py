@@ -10,6 +10,7 @@ Aggregates over the big token-level table are computed once per run and kept.
 from __future__ import annotations
 
 import math
+import os
 import threading
 import time
 from collections import OrderedDict
@@ -139,7 +140,8 @@ class DashboardData:
         #: Rule settings of the health findings and the threshold lines (default: ./moescope.toml if present).
         self.config: HealthConfig = as_config(config if config is not None else default_config_path())
         # Locked for our own queries too: the dashboard never needs to write, and this makes it impossible.
-        self.trace = moescope.open(trace_root, locked=True)
+        # Its own queries are trusted: DuckDB's usual memory and every core; the console's caps are for visitors.
+        self.trace = moescope.open(trace_root, locked=True, memory_limit="80%", threads=os.cpu_count() or 1)
         self._console: Any = None
         # The console's own database, with its own caps: a visitor's query can neither block nor starve the charts.
         self._console_args: dict[str, Any] = {"max_rows": int(sql_max_rows), "timeout": float(sql_timeout),
