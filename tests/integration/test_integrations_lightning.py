@@ -248,3 +248,29 @@ def test_ddp_each_rank_writes_its_own_parts(tmp_path: Path) -> None:
     assert (load.groupby(["rank", "step", "layer"]).tokens.sum() == BATCH * SEQ * K).all()
     for p in (run / "expert_load").iterdir():
         assert set(pq.read_table(p).column("rank").to_pylist()) == {int(p.name.split("-")[1])}
+
+
+class ForwardLM(TinyLM):
+    """training_step goes through self(...), so a compiled LightningModule runs its compiled forward."""
+
+    def forward(self, ids: Any) -> Any:
+        return self.model(input_ids=ids, labels=ids).loss
+
+    def training_step(self, batch: Any, batch_idx: int) -> Any:
+        (ids,) = batch
+        return self(ids)
+
+
+@pytest.mark.slow
+def test_compiled_module_records_global_steps(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    cb = MoEScopeCallback(run, flush_every=2, alerts=False)
+    torch._dynamo.reset()
+    compiled = torch.compile(ForwardLM(tiny_mixtral()))
+    try:
+        trainer(tmp_path, max_steps=3, callbacks=[cb]).fit(compiled, loader(4))
+    finally:
+        torch._dynamo.reset()
+    load = pq.read_table(run / "expert_load").to_pandas()
+    assert sorted(load.step.unique()) == [0, 1, 2]  # trace steps = global steps
+    assert (load.groupby(["step", "layer"]).tokens.sum() == BATCH * SEQ * K).all()  # tokens × k per layer
