@@ -77,6 +77,8 @@ def run(args: argparse.Namespace) -> int:
         n_statements = len(duckdb.extract_statements(query))
     except duckdb.Error:  # a syntax error: running it below gives DuckDB's own message
         n_statements = 1
+    if n_statements == 0:
+        raise CLIError("empty query: give one SQL statement (or none at all to list the views)", 2)
     if n_statements != 1:  # DuckDB would run them all and return only the last result: say so instead
         raise CLIError(f"one statement per call, please (got {n_statements}): run them as separate "
                        "`moescope sql` calls", 2)

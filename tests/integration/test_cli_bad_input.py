@@ -48,6 +48,12 @@ def test_sql_with_several_statements_is_an_error(capsys, query, n):
                               "`moescope sql` calls")
 
 
+@pytest.mark.parametrize("query", ["", "   ", "-- only a comment"])
+def test_sql_empty_query_is_an_error(capsys, query):
+    rc, out, err = _run(["sql", str(SAMPLES / "collapse"), query], capsys)
+    assert rc == 2 and out == "" and _one_line(err).startswith("moescope: error: empty query")
+
+
 def test_sql_one_statement_still_prints(capsys):
     rc, out, _ = _run(["sql", str(SAMPLES / "collapse"), "SELECT 41 + 1 AS answer"], capsys)
     assert rc == 0 and out.split() == ["answer", "42"]
