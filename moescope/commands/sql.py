@@ -26,7 +26,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "sql",
         help="run SQL over a trace (DuckDB), or list its views",
-        description="Run one SQL query over the trace's DuckDB views and print or save the result. "
+        description="Run one SQL query over the trace's DuckDB views and print or save the result (one statement "
+        "per call: two or more are an error, exit 2). "
         "Without QUERY, list the views and their columns.",
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
