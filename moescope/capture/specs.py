@@ -22,18 +22,13 @@ class's own qualified name. Nothing here needs torch.
 from __future__ import annotations
 
 import dataclasses
-import sys
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Any
 
+from .. import _toml
 from .._paths import content_dir
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover - Python 3.10: the `tomli` backport, declared in pyproject for python_version < "3.11"
-    import tomli as tomllib
 
 SOURCES = ("output", "experts_input", "logits")
 SELECTIONS = (
@@ -145,8 +140,8 @@ def spec_from_mapping(d: dict[str, Any], origin: str) -> RouterSpec:
 def load_spec_file(path: Path) -> list[RouterSpec]:
     """The specs of one hooks/*.toml file, its `[defaults]` applied; every class must be qualified."""
     try:
-        doc = tomllib.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as e:
+        doc = _toml.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, _toml.TOMLDecodeError) as e:
         raise AdapterError(f"{path}: cannot read router specs ({e})") from None
     extra = sorted(set(doc) - {"defaults", "router"})
     if extra:
