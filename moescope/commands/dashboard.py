@@ -31,7 +31,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("trace", metavar="TRACE", help="trace root or run directory")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
-    p.add_argument("--port", type=int, default=8050, help="port to listen on (default: 8050)")
+    p.add_argument("--port", type=int, default=8050, help="port to listen on (default: 8050; a busy port or an unresolvable --host is one line, exit 2)")
     p.add_argument("--debug", action="store_true", help="Dash debug mode (dev tools, reload on code change)")
     p.add_argument("--sql-timeout", type=float, default=10.0, metavar="S",
                    help="SQL console: seconds a query may run (default: 10)")
