@@ -75,7 +75,7 @@ def test_tomllib_is_imported_only_behind_the_version_check() -> None:
     """Every module-level `import tomllib` sits under `if sys.version_info >= (3, 11)` with tomli as the else."""
     for path in _sources():
         tree = ast.parse(path.read_text(encoding="utf-8"))
-        for name, node, chain in _imports(tree):
+        for name, _node, chain in _imports(tree):
             if name != "tomllib":
                 continue
             guard = next((c for c in reversed(chain) if isinstance(c, ast.If)), None)
