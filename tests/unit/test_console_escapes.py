@@ -330,3 +330,24 @@ def test_limits_of_the_check_alone():
         check("SELECT " + " + ".join(["1"] * 900), tables)  # nested 900 deep
     with pytest.raises(QueryError, match="SQL error: Parser Error"):
         check("SELEC 1", tables)
+
+
+def test_queries_beyond_the_concurrency_cap_wait_then_get_one_line():
+    import duckdb
+
+    from moescope.analysis.console import Console, lock_down
+
+    con = duckdb.connect()
+    con.execute("CREATE TABLE runs AS SELECT 1 AS x")
+    lock_down(con, [], "256MB", 1)
+    console = Console(con, ["runs"], Limits(timeout=1.0, max_concurrent=1))
+    slow: dict[str, Any] = {}
+    t = threading.Thread(target=lambda: slow.setdefault(
+        "e", pytest.raises(QueryError, console.run, "SELECT count(*) FROM range(100000000) a, range(1000) b")))
+    t.start()
+    time.sleep(0.2)
+    with pytest.raises(QueryError, match=r"^the console is busy \(1 queries running\): try again shortly$"):
+        console.run("SELECT x FROM runs")
+    t.join()
+    assert "time limit" in str(slow["e"].value)
+    assert console.run("SELECT x FROM runs").table.to_pylist() == [{"x": 1}]  # the slot is free again
