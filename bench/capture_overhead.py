@@ -1,9 +1,12 @@
-"""Capture overhead, measured side by side in one run: no recording vs counts only vs every token vs
-transformers' own `output_router_logits=True`, on a training loop (forward + backward + optimizer step)
-including flush and close. Also the trace size per token × layer.
+"""Capture overhead, measured side by side in one run: no recording vs counts only (with and without router
+statistics) vs every token vs transformers' own `output_router_logits=True`, on a training loop (forward +
+backward + optimizer step) or an inference loop, including flush and close. Also the aten ops one router hook
+dispatches per call, torch.compile recompiles and graph breaks, and the trace size per token × layer.
 
-    python bench/capture_overhead.py              # tiny HF Mixtral on CPU (~2 min)
+    python bench/capture_overhead.py                       # tiny HF Mixtral on CPU, eager (~2 min)
     python bench/capture_overhead.py --model reference
+    python bench/capture_overhead.py --compile             # the compiled loop (torch.compile), same configs
+    python bench/capture_overhead.py --checkpointing       # activation checkpointing of every decoder layer
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from typing import Any
 import torch
 
 import moescope
+from moescope.capture.hotpath import ops_per_call
 
 
 def build(model: str, hidden: int, layers: int, experts: int, top_k: int, vocab: int) -> torch.nn.Module:
@@ -39,9 +43,19 @@ def build(model: str, hidden: int, layers: int, experts: int, top_k: int, vocab:
     return AutoModelForCausalLM.from_config(cfg)
 
 
-def loop(model: torch.nn.Module, batches: list[torch.Tensor], train: bool, router_logits: bool) -> None:
+def checkpoint_layers(model: torch.nn.Module, kind: str) -> None:
+    """Activation checkpointing of every decoder layer (non-reentrant), the way each model family offers it."""
+    if kind == "hf-mixtral":
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        return
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+
+    model.layers = torch.nn.ModuleList(checkpoint_wrapper(layer) for layer in model.layers)
+
+
+def loop(model: Callable[..., Any], params: Any, batches: list[torch.Tensor], train: bool, router_logits: bool) -> None:
     """The user's loop: forward (+ backward + step when training)."""
-    opt = torch.optim.SGD(model.parameters(), lr=0.0) if train else None  # lr 0: every config sees the same weights
+    opt = torch.optim.SGD(params, lr=0.0) if train else None  # lr 0: every config sees the same weights
     for x in batches:
         kw: dict[str, Any] = {"output_router_logits": True} if router_logits else {}
         if train:
@@ -58,17 +72,33 @@ def loop(model: torch.nn.Module, batches: list[torch.Tensor], train: bool, route
                 model(input_ids=x, **kw)
 
 
-def timed(fn: Callable[[], None]) -> float:
-    t0 = time.perf_counter()
-    fn()
-    return time.perf_counter() - t0
+def dynamo_counts() -> tuple[int, int]:
+    """(frames compiled, graph breaks) so far in this process."""
+    from torch._dynamo.utils import counters
+
+    return counters["frames"]["total"], sum(counters["graph_break"].values())
+
+
+def hook_ops(model: torch.nn.Module, x: torch.Tensor, **record_kw: Any) -> int:
+    """Top-level aten ops the first router's hook dispatches for one call of a no-grad forward of `x`."""
+    seen: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory() as tmp, moescope.record(model, tmp, **record_kw) as rec, torch.no_grad():
+        router = model.get_submodule(rec.layers[0].module)
+        hook = next(h for h in router._forward_hooks.values() if getattr(h, "__name__", "") == "router_hook")
+        h = router.register_forward_hook(lambda m, a, o: seen.update(args=a, out=o))
+        model(input_ids=x)
+        h.remove()
+        return ops_per_call(hook, router, seen["args"], seen["out"])
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", choices=["hf-mixtral", "reference"], default="hf-mixtral")
     ap.add_argument("--mode", choices=["train", "infer"], default="train")
-    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--compile", action="store_true", help="run every config through torch.compile(model)")
+    ap.add_argument("--checkpointing", action="store_true", help="activation-checkpoint every decoder layer")
+    ap.add_argument("--steps", type=int, default=10, help="timed steps per config and round")
+    ap.add_argument("--warmup", type=int, default=2, help="untimed steps first (compilation happens here)")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--seq", type=int, default=128)
@@ -77,47 +107,89 @@ def main() -> None:
     ap.add_argument("--experts", type=int, default=8)
     ap.add_argument("--top-k", type=int, default=2)
     ap.add_argument("--flush-every", type=int, default=10)
+    ap.add_argument("--no-size", action="store_true", help="skip the trace-size measurement")
     args = ap.parse_args()
     vocab = 256
-    model = build(args.model, args.hidden, args.layers, args.experts, args.top_k, vocab)
-    model.train(args.mode == "train")
-    g = torch.Generator().manual_seed(0)
-    batches = [torch.randint(0, vocab, (args.batch, args.seq), generator=g) for _ in range(args.steps)]
     train = args.mode == "train"
+    model = build(args.model, args.hidden, args.layers, args.experts, args.top_k, vocab)
+    model.train(train)
+    if args.checkpointing:
+        checkpoint_layers(model, args.model)
+    run_model: Callable[..., Any] = torch.compile(model) if args.compile else model
+    g = torch.Generator().manual_seed(0)
+    batches = [torch.randint(0, vocab, (args.batch, args.seq), generator=g) for _ in range(args.steps + args.warmup)]
+    warm, timed_batches = batches[: args.warmup], batches[args.warmup :]
     tmp = tempfile.mkdtemp(prefix="moescope-bench-")
+    dynamo: dict[str, tuple[int, int]] = {}
 
-    def recorded(tokens: float, tag: str) -> Callable[[], None]:
-        def fn() -> None:
-            out = os.path.join(tmp, f"{tag}-{time.perf_counter_ns()}")
-            with moescope.record(model, out, tokens=tokens, flush_every=args.flush_every) as rec:
-                for i, x in enumerate(batches):
-                    rec.step = i
-                    loop(model, [x], train, False)
+    def config(record_kw: dict[str, Any] | None, name: str, router_logits: bool = False) -> Callable[[], float]:
+        """One config: warm-up untimed, then the timed steps (and, when recording, flush and close)."""
+        def fn() -> float:
+            rec_cm = moescope.record(run_model, os.path.join(tmp, f"{name}-{time.perf_counter_ns()}"),
+                                     flush_every=args.flush_every, **record_kw) if record_kw is not None else None
+            rec = rec_cm.start() if rec_cm is not None else None
+            try:
+                for i, x in enumerate(warm):
+                    if rec is not None:
+                        rec.step = i
+                    loop(run_model, model.parameters(), [x], train, router_logits)
+                before = dynamo_counts() if args.compile else (0, 0)
+                t0 = time.perf_counter()
+                for i, x in enumerate(timed_batches):
+                    if rec is not None:
+                        rec.step = args.warmup + i
+                    loop(run_model, model.parameters(), [x], train, router_logits)
+                if rec_cm is not None:
+                    rec_cm.close()
+                elapsed = time.perf_counter() - t0
+                if args.compile:
+                    after = dynamo_counts()
+                    dynamo.setdefault(name, (after[0] - before[0], after[1] - before[1]))
+                return elapsed
+            finally:
+                if rec_cm is not None:
+                    rec_cm.close()
         return fn
 
-    configs: dict[str, Callable[[], None]] = {
-        "no recording": lambda: loop(model, batches, train, False),
-        "counts only (tokens=0)": recorded(0.0, "counts"),
-        "every token (tokens=1)": recorded(1.0, "tokens"),
+    configs: dict[str, Callable[[], float]] = {
+        "no recording": config(None, "none"),
+        "counts, no stats": config({"tokens": 0.0, "stats": False}, "bare"),
+        "counts only (tokens=0)": config({"tokens": 0.0}, "counts"),
+        "every token (tokens=1)": config({"tokens": 1.0}, "tokens"),
     }
     if args.model == "hf-mixtral":
-        configs["output_router_logits=True"] = lambda: loop(model, batches, train, True)
-    loop(model, batches[:2], train, False)  # warm-up
+        configs["output_router_logits=True"] = config(None, "router-logits", router_logits=True)
     times: dict[str, list[float]] = {k: [] for k in configs}
     for r in range(args.rounds):
         names = list(configs) if r % 2 == 0 else list(reversed(configs))  # interleaved: drift hits all configs
         for name in names:
-            times[name].append(timed(configs[name]))
+            times[name].append(configs[name]())
             print(f"  round {r + 1}/{args.rounds} {name}: {1000 * times[name][-1] / args.steps:.1f} ms/step", flush=True)
     base = statistics.median(times["no recording"])
-    print(f"model={args.model} mode={args.mode} batch={args.batch}x{args.seq} hidden={args.hidden} "
-          f"layers={args.layers} experts={args.experts} top-{args.top_k} steps={args.steps} rounds={args.rounds} "
-          f"threads={torch.get_num_threads()}")
-    print(f"{'config':<28}{'ms/step (median)':>18}{'overhead':>10}")
+    print(f"model={args.model} mode={args.mode} compile={args.compile} checkpointing={args.checkpointing} "
+          f"batch={args.batch}x{args.seq} hidden={args.hidden} layers={args.layers} experts={args.experts} "
+          f"top-{args.top_k} steps={args.steps} rounds={args.rounds} threads={torch.get_num_threads()}")
+    print(f"{'config':<28}{'ms/step (median)':>18}{'overhead':>10}" + ("  recompiles  graph breaks" if args.compile else ""))
+    names = {"no recording": "none", "counts, no stats": "bare", "counts only (tokens=0)": "counts",
+             "every token (tokens=1)": "tokens", "output_router_logits=True": "router-logits"}
     for name, ts in times.items():
         med = statistics.median(ts)
-        print(f"{name:<28}{1000 * med / args.steps:>18.1f}{100 * (med / base - 1):>9.1f}%")
+        line = f"{name:<28}{1000 * med / args.steps:>18.1f}{100 * (med / base - 1):>9.1f}%"
+        if args.compile:
+            rc, gb = dynamo.get(names[name], (0, 0))
+            line += f"{rc:>12}{gb:>14}"
+        print(line)
+    if args.compile:
+        print("(recompiles and graph breaks: during the timed steps of the first round, after warm-up)")
 
+    x = batches[0][:2]
+    print("\naten ops per router call (eager, top-level ops the hook dispatches; torch.profiler):")
+    for label, kw in (("counts, no stats", {"tokens": 0.0, "stats": False}), ("counts only (tokens=0)", {"tokens": 0.0}),
+                      ("every token (tokens=1)", {"tokens": 1.0})):
+        print(f"  {label:<26}{hook_ops(model, x, **kw):>4}")
+
+    if args.no_size:
+        return
     print("\ntrace size (routing table, every token recorded):")
     for experts, k in [(8, 2), (64, 8)]:
         m = build(args.model, 64, 2, experts, k, vocab).eval()
