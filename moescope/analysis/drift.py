@@ -58,6 +58,13 @@ def drift_stats(baseline: np.ndarray, current: np.ndarray) -> dict[str, float]:
     }
 
 
+def _draw_counts(rng: np.random.Generator, n: int, units: int, size: int) -> np.ndarray:
+    """[size, units]: how often each unit is drawn in `n` draws with replacement, `size` times. The same law as
+    multinomial(n, uniform), from integer draws and a bincount instead of a binomial per unit (faster at 10k units)."""
+    return np.stack([np.bincount(rng.integers(0, units, size=n), minlength=units) for _ in range(size)]).astype(
+        np.float64)
+
+
 def _counts(con: duckdb.DuckDBPyConnection, sel: Selection) -> pd.DataFrame:
     return run_analysis(con, "drift_load", {"filter": sel.filter()})
 
@@ -133,6 +140,15 @@ def drift(
         cube = cube[rng.choice(n_units, dc.max_units, replace=False)]
         n_units = dc.max_units
 
+    # One resample per side and size serves every layer (a resampled sequence brings all its layers along), so
+    # each layer's null keeps its law and the draws are not repeated per layer.
+    drawn: dict[tuple[str, int, int], np.ndarray] = {}
+
+    def resample(side: str, n: int, units: int) -> np.ndarray:
+        if (side, n, units) not in drawn:
+            drawn[(side, n, units)] = _draw_counts(rng, n, units, n_boot)
+        return drawn[(side, n, units)]
+
     rows = []
     for i, layer in enumerate(layers):
         b = np.zeros(n_exp)
@@ -159,8 +175,8 @@ def drift(
             nb = max(1, int(round(b.sum() / k / mean_tok)))
             nc = max(1, int(round(c.sum() / k / mean_tok)))
             U = len(pu)
-            wb = rng.multinomial(nb, np.full(U, 1.0 / U), size=n_boot)
-            wc = rng.multinomial(nc, np.full(U, 1.0 / U), size=n_boot)
+            wb = resample("baseline", nb, U)
+            wc = resample("current", nc, U)
             # A bootstrap from U units sees (U-1)/U of the between-unit variance; undo that bias, which
             # matters at the small sample sizes where drift alarms are least trustworthy.
             null = _js(wb @ pu, wc @ pu) * np.sqrt(U / (U - 1))
