@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from ..errors import CLIError
 
@@ -46,7 +47,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     """Check the arguments, build the app and serve it until interrupted."""
     from .. import dashboard
+    from ..format.manifest import TraceError
 
+    if not Path(args.trace).exists():  # before dash is imported; the exit code is the classifier's (3)
+        raise TraceError(f"{args.trace}: no such trace root")
     if not 0 < args.port < 65536:
         raise CLIError(f"--port must be between 1 and 65535, got {args.port}", 2)
     if not args.sql_timeout > 0:
