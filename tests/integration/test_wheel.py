@@ -27,6 +27,13 @@ CHECK = textwrap.dedent(
     h = tr.health()
     assert len(h) > 0
     assert "torch" not in sys.modules, "reading a trace pulled in torch"
+    from moescope.capture.specs import load_spec_files  # the router specs are content: readable without torch
+    specs = load_spec_files()
+    assert len(specs) >= 40 and all(s.module or "." in s.classes[0] for s in specs)
+    assert "torch" not in sys.modules, "reading router specs pulled in torch"
+    import pyarrow.parquet as pq
+    part = next(iter(__import__("pathlib").Path({trace!r}).rglob("part-*.parquet")))
+    pq.ParquetFile(part, page_checksum_verification=True).read()  # the wheel writes page checksums
     print("ok", n)
     """
 )
