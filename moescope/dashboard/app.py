@@ -183,6 +183,11 @@ def _register_callbacks(app: Dash) -> None:
     )
     def _selection_to_url(values: list[Any], ids: list[dict[str, Any]], search: str | None) -> Any:
         """Write the controls' values into the query string (the page re-renders from it)."""
+        if len(dash.ctx.triggered) != 1:
+            # A person changes one control at a time; a page's controls appearing fire all of them at once.
+            # That is no choice: writing the page's default run into the URL would carry it to the next page,
+            # which may want another (Similarity opens on the run with snapshots).
+            return no_update
         data: DashboardData = app.moescope_data  # type: ignore[attr-defined]
         controls = {i["key"]: v for i, v in zip(ids, values)}
         current = from_query(search)

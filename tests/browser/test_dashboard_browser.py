@@ -232,3 +232,36 @@ def test_sql_console_rows_refusals_and_timeout(
     dash_duo.wait_for_page(base + "/utilization")  # another page still serves after all that
     _charts(dash_duo, 5)
     assert not _severe(dash_duo)
+
+
+SAMPLES = Path(__file__).resolve().parents[2] / "sample_traces"
+
+
+@pytest.mark.skipif(not (SAMPLES / "collapse").is_dir(), reason="sample_traces/ not present")
+def test_first_visit_opens_each_page_on_the_run_worth_seeing(dash_duo: Any, start_dashboard: Any) -> None:
+    """A new user clicks through the nav from a bare URL: each page opens on its telling run, no error boxes,
+    and the utilization heatmap's colour scale is centred on fair share (log2 N·f = 0)."""
+    base = start_dashboard(SAMPLES)
+    dash_duo.wait_for_page(f"{base}/")
+    for page, run in (("utilization", "collapse"), ("collapse", "collapse"), ("similarity", "upcycled"),
+                      ("drift", None)):
+        dash_duo.find_element(f"#ms-nav-{page}").click()
+        _wait(lambda page=page: f"/{page}" in dash_duo.driver.current_url, what=f"{page} page")
+        dash_duo.wait_for_element(".ms-title", timeout=30)
+        errors = [e.text for e in dash_duo.driver.find_elements("css selector", ".ms-msg-error")]
+        assert not errors, (page, errors)
+        try:
+            _charts(dash_duo, 2, timeout=30)
+        except AssertionError as e:  # say what the page showed instead
+            raise AssertionError((page, dash_duo.driver.current_url,
+                                  dash_duo.find_element(".ms-main").text[:800])) from e
+        if run is not None:
+            assert dash_duo.find_element(".ms-ctl-run").text.splitlines()[-1] == run, page
+        else:
+            assert "Baseline: shift · tag english" in dash_duo.find_element(".ms-main").text
+        if page == "utilization":
+            lo, hi = dash_duo.driver.execute_script(
+                "var el = document.querySelector('#util-heatmap .js-plotly-plot');"
+                "var t = el._fullData[0]; return [t.zmin, t.zmax];")
+            assert lo == -hi
+    assert not _severe(dash_duo)
