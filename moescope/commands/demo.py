@@ -19,9 +19,15 @@ EPILOG = """scenarios (each a real training run on the Python standard library's
   upcycled   experts copied from one dense FFN plus small noise: near-clones (expert snapshots at checkpoints)
 
 then:
-  moescope check moescope-demo              the health rules, exit 1 on a FAIL
+  moescope report moescope-demo             per run and layer: metrics and findings
+  moescope check moescope-demo/collapse     the health rules, exit 1 on a FAIL
   moescope dashboard moescope-demo          browse the traces
+
+sample_traces/ in the repository is the default demo's output: moescope demo --out sample_traces
 """
+
+#: Wall time of the whole demo as measured (README's Quickstart quotes the same line).
+TIMINGS = "TIMINGS_PLACEHOLDER"
 
 
 def register(sub: Any) -> None:
@@ -31,7 +37,7 @@ def register(sub: Any) -> None:
         help="train the reference MoE through four routing scenarios, write traces, print a health summary",
         description="Train the bundled reference MoE (a small Mixtral-style decoder) through four scenarios — "
         "balanced, collapse, shift, upcycled — recording every run with moescope.record into DIR/<scenario>, "
-        "then print the health findings. Needs torch. A few minutes on a laptop CPU; --quick in under a minute.",
+        f"printing each scenario's expected and found health as it finishes. Needs torch. {TIMINGS}.",
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

@@ -124,3 +124,22 @@ def test_demo_streams_through_a_pipe(tmp_path: Path) -> None:
     assert verdict.strip() == "found:    WARN clones  -> as expected"  # the README's promise for upcycled
     assert any(x.startswith("done in") and "1 of 1 scenario(s) found as expected" in x for x in lines)
     assert LEGEND.splitlines()[1] in lines
+
+
+def test_help_and_readme_agree_on_timings_and_sample_traces(capsys: pytest.CaptureFixture[str]) -> None:
+    import json
+
+    from moescope.cli import main
+    from moescope.commands.demo import TIMINGS
+
+    with pytest.raises(SystemExit):
+        main(["demo", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    readme = " ".join((ROOT / "README.md").read_text().split())
+    assert TIMINGS in help_text and TIMINGS in readme
+    assert "moescope demo --out sample_traces" in help_text and "moescope demo --out sample_traces" in readme
+    # and it is true: the committed traces have the default (not --quick) step counts
+    full = build_scenarios(quick=False)
+    for name in ("balanced", "collapse", "shift", "upcycled"):
+        meta = json.loads((ROOT / "sample_traces" / name / "manifest.json").read_text())["meta"]
+        assert meta["train"]["steps"] == full[name].steps, name
