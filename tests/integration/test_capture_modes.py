@@ -382,3 +382,30 @@ def test_reduce_overhead_compile_records_every_call(tmp_path: Path, fresh_dynamo
         for layer in (0, 1):
             got = load[(load.step == s) & (load.layer == layer)].sort_values("expert").tokens.tolist()
             assert got == per_forward[layer], (s, layer)
+
+
+@pytest.mark.slow
+def test_compiled_hf_mixtral_breaks_only_at_entry_hooks(tmp_path: Path, fresh_dynamo: Any) -> None:
+    """A transformers model: graph breaks only where the model's entry hooks run (outside every MoE block)."""
+    from hf_helpers import tiny_mixtral
+    from torch._dynamo.utils import counters
+
+    x, mask = batch(vocab=100)
+
+    def run(model: Any, out: Path, compiled: bool) -> None:
+        with moescope.record(model, out, tokens=1.0) as rec, torch.no_grad():
+            fn = torch.compile(model) if compiled else model
+            for s in range(23):
+                rec.step = s
+                with rec.tag(f"t{s % 2}"):
+                    fn(input_ids=x, attention_mask=mask)
+                if s == 2:
+                    warm = dynamo_state()
+        if compiled:
+            assert dynamo_state() == warm  # no recompile after warm-up
+
+    run(tiny_mixtral().eval(), tmp_path / "eager", False)
+    run(tiny_mixtral().eval(), tmp_path / "compiled", True)
+    reasons = list(counters["graph_break"])
+    assert reasons and all("torch.compiler.disable" in r and "Recorder._attach" in r for r in reasons), reasons
+    assert_same_trace(tmp_path / "eager", tmp_path / "compiled")
