@@ -47,6 +47,14 @@ TABLE_FUNCTIONS = frozenset({"range", "generate_series", "unnest"})
 DENIED_FUNCTIONS = frozenset({
     "getenv", "current_setting", "setseed", "nextval", "currval", "json_execute_serialized_sql",
 })
+#: Scalar functions refused because one call can build a value of any size from a small argument (a list of
+#: range(10^8), lpad(x, 10^9)): DuckDB's memory_limit does not count such values and its interrupt does not stop
+#: them (measured: `SELECT range(100000000)` grew the server by 7 GB and ran 55 s past a 10 s limit). As table
+#: functions, range and generate_series stream rows and stay allowed.
+UNBOUNDED_FUNCTIONS = frozenset({
+    "range", "generate_series", "repeat", "list_resize", "array_resize", "lpad", "rpad", "bar", "printf", "format",
+    "to_base", "bitstring",
+})
 #: Schemas a table reference may name (the trace's views live in the default catalog's main schema).
 SCHEMAS = frozenset({"", "main", "memory"})
 
@@ -164,6 +172,7 @@ def _walk(root: Any, tables: set[str], limits: Limits) -> None:
     """Every node of the tree, iteratively (a deep tree must not exhaust Python's stack)."""
     ctes: set[str] = set()
     refs: list[dict[str, Any]] = []
+    table_functions: set[int] = set()  # ids of the FUNCTION nodes that a TABLE_FUNCTION reference calls
     stack = [root]
     n = 0
     while stack:
@@ -182,11 +191,18 @@ def _walk(root: Any, tables: set[str], limits: Limits) -> None:
                 name = str(node.get("function_name", "")).lower()
                 if name in DENIED_FUNCTIONS:
                     raise QueryError(f"refused: {name}() is not available in the console")
+                if name in UNBOUNDED_FUNCTIONS and id(node) not in table_functions:
+                    raise QueryError(f"refused: {name}() can build values too large for the console's memory cap "
+                                     "(as a table function, FROM range(n), it is fine)"
+                                     if name in TABLE_FUNCTIONS else
+                                     f"refused: {name}() can build values too large for the console's memory cap")
         elif isinstance(ntype, str):
             if ntype not in READ_ONLY_NODES:
                 raise QueryError(f"refused: {_kind(ntype)} is not allowed at any depth (read-only console: SELECT only)")
             if ntype in ("BASE_TABLE", "TABLE_FUNCTION"):
                 refs.append(node)
+                if isinstance(node.get("function"), dict):  # seen before its child: the call is a table function
+                    table_functions.add(id(node["function"]))
             elif ntype == "SHOW_REF" and _looks_like_path(str(node.get("table_name", "")).strip('"')):
                 raise QueryError("refused: reading files is not allowed in the console: query the views")
         cte_map = node.get("cte_map")

@@ -118,6 +118,13 @@ ESCAPES: list[tuple[str, str]] = [
     ("SELECT * FROM system.main.duckdb_settings", r"unknown table 'system.main.duckdb_settings'"),
     # a macro that was never created cannot be used
     ("SELECT m()", r"SQL error: .*m does not exist"),
+    # values of any size from one call: DuckDB's memory cap does not count them, its interrupt does not stop them
+    ("SELECT range(100000000)", r"refused: range\(\) can build values too large .* FROM range\(n\), it is fine"),
+    ("SELECT unnest(generate_series(1, 1000000000))", r"refused: generate_series\(\) can build values too large"),
+    ("SELECT lpad('x', 1000000000, 'y')", r"refused: lpad\(\) can build values too large"),
+    ("SELECT repeat('x', 1000000000)", r"refused: repeat\(\) can build values too large"),
+    ("SELECT list_resize([1], 1000000000)", r"refused: list_resize\(\) can build values too large"),
+    ("SELECT printf('%01000000000d', 1)", r"refused: printf\(\) can build values too large"),
     # size and cost
     (" UNION ALL ".join(["SELECT count(*) FROM assignments"] * 5600), r"refused: the query is 240,789 characters long \(limit 20,000\)"),
 ]
@@ -290,14 +297,15 @@ def test_memory_cap_stops_a_hash_bomb(locked):
 
 
 def test_response_is_capped_in_rows_and_bytes(locked, http):
-    df = locked.query("SELECT repeat('x', 100000) AS s FROM range(1000)")  # 100 MB asked for
+    big = "(SELECT string_agg('x', '') AS s FROM range({n}))"  # one string of n bytes, built under the memory cap
+    df = locked.query(f"SELECT s FROM {big.format(n=100_000)}, range(1000)")  # 100 MB asked for
     assert df.attrs["truncated"] and df.attrs["truncated_by"] == "bytes"
     assert 0 < len(df) <= 10  # 1 MB cap / 100 kB rows
     with pytest.raises(QueryError, match=r"the first row alone is over the 1 MB response limit"):
-        locked.sql("SELECT repeat('x', 3000000) AS s")
+        locked.sql(f"SELECT s FROM {big.format(n=3_000_000)}")
     rows = locked.query("SELECT * FROM range(1000)")
     assert len(rows) == 100 and rows.attrs["truncated_by"] == "rows"
-    msg, cls, table, size = http.sql("SELECT repeat('x', 1000000) AS s FROM range(100)")  # 100 MB asked for
+    msg, cls, table, size = http.sql(f"SELECT s FROM {big.format(n=1_000_000)}, range(100)")  # 100 MB asked for
     assert "over the 4 MB response limit" in msg and "ms-msg-warn" in cls
     assert size < 6 << 20, size
 
