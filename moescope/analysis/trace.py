@@ -24,7 +24,7 @@ import duckdb
 import pandas as pd
 
 from ..format.manifest import Manifest, TraceError
-from ..format.reader import check_part, check_parts
+from ..format.reader import check_part, check_parts, check_run_values
 from ..format.schema import TABLES, duckdb_columns
 from . import console as _console
 from . import live as _live
@@ -234,6 +234,8 @@ class Trace:
             for f in files:
                 present.update(self._columns[f])
             con.execute(f"CREATE OR REPLACE VIEW {table} AS {_table_view_sql(table, files, present)}")
+        for info in self._runs:  # validated, not believed: run names, id ranges, counts (footer statistics)
+            check_run_values(info.run, info.files, info.typed)
         con.execute(f"CREATE OR REPLACE VIEW assignments AS {render('view_assignments')}")
         files_df = pd.DataFrame(
             [(t, info.run, str(f)) for info in self._runs for t, fs in info.files.items() for f in fs],
