@@ -7,13 +7,13 @@ Three independent layers, each enough on its own for the common attacks:
    statement; every node of the tree, at any depth (CTEs, subqueries, set operations, lateral joins) must be a
    read-only construct from an allow-list, so `WITH x AS (DELETE ... RETURNING *)`, `COPY ... TO` inside a CTE and
    anything the parser learns later are refused; tables are the trace's views or the query's own CTEs (no file
-   paths), table functions are `range`/`generate_series`/`unnest` only (no `read_*`, `glob`, `query`), and a few
-   scalar functions that read the server's state are refused. Size caps (characters, tree nodes) bound the
-   planner's time, which DuckDB's interrupt does not cover.
+   paths), table functions are `range`/`generate_series`/`unnest` only (no `read_*`, `glob`, `query`), and the
+   scalar functions that read the server's state or build a value of any size from a small argument are refused.
+   Size caps (characters, tree nodes) bound the planner's time.
 2. `lock_down(con, ...)`: the connection itself can read only the trace roots (`allowed_directories`; the
    temporary directory, which DuckDB otherwise allows, is switched off), loads no extensions, has a memory and
    thread cap, and its configuration is frozen (`lock_configuration`).
-3. `run(con, ...)`: every query gets its own cursor (its own transaction, temporary schema and local settings,
+3. `Console.run(query)`: every query gets its own cursor (its own transaction, temporary schema and local settings,
    closed afterwards), a timer that interrupts it, a limit on concurrent queries, and a row and byte cap on the
    result, read in small Arrow batches so a huge result is never materialised in full by us.
 """
@@ -39,7 +39,7 @@ READ_ONLY_NODES = frozenset({
     "BASE_TABLE", "SUBQUERY", "JOIN", "TABLE_FUNCTION", "EXPRESSION_LIST", "EMPTY", "SHOW_REF", "PIVOT",
     # result modifiers and orderings
     "ORDER_MODIFIER", "LIMIT_MODIFIER", "LIMIT_PERCENT_MODIFIER", "DISTINCT_MODIFIER",
-    "ORDER_DEFAULT", "ASCENDING", "DESCENDING", "INVALID",
+    "ORDER_DEFAULT", "ASCENDING", "DESCENDING",
 })
 #: Table functions a console query may call: generators only, none of them touches a file or runs SQL.
 TABLE_FUNCTIONS = frozenset({"range", "generate_series", "unnest"})
