@@ -364,3 +364,34 @@ def test_queries_beyond_the_concurrency_cap_wait_for_a_slot_or_get_one_line():
     with pytest.raises(QueryError, match=r"^the console is busy \(1 queries running\): try again shortly$"):
         console.run("SELECT x FROM runs")
     console._slots.release()
+
+
+#: Everyday analysis queries the guard must let through (window functions, QUALIFY, ASOF, UNPIVOT, lambdas, ...).
+EVERYDAY = [
+    "SELECT layer, expert, SUM(tokens) AS n FROM expert_load WHERE run = 'a' GROUP BY layer, expert ORDER BY 1, 2",
+    "SELECT *, row_number() OVER (PARTITION BY layer ORDER BY step) AS r FROM expert_load QUALIFY r = 1",
+    "SELECT DISTINCT ON (layer) layer FROM expert_load ORDER BY layer NULLS LAST LIMIT 10% OFFSET 2",
+    "SELECT * FROM expert_load USING SAMPLE 10%",
+    "SELECT * FROM (UNPIVOT runs ON run INTO NAME k VALUE v)",
+    "SELECT [x * 2 FOR x IN [1, 2]], list_transform([1], y -> y + 1), {'a': 1}, unnest([1, 2])",
+    "WITH RECURSIVE r(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM r WHERE i < 3) SELECT * FROM r",
+    "SELECT * FROM expert_load a ASOF JOIN router_stats b USING (run, step)",
+    "VALUES (1), (2)",
+    "SELECT 1 INTERSECT SELECT 1 EXCEPT SELECT 2",
+    "SELECT * FROM runs LEFT JOIN LATERAL (SELECT 1) ON true",
+    "SELECT layer, count(*) FROM expert_load GROUP BY ROLLUP (layer)",
+    "SELECT * EXCLUDE (run) FROM runs",
+    "FROM runs SELECT run",
+    "DESCRIBE runs",
+    "SHOW TABLES",
+    "SUMMARIZE runs",
+    "SELECT * FROM range(3) r, generate_series(1, 2) g, unnest([1]) u",
+    "SELECT median(tokens), quantile_cont(tokens, 0.9) FROM expert_load",
+    "SELECT CASE WHEN tokens > 0 THEN 'x' ELSE 'y' END, CAST(tokens AS DOUBLE), tokens::INT FROM expert_load",
+    "SELECT token_id, expert, COUNT(*) AS n FROM assignments GROUP BY token_id, expert ORDER BY n DESC LIMIT 50",
+]
+
+
+@pytest.mark.parametrize("query", EVERYDAY)
+def test_everyday_queries_pass_the_check(query):
+    assert check(query, ["runs", "expert_load", "router_stats", "assignments"]) == query
