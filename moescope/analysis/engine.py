@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import duckdb
@@ -10,6 +11,8 @@ import pandas as pd
 from ..format.writer import TraceError
 from .sqlkit import render
 
+#: Integer types wider than BIGINT that results carry: HUGEINT, and DECIMAL(38,0) (a HUGEINT sum through Arrow).
+_WIDE_INT = re.compile(r"^DECIMAL\((?:19|[2-3][0-9]),0\)$")
 #: Largest expert id + 1 that `expert_ids` covers (expert ids are SMALLINT in the trace format).
 _MAX_EXPERTS = 1 << 15
 
@@ -96,11 +99,12 @@ def translate(e: Exception, con: duckdb.DuckDBPyConnection | None = None) -> Exc
 def integer_counts(rel: duckdb.DuckDBPyRelation) -> duckdb.DuckDBPyRelation:
     """Cast HUGEINT result columns to BIGINT, so `sum(tokens)` is an integer in pandas and CSV, not 27685.0.
 
-    DuckDB's sum over BIGINT is HUGEINT, which `.df()` turns into float64. Token counts stay far below 2^63,
-    and a count that did not fit would be an error, never a rounded number. Relations with duplicate column
-    names are returned unchanged (a projection by name would be ambiguous).
+    DuckDB's sum over BIGINT is HUGEINT, which `.df()` turns into float64 (and Arrow into DECIMAL(38,0), which
+    comes back the same way). Token counts stay far below 2^63, and a count that did not fit would be an error,
+    never a rounded number. Relations with duplicate column names are returned unchanged (a projection by name
+    would be ambiguous). The one place counts are made integers: `Trace.sql`/`query`, `moescope sql`, analyses.
     """
-    cols, types = rel.columns, [str(t) for t in rel.types]
+    cols, types = rel.columns, [_WIDE_INT.sub("HUGEINT", str(t)) for t in rel.types]
     if "HUGEINT" not in types or len(set(cols)) != len(cols):
         return rel
 
@@ -116,7 +120,7 @@ def run_analysis(con: duckdb.DuckDBPyConnection, name: str, params: dict[str, An
     ensure_layer_info(con)
     sql = render(name, params, final=final)
     try:
-        df = con.execute(sql).df()
+        df = integer_counts(con.sql(sql)).df()
     except duckdb.Error as e:
         raise translate(e, con) from None
     if "win" in df.columns:

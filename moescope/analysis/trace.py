@@ -334,7 +334,7 @@ class Trace:
             self.last_truncated = result.truncated
             cur = self.con.cursor()  # its own cursor: console queries run concurrently, a connection is not thread-safe
             try:
-                df = cur.from_arrow(result.table).df()
+                df = integer_counts(cur.from_arrow(result.table)).df()  # counts stay integers
             finally:
                 cur.close()
             df.attrs["truncated"] = result.truncated

@@ -162,3 +162,18 @@ def test_corrupt_data_pages_name_the_file(make_run, trace_root):
     with pytest.raises(TraceError) as e:
         Trace(trace_root).load_metrics()
     assert str(part) in str(e.value) and "\n" not in str(e.value)
+
+
+def test_sums_of_counts_are_integers(two_runs, capsys):
+    """sum(BIGINT) is HUGEINT in DuckDB (float64 in pandas, 27685.0): tr.sql, locked query and `moescope sql` cast it."""
+    from moescope.cli import main
+
+    q = "SELECT layer, sum(tokens) AS n, count(*) AS rows_ FROM expert_load GROUP BY ALL ORDER BY ALL"
+    df = moescope.open(two_runs).sql(q).df()
+    assert str(df["n"].dtype) == "int64"
+    expected = moescope.open(two_runs).sql("SELECT CAST(sum(tokens) AS BIGINT) FROM expert_load").fetchall()[0][0]
+    assert int(df["n"].sum()) == expected
+    assert str(moescope.open(two_runs, locked=True).query(q)["n"].dtype) == "int64"
+    assert main(["sql", str(two_runs), "SELECT sum(tokens) AS n FROM expert_load", "--format", "csv"]) == 0
+    out = capsys.readouterr().out
+    assert out.splitlines() == ["n", str(expected)]  # no ".0"
