@@ -78,9 +78,12 @@ def _top_k(con: duckdb.DuckDBPyConnection, sel: Selection) -> dict[int, int]:
 def _units(con: duckdb.DuckDBPyConnection, sel: Selection, pre: pd.DataFrame | None = None) -> tuple[pd.DataFrame, str]:
     """Bootstrap units of the baseline: (unit id, layer, expert, c) rows and the unit kind.
 
-    `pre`: the drift_units rows of `sel` computed already (Trace keeps them per routing part), else run here.
+    `pre`: the drift_units rows of `sel` computed already (Trace keeps them per routing part), else run here;
+    with a `unit` column (0..n-1, one per sequence) they are used as they are.
     """
-    df = run_analysis(con, "drift_units", {"filter": sel.filter()}) if pre is None else pre.copy()
+    if pre is not None and "unit" in pre.columns and len(pre):
+        return pre[["unit", "layer", "expert", "c"]], "sequence"
+    df = run_analysis(con, "drift_units", {"filter": sel.filter()}) if pre is None or "unit" in pre.columns else pre.copy()
     if len(df):
         key = ["run", "rank", "step", "tag", "seq"]
         df["unit"] = df.groupby(key, sort=False, dropna=False).ngroup()

@@ -214,60 +214,72 @@ def alert_summary(tr: Trace, limit: int = 10) -> list[str]:
 
 
 def sequence_units(tr: Trace, sel: Any) -> pd.DataFrame:
-    """Per whole sequence × layer × expert, the assignments of a selection (analyses/drift_units.sql's rows).
+    """Per whole sequence × layer × expert, the assignments of a selection: unit (sequence id), layer, expert, c.
 
-    The drift bootstrap resamples these. They are aggregated once per routing part (parts never change), kept,
-    and filtered per selection: a new baseline/current pair, or a refresh that added parts, reads no raw rows
-    again except the new parts'.
+    The drift bootstrap resamples these (analyses/drift_units.sql's rows). They are aggregated once per routing
+    part (parts never change) into a table that a refresh extends with the new parts only, and filtered per
+    selection: a new baseline/current pair reads no raw rows. Units are numbered 0..n-1 in the order the
+    sequences were written.
     """
     import threading
+
+    import numpy as np
 
     lock = tr.__dict__.setdefault("_units_lock", threading.Lock())
     with lock:
         con = _units_connection(tr)
-        return con.execute(f"SELECT * FROM units WHERE {sel.filter().sql}").df()
+        got = con.execute(f"SELECT sid, layer, expert, c FROM units WHERE {sel.filter().sql}").fetchnumpy()
+    # Sequence ids of the whole trace → 0..n-1 for this selection (numpy: cheaper than a window in SQL).
+    _, unit = np.unique(np.asarray(got["sid"]), return_inverse=True)
+    return pd.DataFrame({"unit": unit.astype(np.int64), "layer": np.asarray(got["layer"]),
+                         "expert": np.asarray(got["expert"]), "c": np.asarray(got["c"])})
+
+
+_UNIT_KEY = ("run", "rank", "step", "tag", "seq")
 
 
 def _units_connection(tr: Trace) -> Any:
-    """A private DuckDB connection holding `units`: the per-part aggregates of the trace's current routing parts."""
-    import duckdb
-    import pyarrow as pa
+    """A private DuckDB connection whose `units` table holds every current routing part's per-sequence counts.
 
-    from ..format.schema import duckdb_columns
+    A refresh that adds parts inserts their rows; one that drops a part rebuilds the table. Each sequence key
+    (run, rank, step, tag, seq) gets one id `sid` for the life of the Trace, also when a flush split it
+    across two parts.
+    """
+    import duckdb
+
     from .sqlkit import Raw, render
     from .trace import _table_view_sql
 
-    state = tr.__dict__.setdefault("_units", {"parts": {}, "version": None, "con": None})
+    state = tr.__dict__.setdefault("_units", {"con": None, "version": None, "parts": [], "sids": {}})
     if state["con"] is not None and state["version"] == tr.data_version:
         return state["con"]
     files = [f for info in tr._runs for f in info.files.get("routing", [])]
-    parts: dict[Path, pa.Table] = state["parts"]
-    scratch = duckdb.connect(":memory:")
-    try:
-        for f in files:
-            if f in parts:
-                continue
-            # The same SQL as the analysis, over this one part (a view named `routing` on the scratch connection).
-            scratch.execute(f"CREATE OR REPLACE VIEW routing AS {_table_view_sql('routing', [f], set(tr._columns[f]))}")
-            tbl = scratch.sql(render("drift_units", {"filter": Raw("1 = 1")})).to_arrow_table()
-            # Run and tag repeat on every row: dictionaries keep the kept table small.
-            for name in ("run", "tag"):
-                i = tbl.schema.get_field_index(name)
-                tbl = tbl.set_column(i, name, tbl.column(name).dictionary_encode())
-            parts[f] = tbl
-    finally:
-        scratch.close()
-    for gone in set(parts) - set(files):  # a part that vanished leaves the units too
-        del parts[gone]
-    con = duckdb.connect(":memory:")
-    if parts:
-        con.register("units", pa.concat_tables([parts[f] for f in files if f in parts], promote_options="permissive"))
-    else:
-        cols = [c for c in duckdb_columns("routing") if c[0] in ("run", "rank", "step", "tag", "seq", "layer")]
-        sel = ", ".join(f"CAST(NULL AS {t}) AS {c}" for c, t in cols)
-        con.execute(f"CREATE VIEW units AS SELECT {sel}, CAST(NULL AS SMALLINT) AS expert, "
-                    "CAST(NULL AS DOUBLE) AS c WHERE 1 = 0")
-    if state["con"] is not None:
-        state["con"].close()
-    state.update(con=con, version=tr.data_version)
+    con = state["con"]
+    if con is None or any(p not in set(files) for p in state["parts"]):  # first build, or a part vanished
+        if con is not None:
+            con.close()
+        con = duckdb.connect(":memory:")
+        con.execute("CREATE TABLE units (run VARCHAR, rank SMALLINT, step BIGINT, tag VARCHAR, seq INTEGER, "
+                    "layer SMALLINT, expert SMALLINT, c DOUBLE, sid BIGINT)")
+        state.update(con=con, parts=[])
+    sids: dict[tuple[Any, ...], int] = state["sids"]
+    known = set(state["parts"])
+    for f in files:
+        if f in known:
+            continue
+        # The analysis's own SQL over this one part: a view named `routing` on the private connection.
+        con.execute(f"CREATE OR REPLACE TEMP VIEW routing AS {_table_view_sql('routing', [f], set(tr._columns[f]))}")
+        con.execute(f"CREATE OR REPLACE TEMP TABLE part_units AS {render('drift_units', {'filter': Raw('1 = 1')})}")
+        cols = ", ".join(_UNIT_KEY)
+        keys = con.execute(f"SELECT DISTINCT {cols} FROM part_units ORDER BY {cols}").fetchall()
+        ids = [sids.setdefault(tuple(k), len(sids)) for k in keys]
+        con.register("_part_sids", pd.DataFrame([(*k, i) for k, i in zip(keys, ids)], columns=[*_UNIT_KEY, "sid"]))
+        con.execute(
+            "INSERT INTO units SELECT u.run, u.rank, u.step, u.tag, u.seq, u.layer, u.expert, u.c, s.sid "
+            "FROM part_units u JOIN _part_sids s ON "  # NULL keys (older writers) still match themselves
+            + " AND ".join(f"u.{k} IS NOT DISTINCT FROM s.{k}" for k in _UNIT_KEY)
+        )
+        con.unregister("_part_sids")
+        state["parts"].append(f)
+    state["version"] = tr.data_version
     return con
