@@ -125,6 +125,8 @@ ESCAPES: list[tuple[str, str]] = [
     ("SELECT repeat('x', 1000000000)", r"refused: repeat\(\) can build values too large"),
     ("SELECT list_resize([1], 1000000000)", r"refused: list_resize\(\) can build values too large"),
     ("SELECT printf('%01000000000d', 1)", r"refused: printf\(\) can build values too large"),
+    ("SELECT damerau_levenshtein(run, run) FROM runs", r"refused: damerau_levenshtein\(\) takes quadratic time"),
+    ("SELECT levenshtein(run, run) FROM runs", r"refused: levenshtein\(\) takes quadratic time"),
     # size and cost
     (" UNION ALL ".join(["SELECT count(*) FROM assignments"] * 5600), r"refused: the query is 240,789 characters long \(limit 20,000\)"),
 ]
