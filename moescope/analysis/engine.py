@@ -64,8 +64,8 @@ _QUERY_ERRORS = tuple(
 
 
 def find_corrupt_file(con: duckdb.DuckDBPyConnection) -> tuple[str, str] | None:
-    """Read every trace file (listed in `trace_files`) with pyarrow; the first that fails and why, else None."""
-    import pyarrow.parquet as pq
+    """Verify every trace file (listed in `trace_files`) again, pages and checksums; the first broken one and why."""
+    from ..format.reader import verify_part
 
     try:
         paths = [r[0] for r in con.execute("SELECT path FROM trace_files ORDER BY path").fetchall()]
@@ -73,12 +73,10 @@ def find_corrupt_file(con: duckdb.DuckDBPyConnection) -> tuple[str, str] | None:
         return None
     for path in paths:
         try:
-            pf = pq.ParquetFile(path)
-            for i in range(pf.num_row_groups):  # one row group at a time keeps memory flat
-                pf.read_row_group(i)
-        except Exception as e:  # pyarrow raises several types for broken data
-            text = str(e).strip().splitlines()[0] if str(e).strip() else e.__class__.__name__
-            return path, text
+            verify_part(path)
+        except TraceError as e:  # "<path>: why": keep the why
+            text = str(e)
+            return path, text[len(path) + 2:] if text.startswith(path + ": ") else text
     return None
 
 

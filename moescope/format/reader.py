@@ -59,6 +59,15 @@ def _first_line(e: BaseException) -> str:
     return text.splitlines()[0] if text else e.__class__.__name__
 
 
+def verify_part(path: str | os.PathLike[str]) -> None:
+    """Read every page of a part with checksum verification, ignoring the cache; TraceError naming it if broken."""
+    p = Path(path)
+    with _LOCK:
+        for key in [k for k in _VERIFIED if k[0] == str(p)]:
+            del _VERIFIED[key]
+    check_part(p)
+
+
 def check_part(path: str | os.PathLike[str], verify_pages: bool = True) -> list[str]:
     """A part's column names after checking its footer, format version and (once) every page's checksum.
 

@@ -177,3 +177,17 @@ def test_sums_of_counts_are_integers(two_runs, capsys):
     assert main(["sql", str(two_runs), "SELECT sum(tokens) AS n FROM expert_load", "--format", "csv"]) == 0
     out = capsys.readouterr().out
     assert out.splitlines() == ["n", str(expected)]  # no ".0"
+
+
+def test_damage_after_open_is_found_when_duckdb_trips_on_it(make_run, trace_root):
+    """A part damaged after the trace was opened (and verified): DuckDB's error is traced back to the file."""
+    rows = [(s, 0, [(s * 7 + e * 13) % 1000 for e in range(8)]) for s in range(2000)]
+    make_run("c", layers=[layer_spec(0, 8, 2)], expert_load=load_frame(rows))
+    tr = Trace(trace_root)
+    part = next((trace_root / "c" / "expert_load").glob("*.parquet"))
+    data = bytearray(part.read_bytes())
+    data[200 : len(data) // 2] = b"\x55" * (len(data) // 2 - 200)
+    part.write_bytes(bytes(data))
+    with pytest.raises(TraceError) as e:
+        tr.load_metrics()
+    assert str(e.value).startswith(f"{part}: corrupt Parquet data") and "\n" not in str(e.value)
