@@ -14,6 +14,7 @@ user's zoom survives the redraw. The header shows the live state (recording, fin
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 import threading
@@ -63,6 +64,20 @@ def _adopt_page_callbacks(app: Dash) -> None:
         cb_map[key] = _dash_callback.GLOBAL_CALLBACK_MAP.pop(key)
     cb_list.extend(_dash_callback.GLOBAL_CALLBACK_LIST)
     _dash_callback.GLOBAL_CALLBACK_LIST.clear()
+
+
+#: Warm-up threads still alive at exit are stopped and joined (see `_stop_warming`).
+_WARMING: list[tuple[threading.Thread, DashboardData]] = []
+
+
+@atexit.register
+def _stop_warming() -> None:
+    """Stop warm-up threads before the interpreter exits: a daemon thread killed inside a DuckDB query aborts the
+    process ("terminate called…", exit 134) even after every test passed."""
+    for thread, data in _WARMING:
+        data.stop_warming()
+        thread.join(timeout=10)
+    _WARMING.clear()
 
 
 def page_module(stem: str) -> Any:
@@ -238,5 +253,8 @@ def create_app(
     _register_callbacks(app)
     _register_live(app)
     if warm:
-        threading.Thread(target=data.warm, name="moescope-dashboard-warm", daemon=True).start()
+        thread = threading.Thread(target=data.warm, name="moescope-dashboard-warm", daemon=True)
+        _WARMING[:] = [(t, d) for t, d in _WARMING if t.is_alive()]
+        _WARMING.append((thread, data))
+        thread.start()
     return app

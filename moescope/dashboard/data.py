@@ -211,6 +211,15 @@ class DashboardData:
                 continue
         return time.perf_counter() - t0
 
+    def stop_warming(self) -> None:
+        """Stop `warm` between queries and interrupt the one running (DuckDB aborts the process when a daemon
+        thread is killed inside a query at interpreter exit)."""
+        self._closed = True
+        try:
+            self.trace.con.interrupt()
+        except Exception:  # noqa: BLE001 - a closed connection has nothing to interrupt
+            pass
+
     def close(self) -> None:
         """Close both connections."""
         self._closed = True

@@ -377,6 +377,7 @@ def _cli(argv: list[str], monkeypatch: pytest.MonkeyPatch, capsys: pytest.Captur
         return FakeApp()
 
     monkeypatch.setattr(glue, "create_app", fake_create_app)
+    monkeypatch.setattr(glue, "bind_error", lambda host, port: None)  # nothing is bound: the port may be in use here
     rc = cli.main(argv)
     return rc, capsys.readouterr().err, seen
 
