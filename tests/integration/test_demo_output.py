@@ -143,3 +143,12 @@ def test_help_and_readme_agree_on_timings_and_sample_traces(capsys: pytest.Captu
     for name in ("balanced", "collapse", "shift", "upcycled"):
         meta = json.loads((ROOT / "sample_traces" / name / "manifest.json").read_text())["meta"]
         assert meta["train"]["steps"] == full[name].steps, name
+
+
+def test_report_prints_the_same_legend_once() -> None:
+    import moescope
+    from moescope.commands.report import render_report
+
+    with moescope.open(ROOT / "sample_traces" / "collapse") as tr:
+        text = render_report(tr)
+    assert text.count(LEGEND) == 1 and text.rstrip().endswith(LEGEND.rstrip())
