@@ -137,7 +137,24 @@ def run(args: argparse.Namespace) -> int:
         from rich.live import Live
     except ImportError:  # pragma: no cover - rich is a core dependency
         raise CLIError("moescope watch needs rich: pip install rich", 2) from None
-    tr = Trace(args.trace)  # TraceError (exit 3) for a missing or empty trace, as every command
+    from ..format.writer import TraceError
+
+    said = False
+    while True:
+        try:
+            tr = Trace(args.trace)  # TraceError (exit 3) for a missing or unreadable trace, as every command
+            break
+        except TraceError as e:
+            # A job that has just started has a manifest and no flush yet: wait for it (not with --once).
+            if args.once or "empty trace" not in str(e):
+                raise
+            if not said:
+                sys.stderr.write(f"moescope watch: {args.trace}: no data yet, waiting for the first flush\n")
+                said = True
+            try:
+                time.sleep(args.interval)
+            except KeyboardInterrupt:
+                return 0
     unknown = [r for r in args.run or [] if r not in tr.runs]
     if unknown:
         raise CLIError(f"no run {unknown[0]!r} in {args.trace} (runs: {', '.join(tr.runs)})", 2)

@@ -19,7 +19,7 @@ import moescope
 from moescope.capture.alerts import Alert
 from moescope.capture.recorder import alerts_table
 from moescope.commands.watch import sparkline
-from moescope.format.writer import write_run
+from moescope.format.writer import write_manifest, write_run
 
 REPO = Path(__file__).resolve().parents[2]
 CLI = [sys.executable, "-m", "moescope"]
@@ -71,7 +71,7 @@ def test_bad_arguments_are_one_line() -> None:
 WRITER = textwrap.dedent("""
     import sys, time
     from trace_helpers import layer_spec, load_frame, stats_frame
-    from moescope.format.writer import write_run
+    from moescope.format.writer import write_manifest, write_run
     root, n, pause = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
     for i in range(n):
         steps = range(i * 5, i * 5 + 5)
@@ -84,20 +84,22 @@ WRITER = textwrap.dedent("""
 
 def test_watch_while_a_process_writes(tmp_path: Path) -> None:
     root = tmp_path / "t"
-    subprocess.run([sys.executable, "-c", WRITER, str(root), "1", "0"], check=True, env=ENV)
-    writer = subprocess.Popen([sys.executable, "-c", WRITER, str(root), "30", "0.1"], env=ENV)
+    # the job has started (manifest written) but not flushed yet: watch waits for the first flush
+    write_manifest(root / "live", {"run": "live", "layers": [layer_spec(0, 4, 1)], "closed": False})
     watch = subprocess.Popen([*CLI, "watch", str(root), "--interval", "0.3", "--window", "5"], env=ENV,
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(1.5)
+    writer = subprocess.Popen([sys.executable, "-c", WRITER, str(root), "30", "0.1"], env=ENV)
     try:
         writer.wait(timeout=60)
-        time.sleep(1.0)  # one more tick sees the last part
+        time.sleep(3.0)  # a few more ticks see the last part (a loaded machine runs them late)
     finally:
         watch.send_signal(signal.SIGINT)
         out, err = watch.communicate(timeout=30)
     assert watch.returncode == 0, err
     assert "Traceback" not in err and "error" not in err.lower()
-    assert "moescope watch: stopped" in err
-    # the last frame shows the writer's last window (steps 145–149 of the second write's numbering)
+    assert "moescope watch: stopped" in err and "waiting for the first flush" in err
+    # the last frame shows the writer's last window
     assert "recording · step 149" in out and "145–149" in out
 
 
