@@ -16,7 +16,8 @@ EPILOG = """scenarios (each a real training run on the Python standard library's
   balanced   Switch aux loss 0.01 + z-loss + aux-loss-free bias balancing: healthy routing
   collapse   no aux loss, no z-loss, learned router bias, hot router: the router collapses through training
   shift      trained on English (docstrings, comments), evaluated on English and code (tags english, code)
-  upcycled   experts copied from one dense FFN plus small noise: near-clones (expert snapshots at checkpoints)
+  upcycled   experts copied from one dense FFN plus small noise, balanced: near-clones (expert snapshots at
+             checkpoints); its only finding is the clones WARN
 
 then:
   moescope report moescope-demo             per run and layer: metrics and findings
@@ -44,14 +45,15 @@ def register(sub: Any) -> None:
     p.add_argument("--out", default="moescope-demo", metavar="DIR", help="trace root to write (default: moescope-demo)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
                    help="where to train: auto picks cuda when available (bf16 autocast), else cpu")
-    p.add_argument("--quick", action="store_true", help="shorter runs (about 4x fewer steps) for a smoke test")
+    p.add_argument("--quick", action="store_true", help="shorter runs (3x fewer steps) for a smoke test")
     p.add_argument("--seed", type=int, default=0, help="seed of model init, data order and token sampling (default 0)")
     p.add_argument("--scenario", action="append", metavar="NAME",
                    help="run only this scenario (repeatable): balanced, collapse, shift, upcycled")
     p.add_argument("--threads", type=int, default=1, metavar="N",
                    help="CPU threads for torch (default 1: the model is tiny, so one thread is as fast, "
                    "bitwise reproducible, and never thrashes on a busy machine)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--no-progress", action="store_true",
+                   help="no progress: no bar on a terminal, no per-step lines in a pipe or log")
     p.set_defaults(func=run)
 
 
