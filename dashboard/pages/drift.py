@@ -37,8 +37,11 @@ def _table(drift: pd.DataFrame) -> Any:
     return C.table(drift, "drift-table", columns=cols, page_size=12)
 
 
-def unknown_sides(query: dict[str, Any], runs: list[str], tags: dict[str, list[str]]) -> list[str]:
-    """One line per URL key naming a run or tag the trace does not have (a typo must not compare nothing)."""
+def unknown_sides(query: dict[str, Any], runs: list[str], tags: dict[str, list[str]],
+                  side_runs: dict[str, str | None]) -> list[str]:
+    """One line per URL key naming a run or tag the trace does not have (a typo must not compare nothing).
+
+    side_runs: prefix -> the run that side reads (the URL's, else the page's default)."""
     problems = []
     for prefix, name in (("b_", "baseline"), ("c_", "current")):
         run = query.get(f"{prefix}run")
@@ -46,13 +49,10 @@ def unknown_sides(query: dict[str, Any], runs: list[str], tags: dict[str, list[s
             problems.append(f"The {name} run {run!r} is not in this trace (runs: {', '.join(runs)}).")
             continue
         tag = query.get(f"{prefix}tag")
-        side_run = run or None
-        if tag and tag not in (ALL_TAGS, UNTAGGED):
-            have = tags.get(side_run, []) if side_run else sorted({t for ts in tags.values() for t in ts})
-            if tag not in have:
-                names = ", ".join(t or "untagged" for t in have) or "none"
-                where = f"run {side_run}" if side_run else "this trace"
-                problems.append(f"The {name} tag {tag!r} is not in {where} (tags: {names}).")
+        side_run = side_runs.get(prefix)
+        if tag and tag not in (ALL_TAGS, UNTAGGED) and tag not in tags.get(side_run or "", []):
+            names = ", ".join(t or "untagged" for t in tags.get(side_run or "", [])) or "none"
+            problems.append(f"The {name} tag {tag!r} is not in run {side_run} (tags: {names}).")
     return problems
 
 
@@ -67,7 +67,7 @@ def layout(**query: Any) -> html.Div:
                     "Jensen–Shannon distance per layer against a bootstrap threshold fitted on the baseline.")
     if state.layer is None:
         return html.Div([head, C.message("This trace has no MoE layers to show.", "warn")])
-    problems = unknown_sides(query, runs, {r: data.tags(r) for r in runs})
+    problems = unknown_sides(query, runs, {r: data.tags(r) for r in runs}, {"b_": base["run"], "c_": cur["run"]})
     if problems:
         # compare nothing rather than an empty slice: an empty side would read as "no drift"
         return html.Div([head, *[C.message(p + " Pick one below.", "error") for p in problems],

@@ -187,7 +187,8 @@ def test_typo_in_url_run_is_said_not_silent(sample_app: Any, page: str) -> None:
 
 @needs_samples
 @pytest.mark.parametrize("query, says", [
-    ({"b_tag": "englsh"}, "The baseline tag 'englsh' is not in this trace (tags: untagged, code, english)"),
+    ({"b_tag": "englsh"}, "The baseline tag 'englsh' is not in run shift (tags: untagged, code, english)"),
+    ({"b_run": "collapse", "b_tag": "english"}, "The baseline tag 'english' is not in run collapse (tags: untagged)"),
     ({"c_run": "shift", "c_tag": "cdoe"}, "The current tag 'cdoe' is not in run shift (tags: untagged, code, english)"),
     ({"b_run": "shfit"}, "The baseline run 'shfit' is not in this trace"),
 ])
