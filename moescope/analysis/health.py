@@ -9,6 +9,7 @@ itself failed).
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Sequence
 from typing import Any
@@ -89,6 +90,7 @@ def health(
         if not any(r["run"] == run_name for r in rows):
             rows.append(finding("data", Status.SKIP, {"run": run_name}, "tokens", None, None,
                                 f"run {run_name}: no expert_load or router_stats rows to judge"))
+    rows += recording_losses(con, runs)
     for spec in rules("snapshot"):
         rc = cfg.rule(spec.name)
         if not rc.enabled:
@@ -100,6 +102,34 @@ def health(
         except Exception as e:
             rows.append(_error(spec.name, None, e))
     return _frame(rows)
+
+
+def recording_losses(con: duckdb.DuckDBPyConnection, runs: Sequence[str]) -> list[dict[str, Any]]:
+    """One ERROR finding per run × rank whose manifest counts steps that never reached the disk.
+
+    Failed writes and dropped flushes (`on_full="drop"`) lose steps the data cannot show (a gap looks like a
+    shorter run), so the manifest's counters are the only witness: one query over the `runs` table.
+    """
+    if not runs:
+        return []
+    got = con.execute("SELECT run, rank, counters FROM runs WHERE list_contains(?, run) ORDER BY run, rank",
+                      [list(runs)]).fetchall()
+    out = []
+    for run, rank, text in got:
+        c = json.loads(text or "{}")
+        errors, dropped = list(c.get("write_errors") or []), int(c.get("dropped_flushes") or 0)
+        lost = [r for r in c.get("lost_steps") or [] if isinstance(r, list) and len(r) == 2]
+        if not (errors or dropped or lost):
+            continue
+        n = sum(int(b) - int(a) + 1 for a, b in lost)
+        steps = ", ".join(f"{a}" if a == b else f"{a}–{b}" for a, b in lost) or "unknown (an older writer)"
+        why = [f"{len(errors)} write(s) failed" + (f" (first: {errors[0]})" if errors else "")] if errors else []
+        why += [f"{dropped} flush(es) dropped: writer queue full (on_full='drop')"] if dropped else []
+        rank_txt = f" rank {rank}" if rank else ""
+        out.append(finding("recording", Status.ERROR, {"run": run}, "lost_steps", n if lost else None, 0,
+                           f"run {run}{rank_txt}: {n or 'some'} step(s) not recorded: steps {steps}; "
+                           + "; ".join(why)))
+    return out
 
 
 def _evaluate(cfg: HealthConfig, cs: Sequence[Cell], names: Sequence[str]) -> list[dict[str, Any]]:
@@ -119,7 +149,7 @@ def _evaluate(cfg: HealthConfig, cs: Sequence[Cell], names: Sequence[str]) -> li
 
 def _frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
     df = pd.DataFrame(rows, columns=COLUMNS)
-    order = {name: i for i, name in enumerate((*REGISTRY, "data"))}
+    order = {name: i for i, name in enumerate(("recording", *REGISTRY, "data"))}
     df["_o"] = df["rule"].map(order)
     df = df.sort_values(["run", "layer", "window_start", "_o"], na_position="first", kind="stable").drop(columns="_o")
     df = df.reset_index(drop=True)

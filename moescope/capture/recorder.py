@@ -25,8 +25,9 @@ import torch
 from torch import nn
 
 from .. import __version__
+from ..format.lock import RunLock, RunLocked
 from ..format.manifest import CaptureSettings, Counters, LayerEntry, Manifest, ModelInfo, now_utc
-from ..format.writer import TraceWriter
+from ..format.writer import TraceWriter, set_aside_torn, step_ranges
 from . import adapters as A
 from .hotpath import STAT_NAMES, Grid, HotPath, decode, in_backward
 
@@ -227,6 +228,8 @@ class Recorder:
         self.layers: list[LayerInfo] = []
         self._handles = HookHandles()
         self._writer: TraceWriter | None = None
+        self._lock: RunLock | None = None
+        self.torn_parts: list[str] = []  # parts of a crashed last flush set aside at resume
         self._user_step: int | None = None
         self._forwards = 0
         self._tag_stack: list[str] = []
@@ -298,12 +301,33 @@ class Recorder:
         if not self.layers:
             raise RecordError(no_router_message(self.model))
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        lock = RunLock(self.run_dir, self.rank)
+        try:
+            lock.acquire()
+        except RunLocked as e:
+            raise RecordError(str(e)) from None
+        self._lock = lock
+        try:
+            self._start_locked()
+        except BaseException:
+            lock.release()
+            self._lock = None
+            raise
+        return self
+
+    def _start_locked(self) -> None:
         if self.resume:
+            torn = set_aside_torn(self.run_dir, self.rank)
+            if torn:
+                self.torn_parts = [str(p.relative_to(self.run_dir)) for p in torn]
+                warnings.warn(f"moescope: {self.run_dir}: the last flush of rank {self.rank} was cut short (a crash "
+                              f"between its tables); set aside {', '.join(self.torn_parts)} so every table resumes "
+                              "from the same step", RuntimeWarning, stacklevel=4)
             self._resume_step = last_recorded_step(self.run_dir, self.rank)
             if self._resume_step is not None:
                 # Forward-counter steps continue after the last recorded one instead of restarting at 0.
                 self._forwards = self._resume_step + 1
-        self._writer = TraceWriter(self.run_dir, self.rank, self.max_queue_bytes, self.on_full)
+        self._writer = TraceWriter(self.run_dir, self.rank, self.max_queue_bytes, self.on_full, self._on_loss)
         self._hot = HotPath([li.n_experts for li in self.layers], _device_of(self.model), self.stats,
                             self.tokens > 0)
         try:
@@ -316,7 +340,10 @@ class Recorder:
             raise
         self._open = True
         self._key = (self.step, self.current_tag)
-        return self
+
+    def _on_loss(self, what: str) -> None:
+        """A write failed or a flush was dropped: put the count in the manifest now (a crash may follow)."""
+        self._write_manifest(closed=False)
 
     def close(self) -> None:
         """Flush everything, detach every hook, wait for the writer and finalise the manifest."""
@@ -331,10 +358,31 @@ class Recorder:
             assert self._writer is not None
             self._keep_alerts()  # a raise_on stop closes from inside the flush, before the flush could queue them
             self._writer.close()
-            self._write_manifest(closed=True)
-            errors = self._writer.stats.errors
-            if errors:
-                warnings.warn(f"moescope: {len(errors)} trace write(s) failed; first: {errors[0]}", stacklevel=2)
+            st = self._writer.stats
+            if st.lost_steps:  # reported before the manifest write, which a full disk may refuse as well
+                lost = ", ".join(f"{a}" if a == b else f"{a}–{b}" for a, b in st.lost_steps)
+                warnings.warn(f"moescope: {self.run_dir}: steps {lost} were not recorded ({len(st.errors)} write(s) "
+                              f"failed, {st.dropped_flushes} flush(es) dropped){'; first: ' + st.errors[0] if st.errors else ''}",
+                              RuntimeWarning, stacklevel=2)
+            self._close_manifest()
+
+    def _close_manifest(self) -> None:
+        """Write the final manifest; on a full disk give the lock's reserve back and retry; then unlock."""
+        try:
+            try:
+                self._write_manifest(closed=True)
+            except OSError:
+                if self._lock is not None:
+                    self._lock.free_reserve()
+                try:
+                    self._write_manifest(closed=True)
+                except OSError as e:
+                    raise RecordError(f"{self.run_dir}: the final manifest could not be written ({e.__class__.__name__}:"
+                                      f" {e}); its counters are out of date (losses were warned about above)") from None
+        finally:
+            if self._lock is not None:
+                self._lock.release()
+                self._lock = None
 
     # -- hooks --------------------------------------------------------------------------------
     def _attach(self) -> None:
@@ -604,6 +652,7 @@ class Recorder:
             sum(v.nbytes for v in r.values()) for *_, r in rows_host
         )
         nrows = sum(len(r["seq"]) for *_, r in rows_host)
+        steps = {s for s, *_ in load_host} | {s for s, *_ in rows_host}
         self.flushes += 1
         run, rank = self.run, self.rank
 
@@ -613,10 +662,10 @@ class Recorder:
         assert self._writer is not None
         if self.on_flush is not None:
             tables = make()
-            self._writer.submit(lambda: tables, nbytes, nrows)
+            self._writer.submit(lambda: tables, nbytes, nrows, steps)
             self.on_flush(self, tables)
         else:
-            self._writer.submit(make, nbytes, nrows)
+            self._writer.submit(make, nbytes, nrows, steps)
         if self.on_alert is not None or self.raise_on is not None or self.alert_rules is not None:
             from .alerts import RoutingCollapseError, evaluate_flush
 
@@ -686,7 +735,9 @@ class Recorder:
                 skipped_resumed_forwards=self.skipped_forwards,
                 resumed_after_step=self._resume_step,
                 write_errors=list(stats.errors) if stats else [],
-                extra={"silent_forwards": self.silent_forwards},
+                lost_steps=step_ranges(s for a, b in stats.lost_steps for s in range(a, b + 1)) if stats else [],
+                extra={"silent_forwards": self.silent_forwards,
+                       **({"torn_parts_set_aside": self.torn_parts} if self.torn_parts else {})},
             ),
             rank=self.rank,
             world_size=self.world_size,

@@ -39,10 +39,14 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write a file under a temporary name and rename it, so a reader never sees half of it."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
+    try:
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # a full disk must not keep a half-written temporary
+        raise
     os.replace(tmp, path)
 
 
@@ -157,6 +161,8 @@ class Counters:
     skipped_resumed_forwards: int | None = None
     resumed_after_step: int | None = None
     write_errors: list[str] = field(default_factory=list)
+    #: steps whose rows never reached the disk (failed writes, dropped flushes), as [first, last] ranges
+    lost_steps: list[list[int]] = field(default_factory=list)
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -263,6 +269,7 @@ class Manifest:
             skipped_resumed_forwards=_take(cnt_d, "skipped_resumed_forwards", _count, w),
             resumed_after_step=_take(cnt_d, "resumed_after_step", _int, w),
             write_errors=_take(cnt_d, "write_errors", _strs, w, default=[]),
+            lost_steps=_take(cnt_d, "lost_steps", _ranges, w, default=[]),
             extra=cnt_d,
         )
         top_errors = _take(d, "write_errors", _strs, "")  # a top-level spelling some writers may use
@@ -384,6 +391,15 @@ def _counts(v: Any) -> dict[str, int]:
     for x in d.values():
         _count(x)
     return {str(k): int(x) for k, x in d.items()}
+
+
+def _ranges(v: Any) -> list[list[int]]:
+    if not isinstance(v, list) or not all(isinstance(r, list) and len(r) == 2 for r in v):
+        raise _Bad("a list of [first, last] step ranges")
+    out = [[_int(a), _int(b)] for a, b in v]
+    if any(a > b for a, b in out):
+        raise _Bad("a list of [first, last] step ranges with first <= last")
+    return out
 
 
 def _strs(v: Any) -> list[str]:

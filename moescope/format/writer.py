@@ -7,7 +7,8 @@ import queue
 import re
 import threading
 import time
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,7 @@ from .manifest import Manifest, TraceError, atomic_write_bytes, manifest_name, n
 from .schema import FORMAT, FORMAT_VERSION, META_KEY, TABLES
 
 __all__ = ["TraceError", "manifest_name", "write_manifest", "read_manifest", "write_part", "write_run", "TraceWriter",
-           "next_part_seq", "atomic_write_bytes", "WriterStats", "Manifest"]
+           "next_part_seq", "atomic_write_bytes", "WriterStats", "Manifest", "set_aside_torn", "step_ranges"]
 
 _PART_RE = re.compile(r"^part-(\d+)-(\d{6})\.parquet$")
 #: Row groups of at least this many rows keep column statistics useful and readers fast.
@@ -40,6 +41,16 @@ def write_part(run_dir: str | Path, table: str, rank: int, seq: int, data: pa.Ta
     out = Path(run_dir) / table / f"part-{rank}-{seq:06d}.parquet"
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+    try:
+        _write_parquet(data, tmp, schema)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # a half-written temporary would keep the disk full
+        raise
+    os.replace(tmp, out)
+    return out
+
+
+def _write_parquet(data: pa.Table, tmp: Path, schema: pa.Schema) -> None:
     pq.write_table(
         data,
         tmp,
@@ -54,8 +65,6 @@ def write_part(run_dir: str | Path, table: str, rank: int, seq: int, data: pa.Ta
         # A CRC per page: a flipped or zeroed page is an error when read (moescope.format.reader), not other numbers.
         write_page_checksum=True,
     )
-    os.replace(tmp, out)
-    return out
 
 
 def next_part_seq(run_dir: str | Path, rank: int) -> int:
@@ -71,6 +80,37 @@ def next_part_seq(run_dir: str | Path, rank: int) -> int:
             if m and int(m.group(1)) == rank:
                 best = max(best, int(m.group(2)))
     return best + 1
+
+
+def set_aside_torn(run_dir: str | os.PathLike[str], rank: int) -> list[Path]:
+    """Rename the parts of an unfinished last flush of `rank` (a crash between its tables) to `*.torn`.
+
+    Every flush writes its router_stats and expert_load parts under one part number. Parts numbered after the
+    last number both tables have come from a flush a crash cut short: without them every table ends at the
+    same step, so a resumed recorder rewrites those steps in every table (and nothing is counted twice).
+    """
+    root = Path(run_dir)
+    seqs: dict[str, dict[int, Path]] = {}
+    for table in ("expert_load", "router_stats", "routing"):
+        d = root / table
+        seqs[table] = {}
+        if d.is_dir():
+            for p in d.iterdir():
+                m = _PART_RE.match(p.name)
+                if m and int(m.group(1)) == rank:
+                    seqs[table][int(m.group(2))] = p
+    if not seqs["router_stats"]:
+        return []  # a hand-built trace with load counts only: nothing pairs up, nothing to judge
+    both = set(seqs["expert_load"]) & set(seqs["router_stats"])
+    last = max(both, default=-1)
+    moved = []
+    for parts in seqs.values():
+        for seq, p in parts.items():
+            if seq > last:
+                torn = p.with_name(p.name + ".torn")
+                os.replace(p, torn)
+                moved.append(torn)
+    return sorted(moved)
 
 
 def write_manifest(run_dir: str | Path, manifest: Manifest | dict[str, Any], rank: int = 0) -> Path:
@@ -96,6 +136,27 @@ class WriterStats:
     dropped_rows: int = 0
     bytes_written: int = 0
     errors: list[str] = field(default_factory=list)
+    #: steps whose rows never reached the disk (failed writes and dropped flushes), as [first, last] ranges
+    lost_steps: list[list[int]] = field(default_factory=list)
+
+    def lose(self, steps: Iterable[int]) -> None:
+        """Add `steps` to the lost ranges (merged, sorted)."""
+        self.lost_steps = step_ranges([s for a, b in self.lost_steps for s in range(a, b + 1)] + list(steps))
+
+
+def step_ranges(steps: Iterable[int]) -> list[list[int]]:
+    """Sorted steps as merged [first, last] ranges: [1, 2, 3, 7] -> [[1, 3], [7, 7]]."""
+    out: list[list[int]] = []
+    for s in sorted(set(int(x) for x in steps)):
+        if out and s == out[-1][1] + 1:
+            out[-1][1] = s
+        else:
+            out.append([s, s])
+    return out
+
+
+def _fmt_steps(steps: list[int]) -> str:
+    return ", ".join(f"{a}" if a == b else f"{a}–{b}" for a, b in step_ranges(steps)) or "none"
 
 
 class TraceWriter:
@@ -104,6 +165,11 @@ class TraceWriter:
     `submit` takes a callable producing {table: pa.Table}; the callable runs on the writer thread, so Arrow
     conversion and compression never block the training loop. When the queued bytes exceed `max_queue_bytes`,
     `on_full="block"` waits and `on_full="drop"` discards the batch and counts it.
+
+    Every loss (a failed write, a dropped flush) is counted in `stats` with its steps, warned about once when
+    it happens (later ones are counted, not repeated), and passed to `on_loss` (the recorder rewrites its
+    manifest there, so the loss is on disk even if the process dies next). A flush whose write fails is removed
+    whole (no table keeps steps another lacks), and its part number is never reused.
     """
 
     def __init__(
@@ -112,6 +178,7 @@ class TraceWriter:
         rank: int = 0,
         max_queue_bytes: int = 256 << 20,
         on_full: str = "block",
+        on_loss: Callable[[str], None] | None = None,
     ) -> None:
         if on_full not in ("block", "drop"):
             raise ValueError(f"on_full must be 'block' or 'drop', got {on_full!r}")
@@ -120,26 +187,46 @@ class TraceWriter:
         self.max_queue_bytes = max_queue_bytes
         self.on_full = on_full
         self.stats = WriterStats()
+        self.on_loss = on_loss
+        self._warned = False
         self._seq = next_part_seq(self.run_dir, rank)
-        self._q: queue.Queue[tuple[Callable[[], dict[str, pa.Table]], int, int] | None] = queue.Queue()
+        self._q: queue.Queue[tuple[Callable[[], dict[str, pa.Table]], int, int, list[int]] | None] = queue.Queue()
         self._queued_bytes = 0
         self._cv = threading.Condition()
         self._thread = threading.Thread(target=self._loop, name="moescope-writer", daemon=True)
         self._thread.start()
 
-    def submit(self, make: Callable[[], dict[str, pa.Table]], nbytes: int, nrows: int = 0) -> bool:
-        """Queue one flush; returns False when it was dropped because the queue was full."""
+    def submit(self, make: Callable[[], dict[str, pa.Table]], nbytes: int, nrows: int = 0,
+               steps: Iterable[int] = ()) -> bool:
+        """Queue one flush of `steps`; returns False when it was dropped because the queue was full."""
+        steps = sorted(set(int(s) for s in steps))
         with self._cv:
             if self._queued_bytes > 0 and self._queued_bytes + nbytes > self.max_queue_bytes:
                 if self.on_full == "drop":
                     self.stats.dropped_flushes += 1
                     self.stats.dropped_rows += nrows
+                    self.stats.lose(steps)
+                    self._report(f"dropped a flush of steps {_fmt_steps(steps)} ({nrows} token rows): the "
+                                 f"writer queue was full (on_full='drop', max_queue_mb="
+                                 f"{self.max_queue_bytes / (1 << 20):g})")
                     return False
                 while self._queued_bytes > 0 and self._queued_bytes + nbytes > self.max_queue_bytes:
                     self._cv.wait(timeout=1.0)
             self._queued_bytes += nbytes
-        self._q.put((make, nbytes, nrows))
+        self._q.put((make, nbytes, nrows, steps))
         return True
+
+    def _report(self, what: str) -> None:
+        """Warn about the first loss (naming it); count every loss; tell `on_loss`."""
+        if not self._warned:
+            self._warned = True
+            warnings.warn(f"moescope: {self.run_dir}: {what}; later losses are counted in the manifest and "
+                          "reported by `moescope check`", RuntimeWarning, stacklevel=3)
+        if self.on_loss is not None:
+            try:
+                self.on_loss(what)
+            except Exception:  # noqa: S110 - the loss is counted already; a full disk may refuse the manifest too
+                pass
 
     def _loop(self) -> None:
         while True:
@@ -147,20 +234,30 @@ class TraceWriter:
             if item is None:
                 self._q.task_done()
                 return
-            make, nbytes, _ = item
+            make, nbytes, _, steps = item
+            written: list[tuple[str, Path, int]] = []
+            name = "?"
             try:
                 tables = make()
-                for name, tbl in tables.items():
+                # expert_load last: its part is the flush's commit mark (resume reads the last step from it).
+                for name, tbl in sorted(tables.items(), key=lambda kv: kv[0] == "expert_load"):
                     if tbl.num_rows == 0:
                         continue
                     path = write_part(self.run_dir, name, self.rank, self._seq, tbl)
+                    written.append((name, path, tbl.num_rows))
+                for name, path, n in written:
                     self.stats.parts_written += 1
-                    self.stats.rows_written[name] = self.stats.rows_written.get(name, 0) + tbl.num_rows
+                    self.stats.rows_written[name] = self.stats.rows_written.get(name, 0) + n
                     self.stats.bytes_written += path.stat().st_size
-                self._seq += 1
-            except Exception as e:  # a failed write must not kill training; it is reported at close
-                self.stats.errors.append(f"{e.__class__.__name__}: {e}")
+            except Exception as e:  # a failed write must not kill training: remove the flush whole, report it
+                for _, path, _ in written:
+                    path.unlink(missing_ok=True)
+                cause = f"{e.__class__.__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
+                self.stats.errors.append(f"{name} part {self._seq} (steps {_fmt_steps(steps)}): {cause}")
+                self.stats.lose(steps)
+                self._report(f"writing {name} for steps {_fmt_steps(steps)} failed ({cause})")
             finally:
+                self._seq += 1  # never reused, even after a failure: a later flush cannot overwrite a part
                 with self._cv:
                     self._queued_bytes -= nbytes
                     self._cv.notify_all()
