@@ -7,6 +7,7 @@ dispatches per call, torch.compile recompiles and graph breaks, and the trace si
     python bench/capture_overhead.py --model reference
     python bench/capture_overhead.py --compile             # the compiled loop (torch.compile), same configs
     python bench/capture_overhead.py --checkpointing       # activation checkpointing of every decoder layer
+    python bench/capture_overhead.py --clock cpu --threads 1   # CPU time: steadier on a busy machine
 """
 
 from __future__ import annotations
@@ -108,7 +109,13 @@ def main() -> None:
     ap.add_argument("--top-k", type=int, default=2)
     ap.add_argument("--flush-every", type=int, default=10)
     ap.add_argument("--no-size", action="store_true", help="skip the trace-size measurement")
+    ap.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                    help="wall time, or this process's CPU time (steadier on a machine shared with other work)")
+    ap.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    clock = time.perf_counter if args.clock == "wall" else time.process_time
     vocab = 256
     train = args.mode == "train"
     model = build(args.model, args.hidden, args.layers, args.experts, args.top_k, vocab)
@@ -134,14 +141,14 @@ def main() -> None:
                         rec.step = i
                     loop(run_model, model.parameters(), [x], train, router_logits)
                 before = dynamo_counts() if args.compile else (0, 0)
-                t0 = time.perf_counter()
+                t0 = clock()
                 for i, x in enumerate(timed_batches):
                     if rec is not None:
                         rec.step = args.warmup + i
                     loop(run_model, model.parameters(), [x], train, router_logits)
                 if rec_cm is not None:
                     rec_cm.close()
-                elapsed = time.perf_counter() - t0
+                elapsed = clock() - t0
                 if args.compile:
                     after = dynamo_counts()
                     dynamo.setdefault(name, (after[0] - before[0], after[1] - before[1]))
@@ -168,7 +175,7 @@ def main() -> None:
     base = statistics.median(times["no recording"])
     print(f"model={args.model} mode={args.mode} compile={args.compile} checkpointing={args.checkpointing} "
           f"batch={args.batch}x{args.seq} hidden={args.hidden} layers={args.layers} experts={args.experts} "
-          f"top-{args.top_k} steps={args.steps} rounds={args.rounds} threads={torch.get_num_threads()}")
+          f"top-{args.top_k} steps={args.steps} rounds={args.rounds} threads={torch.get_num_threads()} clock={args.clock}")
     print(f"{'config':<28}{'ms/step (median)':>18}{'overhead':>10}" + ("  recompiles  graph breaks" if args.compile else ""))
     names = {"no recording": "none", "counts, no stats": "bare", "counts only (tokens=0)": "counts",
              "every token (tokens=1)": "tokens", "output_router_logits=True": "router-logits"}
