@@ -47,6 +47,11 @@ class PartInfo:
 
     names: list[str]
     ranges: dict[str, tuple[Any, Any, int]] = field(default_factory=dict)
+    num_rows: int = 0
+
+    def fingerprint(self) -> tuple[Any, ...]:
+        """Rows and every column's (min, max, nulls): equal for a copy of a part, never for two real flushes."""
+        return (self.num_rows, tuple(sorted((k, repr(v)) for k, v in self.ranges.items())))
 
 
 #: (path, size, mtime_ns) -> footer facts of a part whose every page verified.
@@ -108,7 +113,7 @@ def check_part(path: str | os.PathLike[str], verify_pages: bool = True) -> list[
         finally:
             pf.close()
         with _LOCK:
-            _VERIFIED[key] = PartInfo(names, _ranges(pf.metadata))
+            _VERIFIED[key] = PartInfo(names, _ranges(pf.metadata), pf.metadata.num_rows)
     return names
 
 
@@ -171,7 +176,7 @@ def part_info(path: Path) -> PartInfo:
     if known is not None:
         return known
     md = pq.read_metadata(path)
-    return PartInfo(list(md.schema.to_arrow_schema().names), _ranges(md))
+    return PartInfo(list(md.schema.to_arrow_schema().names), _ranges(md), md.num_rows)
 
 
 def check_run_values(run: str, files: dict[str, list[Path]], manifests: dict[int, Manifest]) -> None:
@@ -180,8 +185,13 @@ def check_run_values(run: str, files: dict[str, list[Path]], manifests: dict[int
     known = [ly.n_experts for ly in layers if ly.n_experts is not None]
     n_max = max(known) if known and len(known) == len(layers) else None
     for parts in files.values():
+        seen: dict[tuple[Any, ...], Path] = {}
         for path in parts:
             check_values(path, run, n_max)
+            fp = part_info(path).fingerprint()
+            if fp[0] and fp in seen:  # a copied part would count every one of its rows twice
+                raise TraceError(f"{path}: the same rows as {seen[fp].name} (a duplicated part; remove one)")
+            seen[fp] = path
 
 
 def check_values(path: Path, run: str, n_experts: int | None) -> None:

@@ -90,3 +90,14 @@ def test_violation_exits_3_from_the_cli(command: list[str], tmp_path: Path, caps
     assert main([command[0], str(tmp_path / "t")]) == 3
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "outside [0, 4)" in err
+
+
+def test_a_duplicated_part_is_refused(tmp_path: Path) -> None:
+    """A copied part would double every count and still PASS: it is an error naming both files."""
+    import shutil
+
+    run = _good(tmp_path / "t")
+    part = sorted((run / "expert_load").glob("*.parquet"))[0]
+    shutil.copy(part, part.with_name("part-0-000099.parquet"))
+    with pytest.raises(TraceError, match=r"part-0-000099.parquet: the same rows as part-0-000000.parquet"):
+        moescope.open(tmp_path / "t")
