@@ -99,10 +99,13 @@ class HotPath:
         self.stats = stats
         self.rows = rows
         self.w = width(self.n_experts)
+        self._alloc(device)
+
+    def _alloc(self, device: torch.device) -> None:
+        """The buffer and its per-layer views (made once: a hook indexes nothing, it adds into its slices)."""
         n = len(self.n_experts)
         self.acc = torch.zeros(n, self.w, dtype=torch.float64, device=device)  # [L, W]
         self.acc[:, -1] = -math.inf
-        # Views made once: a hook indexes nothing, it adds into its layer's slices.
         self.cnt = [self.acc[i, :e] for i, e in enumerate(self.n_experts)]  # [E]
         self.wsum = [self.acc[i, e : 2 * e] for i, e in enumerate(self.n_experts)]  # [E]
         # [1, E+7]: the feature sums and, last, the valid tokens
@@ -119,7 +122,7 @@ class HotPath:
         """Move the buffer to the model's device (a model moved after record() started), keeping its contents."""
         if self.acc.device != device:
             old = self.acc
-            self.__init__(self.n_experts, device, self.stats, self.rows)  # type: ignore[misc]
+            self._alloc(device)
             self.acc.copy_(old)
 
     def snapshot(self) -> torch.Tensor:
@@ -146,7 +149,6 @@ class HotPath:
         self.wsum[layer].index_add_(0, idx, w.reshape(-1) * vk)
         if ev.dropped is not None:
             self.drop[layer].add_(v2d.reshape(-1) @ ev.dropped.to(v2d.dtype))
-        feats = None
         feats, lse = None, None
         if self.stats or self.rows:
             feats, lse = _features(logits, e, probs, valid)  # [T, E+7], [T]
