@@ -155,43 +155,55 @@ def capacity_drops(
         return pd.DataFrame(columns=CAPACITY_COLUMNS)
     cov = _coverage(c, Selection(run=run, tag=tag, steps=steps)) if source != "counts" else {}
     group_label = str(group)
+    # Each run's source is decided here; the runs sharing a source are answered by one query (not one per run:
+    # on a root of 1,000 runs each query scans every file's footer, so a per-run loop grows with runs²).
     frames: list[pd.DataFrame] = []
+    by_source: dict[str, list[str]] = {"routing": [], "counts": []}
+    notes: dict[str, str] = {}
     for r, lay in layers.groupby("run", sort=True):
-        params: dict[str, Any] = {
-            "filter": Selection(run=r, tag=tag, steps=steps).filter(),
-            "layer_rows": _rows(lay[["run", "layer", "n_experts", "top_k"]].itertuples(index=False)),
-            "factor_rows": _rows((f,) for f in facs),
-            **window_params(window),
-        }
         note = ""
         # A token sample keeps whole sequences, so per-sequence groups replay exactly on it, but a 'batch'
         # group of only the recorded sequences is smaller (noisier) than the real one: there the per-step
         # counts, which cover every token, are the better answer unless routing is asked for.
         sampled = cov.get(r, 0.0) < 0.999
         if r in cov and (source == "routing" or (source == "auto" and (mode != "batch" or not sampled))):
-            df = run_analysis(c, "whatif_capacity", {**params, "mode": mode, "group_size": gsize})
-            df["source"] = "routing"
+            by_source["routing"].append(r)
             if sampled and mode == "sequence":
                 note = f"replayed on the recorded sequences ({cov[r]:.0%} of tokens)"
             elif sampled:
                 note = f"replayed on a token sample ({cov[r]:.0%}): capacity groups hold only recorded sequences"
         elif mode == "batch" and source in ("auto", "counts"):
-            df = run_analysis(c, "whatif_capacity_counts", params)
-            df["source"] = "counts"
+            by_source["counts"].append(r)
             note = "from per-step counts: exact when a step is one forward pass, else a lower bound"
             if r in cov:
                 note += f"; token-level routing covers {cov[r]:.0%} of tokens (source='routing' replays it)"
         else:
-            why = (
+            note = (
                 f"group {group_label!r} needs token-level routing; this run has counts only (record with tokens > 0)"
                 if r not in cov
                 else "no token-level routing in this selection"
             )
-            df = pd.DataFrame({"run": r, "layer": lay["layer"].to_numpy(), "source": "none"})
-            note = why
-        df["group"] = group_label
-        df["note"] = note
+            frames.append(pd.DataFrame({"run": r, "layer": lay["layer"].to_numpy(), "source": "none"}))
+        notes[r] = note
+    for src, names in by_source.items():
+        if not names:
+            continue
+        lay = layers[layers["run"].isin(names)]
+        params: dict[str, Any] = {
+            "filter": Selection(run=names, tag=tag, steps=steps).filter(),
+            "layer_rows": _rows(lay[["run", "layer", "n_experts", "top_k"]].itertuples(index=False)),
+            "factor_rows": _rows((f,) for f in facs),
+            **window_params(window),
+        }
+        if src == "routing":
+            df = run_analysis(c, "whatif_capacity", {**params, "mode": mode, "group_size": gsize})
+        else:
+            df = run_analysis(c, "whatif_capacity_counts", params)
+        df["source"] = src
         frames.append(df)
+    for df in frames:
+        df["group"] = group_label
+        df["note"] = df["run"].map(notes)
     out = pd.concat(frames, ignore_index=True)
     for col in CAPACITY_COLUMNS:
         if col not in out:
