@@ -1,18 +1,20 @@
 """One exit code per kind of damage, whatever the command (moescope.errors.classify decides, once).
 
 Matrix: (missing path, empty run, corrupt page, truncated part, bad manifest, wrongly typed manifest field,
-future format version) × (sql, sql -o x.csv, report, check, whatif, dashboard --check). Every cell must exit 3
+future format version, wrongly typed column, duplicated part) × (sql, sql -o x.csv, report, check, whatif, dashboard --check). Every cell must exit 3
 with one line on stderr naming what is wrong; the intact trace exits 0 in every command (the control row).
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from trace_helpers import layer_spec, stats_frame
@@ -94,6 +96,20 @@ def _wrong_type(root: Path) -> Path:
     return root
 
 
+def _wrong_column_type(root: Path) -> Path:
+    part = _first_part(_build(root))
+    t = pq.read_table(part)
+    i = t.schema.get_field_index("step")
+    pq.write_table(t.set_column(i, "step", t.column("step").cast(pa.string())), part)
+    return root
+
+
+def _duplicated_part(root: Path) -> Path:
+    part = _first_part(_build(root))
+    shutil.copy(part, part.with_name("part-0-000007.parquet"))
+    return root
+
+
 def _future(root: Path) -> Path:
     _edit_manifest(_build(root), version=99)
     return root
@@ -108,6 +124,8 @@ DAMAGES: dict[str, tuple[Callable[[Path], Path], str]] = {
     "bad manifest": (_bad_manifest, "manifest.json"),
     "wrong-typed manifest field": (_wrong_type, "layers[0].n_experts"),
     "future format version": (_future, "newer than this moescope"),
+    "wrong-typed column": (_wrong_column_type, "column 'step' is string"),
+    "duplicated part": (_duplicated_part, "a duplicated part"),
 }
 
 COMMANDS: dict[str, Callable[[Path, Path], list[str]]] = {
