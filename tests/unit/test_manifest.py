@@ -118,9 +118,9 @@ def test_committed_sample_manifests_still_read(run: str) -> None:
     m = Manifest.read(path)
     raw = json.loads(path.read_text())
     assert m.run == raw["run"] and len(m.layers) == len(raw["layers"])
-    # nothing lost or renamed on a round trip of a real v1 manifest (a null counter is the same as none)
+    # nothing lost or renamed on a round trip of a real v1 manifest (a null or empty counter is the same as none)
     assert _no_nulls(m.to_dict()) == _no_nulls(raw)
 
 
 def _no_nulls(d: dict) -> dict:
-    return {k: _no_nulls(v) if isinstance(v, dict) and k != "layers" else v for k, v in d.items() if v is not None}
+    return {k: _no_nulls(v) if isinstance(v, dict) else v for k, v in d.items() if v is not None and v != []}
