@@ -86,8 +86,11 @@ def discover(roots: Sequence[PathLike]) -> list[RunInfo]:
         manifests = sorted(set(base.rglob("manifest.json")) | set(base.rglob("manifest.rank-*.json")))
         if not manifests:
             raise TraceError(f"{root}: no moescope runs found (no manifest.json below it)")
-        for run_dir in sorted({m.parent for m in manifests}):
-            typed = {_rank_of(p): Manifest.read(p) for p in manifests if p.parent == run_dir}
+        by_dir: dict[Path, list[Path]] = {}
+        for m in manifests:  # grouped once: a scan per run directory grows with runs² on a root of 1,000 runs
+            by_dir.setdefault(m.parent, []).append(m)
+        for run_dir in sorted(by_dir):
+            typed = {_rank_of(p): Manifest.read(p) for p in by_dir[run_dir]}
             primary = typed.get(0) or typed[min(typed)]
             name = primary.run or run_dir.name
             if name in runs and runs[name].path != run_dir:

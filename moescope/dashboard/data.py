@@ -195,7 +195,9 @@ class DashboardData:
         """
         t0 = time.perf_counter()
         steps: list[Callable[[], Any]] = [self.runs, self.layer_info, self.step_ranges, self.health_grid, self.findings]
-        for run in self.run_names():
+        # The per-run views of the first runs only (the pages open on the first run): on a root of 1,000 runs
+        # warming every run would hold the connection for minutes while pages wait.
+        for run in self.run_names()[:WARM_RUNS]:
             steps += [
                 lambda r=run: self.utilization(r), lambda r=run: self.load_metrics(r),
                 lambda r=run: self.layer_utilization(r), lambda r=run: self.similarity(r),
@@ -323,15 +325,22 @@ class DashboardData:
         def compute() -> list[str]:
             if run is None:
                 df = self._df("SELECT DISTINCT tag FROM expert_load ORDER BY tag")
-            else:
-                df = self._df("SELECT DISTINCT tag FROM expert_load WHERE run = ? ORDER BY tag", [run])
-            return [str(t) for t in df["tag"] if t is not None]
+                return [str(t) for t in df["tag"] if t is not None]
+            return self.tags_by_run().get(run, [])
 
         return self._cached(("tags", run), compute)
 
     def tags_by_run(self) -> dict[str, list[str]]:
-        """Run -> its tags."""
-        return {r: self.tags(r) for r in self.run_names()}
+        """Run -> its tags (one query for every run: a query per run scans every file of the root each time)."""
+
+        def compute() -> dict[str, list[str]]:
+            df = self._df("SELECT DISTINCT run, tag FROM expert_load WHERE tag IS NOT NULL ORDER BY run, tag")
+            out: dict[str, list[str]] = {r: [] for r in self.run_names()}
+            for r, t in zip(df["run"], df["tag"], strict=True):
+                out.setdefault(str(r), []).append(str(t))
+            return out
+
+        return self._cached(("tags_by_run",), compute)
 
     def baseline_tags(self, run: str) -> list[str]:
         """The run's named tags, the one whose expert load is closest to the run's untagged (training) rows first.
@@ -362,7 +371,12 @@ class DashboardData:
     def default_drift(self) -> tuple[dict[str, Any], dict[str, Any]]:
         """The Drift page's first comparison: default_drift_sides with each run's tags baseline-first."""
         runs = self.run_names()
-        return default_drift_sides(runs, {r: self.baseline_tags(r) for r in runs}, self.step_ranges())
+        tags = self.tags_by_run()
+        # Only the run default_drift_sides picks (the first with two named tags) needs its baseline order.
+        first = next((r for r in runs if sum(1 for t in tags.get(r, []) if t) >= 2), None)
+        if first is not None:
+            tags = {**tags, first: self.baseline_tags(first)}
+        return default_drift_sides(runs, tags, self.step_ranges())
 
     def context(self) -> tuple[list[str], dict[str, list[int]], dict[str, tuple[int, int]]]:
         """(runs, layers per run, step range per run): what `state.resolve` checks a selection against."""
@@ -660,6 +674,10 @@ def current() -> DashboardData:
 ALL_TAGS = "*"
 #: The tag choice meaning the empty tag (rows recorded outside any rec.tag(...)): URLs drop empty values.
 UNTAGGED = "~"
+
+
+#: Runs whose per-run views `DashboardData.warm` computes ahead of the first request.
+WARM_RUNS = 4
 
 
 def default_drift_sides(
