@@ -29,7 +29,7 @@ from ..format.schema import TABLES, duckdb_columns
 from . import console as _console
 from . import live as _live
 from . import metrics as M
-from .console import QueryError
+from .console import QueryError  # noqa: F401 - re-exported: moescope.analysis.trace.QueryError is public
 from .engine import ensure_layer_info, integer_counts, translate
 from .selection import Selection, Window
 from .sqlkit import literal, render
