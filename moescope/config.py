@@ -28,11 +28,11 @@ from __future__ import annotations
 import copy
 import difflib
 import os
-import sys
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from ._toml import tomllib
 from .analysis.rules import (
     REGISTRY,
     ClonesRule,
@@ -50,11 +50,6 @@ from .analysis.rules import (
     check_ranges,
 )
 from .analysis.rules.base import limit
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover
-    import tomli as tomllib
 
 #: Old name of the rule config base class.
 Rule = RuleConfig
