@@ -30,6 +30,7 @@ from ..format.manifest import CaptureSettings, Counters, LayerEntry, Manifest, M
 from ..format.writer import TraceWriter, set_aside_torn, step_ranges
 from . import adapters as A
 from .hotpath import STAT_NAMES, Grid, HotPath, decode, in_backward
+from .options import CaptureOptions
 
 _STAT_NAMES = STAT_NAMES
 #: Forward parameters that carry token ids: a module taking one of these is where a forward's token grid is read.
@@ -167,54 +168,40 @@ class Recorder:
         self,
         model: nn.Module,
         path: str | os.PathLike[str],
-        tokens: float = 0.0,
-        flush_every: int = 50,
+        tokens: float | None = None,
+        flush_every: int | None = None,
         *,
-        run: str | None = None,
-        seed: int = 0,
-        max_queue_mb: float = 256.0,
-        on_full: str = "block",
-        max_rows_per_flush: int = 2_000_000,
-        rank: int | None = None,
-        meta: dict[str, Any] | None = None,
-        on_flush: Callable[[Recorder, dict[str, pa.Table]], None] | None = None,
-        on_alert: Callable[[Any], None] | None = None,
-        raise_on: str | None = None,
-        alert_rules: Any = None,
-        resume: bool = True,
-        stats: bool = True,
+        options: CaptureOptions | None = None,
+        **fields: Any,
     ) -> None:
-        if not 0.0 <= float(tokens) <= 1.0:
-            raise ValueError(f"tokens must be a fraction in [0, 1], got {tokens}")
-        if int(flush_every) < 1:
-            raise ValueError(f"flush_every must be >= 1, got {flush_every}")
-        if on_full not in ("block", "drop"):
-            raise ValueError(f"on_full must be 'block' or 'drop', got {on_full!r}")
+        """`fields` are `CaptureOptions` fields (declared once there: tokens, flush_every, run, seed, on_full, …)."""
+        given = {k: v for k, v in (("tokens", tokens), ("flush_every", flush_every)) if v is not None}
+        opts = CaptureOptions.build(options, **given, **fields)
+        self.options = opts
         # A model compiled before record() (torch.compile returns an OptimizedModule): hook the module it wraps.
         self.model = getattr(model, "_orig_mod", model) if type(model).__name__ == "OptimizedModule" else model
-        self.stats = bool(stats)
+        self.stats = bool(opts.stats)
         self.run_dir = Path(path)
-        self.run = run or self.run_dir.name
-        self.tokens = float(tokens)
-        self.flush_every = int(flush_every)
-        self.seed = int(seed)
-        self.max_queue_bytes = int(max_queue_mb * (1 << 20))
-        self.on_full = on_full
-        self.max_rows_per_flush = int(max_rows_per_flush)
-        self.meta = dict(meta or {})
-        self.on_flush = on_flush
+        self.run = opts.run or self.run_dir.name
+        self.tokens = float(opts.tokens)
+        self.flush_every = int(opts.flush_every)
+        self.seed = int(opts.seed)
+        self.max_queue_bytes = int(opts.max_queue_mb * (1 << 20))
+        self.on_full = opts.on_full
+        self.max_rows_per_flush = int(opts.max_rows_per_flush)
+        self.meta = dict(opts.meta or {})
+        self.on_flush = opts.on_flush
         # Online alerts (moescope.capture.alerts) run at each flush on the host copy of the counts.
-        self.on_alert = on_alert
-        if raise_on not in (None, "fail", "warn"):
-            raise ValueError(f"raise_on must be None, 'fail' or 'warn', got {raise_on!r}")
-        self.raise_on = raise_on
-        self.alert_rules = alert_rules
+        self.on_alert = opts.on_alert
+        self.raise_on = opts.raise_on
+        self.alert_rules = opts.alert_rules
         self.alerts: list[Any] = []
         self._alerts_kept = 0  # alerts already queued for the trace's `alerts` table
         self._stopped_by_alert: dict[str, Any] | None = None  # the manifest's record of a raise_on stop
-        self.resume = resume
+        self.resume = opts.resume
         self._resume_step: int | None = None
         self.skipped_forwards = 0
+        rank = opts.rank
         if rank is None:
             rank = 0
             if torch.distributed.is_available() and torch.distributed.is_initialized():

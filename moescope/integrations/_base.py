@@ -9,11 +9,13 @@ import contextlib
 import logging
 import os
 from collections.abc import Callable, Mapping
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 
+from ..capture.options import CaptureOptions
 from ._scalars import metrics_from_tables, window_counts, window_steps
 
 logger = logging.getLogger("moescope")
@@ -26,34 +28,19 @@ class RecordingSession:
         self,
         run_dir: str | os.PathLike[str],
         *,
-        tokens: float = 0.0,
-        flush_every: int = 50,
-        run: str | None = None,
-        seed: int = 0,
-        meta: Mapping[str, Any] | None = None,
-        on_alert: Callable[[Any], None] | None = None,
-        raise_on: str | None = None,
-        alert_rules: Any = None,
         alerts: bool = True,
         eval_tag: str = "eval",
-        resume: bool = True,
+        options: CaptureOptions | None = None,
         recorder_kwargs: Mapping[str, Any] | None = None,
+        **capture: Any,
     ) -> None:
-        if raise_on not in (None, "fail", "warn"):
-            raise ValueError(f"raise_on must be None, 'fail' or 'warn', got {raise_on!r}")
+        """`capture` and `recorder_kwargs` are `CaptureOptions` fields (the options of `moescope.record`)."""
         self.run_dir = run_dir
-        self.tokens = tokens
-        self.flush_every = int(flush_every)
-        self.run = run
-        self.seed = seed
-        self.meta = dict(meta or {})
-        self.on_alert = on_alert
-        self.raise_on = raise_on
-        self.alert_rules = alert_rules
+        self.options = CaptureOptions.build(options, **{**dict(recorder_kwargs or {}), **capture})
+        self.flush_every = int(self.options.flush_every)
+        self.meta = dict(self.options.meta or {})
         self.alerts_enabled = alerts
         self.eval_tag = eval_tag
-        self.resume = resume
-        self.recorder_kwargs = dict(recorder_kwargs or {})
         self.recorder: Any = None
         #: (step_end, metrics) of every flush so far, in order.
         self.history: list[tuple[int, dict[str, float]]] = []
@@ -70,7 +57,7 @@ class RecordingSession:
         """Attach a recorder to `model` writing this rank's parts; `sink` receives each flush's scalars."""
         from ..capture.recorder import Recorder
 
-        rules = self.alert_rules
+        rules = self.options.alert_rules
         if rules is None and self.alerts_enabled:
             from ..capture.alerts import default_rules
 
@@ -81,18 +68,7 @@ class RecordingSession:
         self.recorder = Recorder(
             model,
             self.run_dir,
-            tokens=self.tokens,
-            flush_every=self.flush_every,
-            run=self.run,
-            seed=self.seed,
-            rank=rank,
-            meta=self.meta,
-            on_flush=self._on_flush,
-            on_alert=self.on_alert,
-            raise_on=self.raise_on,
-            alert_rules=rules,
-            resume=self.resume,
-            **self.recorder_kwargs,
+            options=replace(self.options, rank=rank, meta=self.meta, on_flush=self._on_flush, alert_rules=rules),
         )
         self.recorder.start()
         return self.recorder
@@ -144,6 +120,8 @@ class RecordingSession:
 
     # -- flushes ------------------------------------------------------------------------------
     def _on_flush(self, recorder: Any, tables: dict[str, pa.Table]) -> None:
+        if self.options.on_flush is not None:  # the user's own on_flush still runs
+            self.options.on_flush(recorder, tables)
         load = tables.get("expert_load")
         if load is None or load.num_rows == 0:
             return

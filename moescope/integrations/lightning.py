@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import lightning.pytorch as pl
 import numpy as np
 
+from ..capture.options import CaptureOptions
 from ._base import RecordingSession, add_expert_histogram
 
 logger = logging.getLogger("moescope")
@@ -33,40 +34,22 @@ class MoEScopeCallback(pl.Callback):
         run_dir: str | os.PathLike[str],
         *,
         module: str | None = None,
-        tokens: float = 0.0,
-        flush_every: int = 50,
-        run: str | None = None,
-        seed: int = 0,
-        meta: Mapping[str, Any] | None = None,
         log_scalars: bool = True,
         log_histograms: bool = True,
         alerts: bool = True,
-        on_alert: Callable[[Any], None] | None = None,
-        raise_on: str | None = None,
-        alert_rules: Any = None,
         val_tag: str = "val",
-        resume: bool = True,
+        options: CaptureOptions | None = None,
         recorder_kwargs: Mapping[str, Any] | None = None,
+        **capture: Any,
     ) -> None:
+        """`capture` takes the options of `moescope.record` (`CaptureOptions`: tokens, flush_every, run, …)."""
         super().__init__()
         self.module = module
         self.log_scalars = log_scalars
         self.log_histograms = log_histograms
-        self.session = RecordingSession(
-            run_dir,
-            tokens=tokens,
-            flush_every=flush_every,
-            run=run,
-            seed=seed,
-            meta={"integration": "lightning", **dict(meta or {})},
-            on_alert=on_alert,
-            raise_on=raise_on,
-            alert_rules=alert_rules,
-            alerts=alerts,
-            eval_tag=val_tag,
-            resume=resume,
-            recorder_kwargs=recorder_kwargs,
-        )
+        self.session = RecordingSession(run_dir, alerts=alerts, eval_tag=val_tag, options=options,
+                                        recorder_kwargs=recorder_kwargs, **capture)
+        self.session.meta = {"integration": "lightning", **self.session.meta}
         self._trainer: pl.Trainer | None = None
 
     @property

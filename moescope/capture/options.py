@@ -1,0 +1,65 @@
+"""The options of `moescope.record`, declared once: the recorder and the Lightning and HF callbacks all take them.
+
+No torch here, so the callbacks can validate their arguments before a model exists.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, fields, replace
+from typing import Any
+
+RAISE_ON: tuple[str | None, ...] = (None, "fail", "warn")
+ON_FULL: tuple[str, ...] = ("block", "drop")
+
+
+@dataclass(frozen=True)
+class CaptureOptions:
+    """What a recorder keeps and how it writes it (README: Capture)."""
+
+    tokens: float = 0.0  # fraction of sequences also kept token by token (`routing`); 0 = counts only
+    flush_every: int = 50  # steps per flush: counts stay on the device in between
+    run: str | None = None  # run name stored in every row; None = the run directory's name
+    seed: int = 0  # seed of the whole-sequence token sampling
+    max_queue_mb: float = 256.0  # memory cap of the background writer's queue
+    on_full: str = "block"  # queue full: "block" waits, "drop" discards the flush and counts it
+    max_rows_per_flush: int = 2_000_000  # token rows kept per flush at most (the rest counted as dropped)
+    rank: int | None = None  # torch.distributed rank; None = ask torch.distributed
+    meta: Mapping[str, Any] | None = None  # anything JSON-able, stored in the manifest
+    on_flush: Callable[..., None] | None = None  # fn(recorder, tables) after each flush
+    on_alert: Callable[[Any], None] | None = None  # fn(alert) for each online alert (replaces the warning)
+    raise_on: str | None = None  # "fail" / "warn": raise at the flush whose alerts reach that status
+    alert_rules: Any = None  # rule settings for the online alerts (a config, a path, or a dict)
+    resume: bool = True  # recording into an existing run continues it without rewriting its steps
+    stats: bool = True  # router statistics (`router_stats`); False = expert counts only
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= float(self.tokens) <= 1.0:
+            raise ValueError(f"tokens must be a fraction in [0, 1], got {self.tokens}")
+        if int(self.flush_every) < 1:
+            raise ValueError(f"flush_every must be >= 1, got {self.flush_every}")
+        if self.on_full not in ON_FULL:
+            raise ValueError(f"on_full must be 'block' or 'drop', got {self.on_full!r}")
+        if self.raise_on not in RAISE_ON:
+            raise ValueError(f"raise_on must be None, 'fail' or 'warn', got {self.raise_on!r}")
+        if float(self.max_queue_mb) <= 0:
+            raise ValueError(f"max_queue_mb must be > 0, got {self.max_queue_mb}")
+        if int(self.max_rows_per_flush) < 0:
+            raise ValueError(f"max_rows_per_flush must be >= 0, got {self.max_rows_per_flush}")
+
+    @classmethod
+    def names(cls) -> tuple[str, ...]:
+        """The option names, in declaration order."""
+        return tuple(f.name for f in fields(cls))
+
+    @classmethod
+    def build(cls, options: CaptureOptions | None = None, **values: Any) -> CaptureOptions:
+        """`options` (or the defaults) with `values` set; an unknown name is a TypeError that suggests the nearest."""
+        known = cls.names()
+        for name in values:
+            if name not in known:
+                near = difflib.get_close_matches(name, known, n=1)
+                hint = f" (did you mean {near[0]!r}?)" if near else ""
+                raise TypeError(f"unknown capture option {name!r}{hint}; options: {', '.join(known)}")
+        return replace(options or cls(), **values)
