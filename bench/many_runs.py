@@ -89,8 +89,28 @@ def commands(root: Path) -> dict[str, Callable[[], Any]]:
         with moescope.open(root) as tr:
             whatif.capacity_drops(tr)
 
-    return {"open": lambda: moescope.open(root).close(), "check": lambda: run_check(root),
-            "report": report, "whatif capacity": cap}
+    out: dict[str, Callable[[], Any]] = {"open": lambda: moescope.open(root).close(),
+                                         "check": lambda: run_check(root), "report": report, "whatif capacity": cap}
+    for page in PAGES:  # first open of each page on a fresh app (cold caches), through the Dash router
+        out[f"dashboard {page}"] = lambda page=page: _open_page(root, page)
+    return out
+
+
+#: Every dashboard page, as bench/dashboard_latency.py lists them.
+PAGES = ("/", "/utilization", "/collapse", "/drift", "/similarity", "/tokens", "/systems", "/sql")
+
+
+def _open_page(root: Path, page: str) -> float:
+    """Seconds of the page's first open (the app's start-up, which opens the trace, is not counted)."""
+    from dashboard_latency import Client  # bench/ is on sys.path when this script runs
+
+    from moescope import dashboard
+
+    app = dashboard.create_app(root, warm=False)
+    try:
+        return Client(app).open(page)[0]
+    finally:
+        app.moescope_data.close()
 
 
 def main() -> None:
@@ -99,7 +119,7 @@ def main() -> None:
     ap.add_argument("--small", type=int, default=100)
     ap.add_argument("--large", type=int, default=1000)
     ap.add_argument("--steps", type=int, default=20)
-    ap.add_argument("--only", default=None, help="one command: open, check, report, whatif")
+    ap.add_argument("--only", default=None, help="commands starting with this: open, check, report, whatif, dashboard")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         roots = {}
@@ -107,7 +127,7 @@ def main() -> None:
             t0 = time.perf_counter()
             roots[n] = build_root(Path(tmp) / f"r{n}", n, steps=args.steps)
             print(f"built {n} runs in {time.perf_counter() - t0:.1f} s")
-        print(f"{'command':<18}{args.small:>9} runs{args.large:>9} runs{'ratio':>8}{'queries':>16}")
+        print(f"{'command':<26}{args.small:>9} runs{args.large:>9} runs{'ratio':>8}{'queries':>16}")
         for name in commands(roots[args.small]):
             if args.only and not name.startswith(args.only):
                 continue
@@ -116,10 +136,10 @@ def main() -> None:
                 fn = commands(roots[n])[name]
                 with QueryCounter() as qc:
                     t0 = time.perf_counter()
-                    fn()
-                    times.append(time.perf_counter() - t0)
+                    got = fn()
+                    times.append(got if isinstance(got, float) else time.perf_counter() - t0)
                 queries.append(qc.n)
-            print(f"{name:<18}{times[0]:>12.2f} s{times[1]:>12.2f} s{times[1] / times[0]:>7.1f}×"
+            print(f"{name:<26}{times[0]:>12.2f} s{times[1]:>12.2f} s{times[1] / times[0]:>7.1f}×"
                   f"{queries[0]:>8} → {queries[1]}")
 
 
