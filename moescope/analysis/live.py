@@ -3,8 +3,9 @@
 The writer's protocol makes this cheap and safe: every part appears complete, by rename, under a name that
 never changes, and a manifest is replaced atomically. So a refresh lists the run directories (no file is
 re-read), reads the footer of each *new* part only, re-reads manifests only when their mtime changed, and
-rebuilds the views in one transaction when the file set moved. `data_version` counts those changes; every
-cache of results (the dashboard's, `moescope watch`'s) is keyed by it, so nothing stale is served.
+rebuilds the views (under the Trace's lock) when the file set moved. `data_version` counts those changes;
+every cache of results (the dashboard's, `moescope watch`'s, the drift units below) is keyed by it, so nothing
+stale is served.
 
 A part that vanishes or cannot be read yet is skipped (and retried at the next refresh), never an error:
 a reader must not fail because a writer is busy.
