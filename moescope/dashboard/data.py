@@ -381,7 +381,9 @@ class DashboardData:
     def context(self) -> tuple[list[str], dict[str, list[int]], dict[str, tuple[int, int]]]:
         """(runs, layers per run, step range per run): what `state.resolve` checks a selection against."""
         runs = self.run_names()
-        return runs, {r: self.layers(r) for r in runs}, self.step_ranges()
+        li = self.layer_info()
+        by_run = {str(r): [int(x) for x in g] for r, g in li.groupby("run", sort=False)["layer"]}
+        return runs, {r: by_run.get(r, []) for r in runs}, self.step_ranges()
 
     # -- health --------------------------------------------------------------------------------------
 

@@ -57,3 +57,26 @@ def test_capacity_of_all_runs_at_once_equals_each_run_alone(roots: dict[int, Pat
         # run-0000 routes 90% to two of four experts: at capacity factor 1.0 it drops, the balanced ones barely
         at1 = together[together["capacity_factor"] == 1.0].groupby("run")["drop_rate"].mean()
         assert at1["run-0000"] > 0.3 > at1["run-0001"]
+
+
+def test_dashboard_defaults_queries_do_not_grow_with_runs(roots: dict[int, Path]) -> None:
+    """What every page computes before drawing: the run it opens on, the selection context, the Drift pair."""
+    pytest.importorskip("dash")
+    from moescope.dashboard.components import preferred_runs
+    from moescope.dashboard.data import DashboardData
+
+    counts = {}
+    for n, root in roots.items():
+        data = DashboardData(root)
+        try:
+            def views(data: DashboardData = data) -> None:
+                for prefer in ("health", "snapshots", "tags", "routing"):
+                    preferred_runs(data, prefer)  # type: ignore[arg-type]
+                data.context()
+                data.default_drift()
+            counts[n] = _count(views)
+            ranked, _ = preferred_runs(data, "health")
+            assert ranked[0] == "run-0000"  # a collapsing run (every third) opens first, as on a small root
+        finally:
+            data.close()
+    assert counts[4] == counts[24], counts
