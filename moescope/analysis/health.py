@@ -98,8 +98,9 @@ def health(
             raise
         except Exception as e:  # one broken window must not hide the other rules' findings
             rows += [_error(n, None, e) for n in names]
+    judged = {r["run"] for r in rows}  # a set: a scan of every finding per run grows with runs²
     for run_name in runs:
-        if not any(r["run"] == run_name for r in rows):
+        if run_name not in judged:
             rows.append(finding("data", Status.SKIP, {"run": run_name}, "tokens", None, None,
                                 f"run {run_name}: no expert_load or router_stats rows to judge"))
     rows += recording_losses(con, runs)
