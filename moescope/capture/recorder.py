@@ -568,24 +568,46 @@ class Recorder:
                     return g
             return None
 
+        failed: list[BaseException] = []
+
+        def guarded(fn: Callable[[], None]) -> None:
+            """Run a hook body; in eager, an exception stops this layer's capture with a warning, never the forward."""
+            if torch.compiler.is_compiling():
+                fn()  # traced: a failure surfaces while compiling, where no forward has run yet
+                return
+            if failed:
+                return
+            try:
+                fn()
+            except Exception as e:  # the user's forward must not fail because of moescope
+                failed.append(e)
+                warnings.warn(f"moescope: capture of layer {layer} ({info.module}) stopped: {type(e).__name__}: {e}",
+                              RuntimeWarning, stacklevel=2)
+
+        def on_router(output: Any) -> None:
+            ev = A.extract_router_output(spec, output, n, k)
+            if ev is None:
+                return
+            if spec.source == "experts_input":
+                stash["logits"] = ev.logits  # completed by the experts pre-hook
+                return
+            hot.update(layer, ev, grid(), spec.probs)
+
+        def on_experts(args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+            ids, w = A.extract_experts_input(spec, args, kwargs, n)
+            hot.update(layer, A.RouterEvent(stash.pop("logits", None), ids, w), grid(), spec.probs)
+
         def router_hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
             if in_backward():
                 return  # an activation-checkpoint recompute: recorded in the forward already
             with torch.no_grad():
-                ev = A.extract_router_output(spec, output, n, k)
-                if ev is None:
-                    return
-                if spec.source == "experts_input":
-                    stash["logits"] = ev.logits  # completed by the experts pre-hook
-                    return
-                hot.update(layer, ev, grid(), spec.probs)
+                guarded(lambda: on_router(output))
 
         def experts_hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
             if in_backward():
                 return
             with torch.no_grad():
-                ids, w = A.extract_experts_input(spec, args, kwargs, n)
-                hot.update(layer, A.RouterEvent(stash.pop("logits", None), ids, w), grid(), spec.probs)
+                guarded(lambda: on_experts(args, kwargs))
 
         return router_hook, experts_hook
 

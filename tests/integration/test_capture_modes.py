@@ -409,3 +409,31 @@ def test_compiled_hf_mixtral_breaks_only_at_entry_hooks(tmp_path: Path, fresh_dy
     reasons = list(counters["graph_break"])
     assert reasons and all("torch.compiler.disable" in r and "Recorder._attach" in r for r in reasons), reasons
     assert_same_trace(tmp_path / "eager", tmp_path / "compiled")
+
+
+# -- a failing hook -------------------------------------------------------------------------------------------
+
+
+def test_exception_in_a_hook_stops_that_layer_only(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from moescope.capture import hotpath
+
+    torch.manual_seed(0)
+    m = ToyMoE().eval()
+    x, mask = batch()
+    before = m(x, attention_mask=mask)
+    real = hotpath.HotPath.update
+
+    def update(self: Any, layer: int, *a: Any, **kw: Any) -> None:
+        if layer == 1:
+            raise ValueError("boom")
+        real(self, layer, *a, **kw)
+
+    monkeypatch.setattr(hotpath.HotPath, "update", update)
+    with pytest.warns(RuntimeWarning, match=r"capture of layer 1 \(blocks.1.router\) stopped: ValueError: boom"):
+        with moescope.record(m, tmp_path / "r") as rec:
+            for s in range(3):
+                rec.step = s
+                out = m(x, attention_mask=mask)  # the forward never sees the hook's exception
+    assert torch.equal(out, before)
+    load = tables(tmp_path / "r")["expert_load"]
+    assert sorted(load.layer.unique()) == [0] and sorted(load.step.unique()) == [0, 1, 2]
