@@ -1,8 +1,10 @@
 """The recorder: attaches hooks to every router of a live model and streams routing into a trace.
 
-Hook bodies only copy and accumulate on the model's device (no host synchronisation per call); the
-device→host copy happens once per flush, and Arrow conversion + Parquet compression run on a background
-writer thread.
+Router hooks run the hot path (`hotpath.py`: a handful of tensor ops into device buffers made at start, no
+Python state read or written). Everything that reads Python state — the step, the tag, the token grid and
+sequence sampling — happens in the entry hooks on the model (eager, also in a compiled model) and in
+`set_step`/`tag`, which copy the buffer into the flush queue when (step, tag) changes. The device→host copy
+happens once per flush, and Arrow conversion + Parquet compression run on a background writer thread.
 """
 
 from __future__ import annotations

@@ -10,7 +10,8 @@ its own parts (`args.process_index`), evaluation during training is tagged `eval
 `resume_from_checkpoint=` run continues the trace without duplicate rows. At each flush the scalars
 `moescope/layer{L}/{load_cv,maxvio,entropy_norm,dead_experts}` are logged: through `trainer.log` when the
 trainer is known (TensorBoard, W&B, CSV… and `state.log_history`), else merged into the next `on_log`
-entry and `state.log_history`.
+entry and `state.log_history`. `TrainingArguments(torch_compile=True)` and `gradient_checkpointing=True` are
+recorded the same way as the plain loop (each forward once; recompute forwards in backward are skipped).
 """
 
 from __future__ import annotations

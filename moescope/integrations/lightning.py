@@ -5,7 +5,8 @@
 Steps are `trainer.global_step` (gradient-accumulation micro-batches fold into one step), every rank writes
 its own parts, a `ckpt_path=` resume continues the trace without duplicate rows, and at each flush
 `moescope/layer{L}/{load_cv,maxvio,entropy_norm,dead_experts}` go to every `trainer.loggers` entry
-(plus a one-bin-per-expert histogram on TensorBoard).
+(plus a one-bin-per-expert histogram on TensorBoard). A compiled LightningModule (`torch.compile(module)`)
+and activation-checkpointed layers are recorded the same way (each forward once).
 """
 
 from __future__ import annotations
