@@ -219,6 +219,7 @@ class Recorder:
         self._writer: TraceWriter | None = None
         self._lock: RunLock | None = None
         self.torn_parts: list[str] = []  # parts of a crashed last flush set aside at resume
+        self._loss_written_at = -math.inf  # when a loss last rewrote the manifest
         self._user_step: int | None = None
         self._forwards = 0
         self._tag_stack: list[str] = []
@@ -331,7 +332,15 @@ class Recorder:
         self._key = (self.step, self.current_tag)
 
     def _on_loss(self, what: str) -> None:
-        """A write failed or a flush was dropped: put the count in the manifest now (a crash may follow)."""
+        """A write failed or a flush was dropped: put the count in the manifest now (a crash may follow).
+
+        At most every 5 s: dropping happens when the disk is slow, and a manifest write per drop would
+        slow the training loop further; close() writes the final count in any case.
+        """
+        now = time.monotonic()
+        if now - self._loss_written_at < 5.0:
+            return
+        self._loss_written_at = now
         self._write_manifest(closed=False)
 
     def close(self) -> None:

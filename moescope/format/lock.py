@@ -101,6 +101,8 @@ class RunLock:
                 return True
             except BlockingIOError:
                 return False
+            except OSError:  # a filesystem without flock (some network mounts): the owner's pid decides
+                pass
         o = self.owner()  # no flock: the owner's pid decides (same host only)
         pid, host = o.get("pid"), o.get("host")
         if isinstance(pid, int) and pid != os.getpid() and host == socket.gethostname() and _alive(pid):
