@@ -21,14 +21,24 @@ WORKER = textwrap.dedent(
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     if world > 1:
         dist.init_process_group("gloo", rank=rank, world_size=world)
+    mode = {mode!r}
     torch.manual_seed(0)
-    m = ToyMoE()
+    # "fsdp": FSDP2 shards of a model whose blocks are activation-checkpointed, trained (forward + backward);
+    # "train": the same model in one process, neither sharded nor checkpointed
+    m = ToyMoE(dense=True, checkpoint="non_reentrant" if mode == "fsdp" else None) if mode != "infer" else ToyMoE()
+    if mode == "fsdp":
+        from torch.distributed.fsdp import fully_shard
+        for b in m.blocks:
+            fully_shard(b)
+        fully_shard(m)
     g = torch.Generator().manual_seed(1)
     batches = [torch.randint(0, 64, (4, 6), generator=g) for _ in range(5)]
     with moescope.record(m, {out!r}, tokens=1.0, flush_every=2) as rec:
         for step, x in enumerate(batches):
             rec.step = step
-            m(x[rank::world])  # data parallel: each rank sees its shard of the global batch
+            y = m(x[rank::world])  # data parallel: each rank sees its shard of the global batch
+            if mode != "infer":
+                y.pow(2).mean().backward()
     if world > 1:
         dist.barrier()
         dist.destroy_process_group()
@@ -36,8 +46,8 @@ WORKER = textwrap.dedent(
 )
 
 
-def _run(out: Path, world: int, port: int) -> None:
-    script = WORKER.format(tests=str(Path(__file__).resolve().parents[1]), out=str(out))
+def _run(out: Path, world: int, port: int, mode: str = "infer") -> None:
+    script = WORKER.format(tests=str(Path(__file__).resolve().parents[1]), out=str(out), mode=mode)
     env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": str(world)}
     procs = [
         subprocess.Popen([sys.executable, "-c", script], env={**env, "RANK": str(r)}, stderr=subprocess.PIPE, text=True)
@@ -85,3 +95,30 @@ def test_two_ranks_union_equals_one_process(tmp_path: Path) -> None:
         (0,),
         (1,),
     ]
+
+
+@pytest.mark.dist
+def test_fsdp2_with_checkpointing_records_each_forward_once(tmp_path: Path) -> None:
+    """FSDP2 + non-reentrant activation checkpointing: the ranks' union equals one plain process, not twice it."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    _run(tmp_path / "single" / "run", 1, port, "train")
+    _run(tmp_path / "fsdp" / "run", 2, port, "fsdp")
+
+    def load(root: Path) -> list[tuple]:
+        return duckdb.sql(
+            f"SELECT step, layer, expert, sum(tokens), sum(prob_sum) FROM '{root}/run/expert_load/*.parquet' "
+            "GROUP BY ALL ORDER BY ALL"
+        ).fetchall()
+
+    a, b = load(tmp_path / "fsdp"), load(tmp_path / "single")
+    assert [r[:4] for r in a] == [r[:4] for r in b]
+    assert all(abs(x[4] - y[4]) < 1e-5 for x, y in zip(a, b))
+    per_step = duckdb.sql(f"SELECT DISTINCT sum(tokens) FROM '{tmp_path}/fsdp/run/expert_load/*.parquet' "
+                          "GROUP BY step, layer").fetchall()
+    assert per_step == [(4 * 6 * 2,)]  # the global batch's tokens × top-2, once
+    n_rows = duckdb.sql(f"SELECT count(*) FROM '{tmp_path}/fsdp/run/routing/*.parquet'").fetchall()
+    assert n_rows == [(5 * 2 * 4 * 6,)]
