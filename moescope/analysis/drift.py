@@ -136,9 +136,16 @@ def drift(
     n_units = int(units["unit"].max()) + 1 if len(units) else 0
     cube = np.zeros((n_units, len(layers), n_exp))
     if n_units:
-        li = {layer: i for i, layer in enumerate(layers)}
-        u = units[units["layer"].astype(int).isin(li)]
-        cube[u["unit"].to_numpy(), u["layer"].astype(int).map(li).to_numpy(), u["expert"].astype(int).to_numpy()] = u["c"].to_numpy()
+        # One bincount over flat cube indices: numpy throughout (a pandas map per row cost ~0.3 s at 3M rows),
+        # and a sequence a flush split across two parts sums its rows instead of keeping the last.
+        lay = units["layer"].to_numpy().astype(np.int64)
+        exp = units["expert"].to_numpy().astype(np.int64)
+        la = np.asarray(layers, dtype=np.int64)
+        li = np.minimum(np.searchsorted(la, lay), max(len(la) - 1, 0))
+        ok = (la[li] == lay) & (exp >= 0) & (exp < n_exp) if len(la) else np.zeros(len(lay), dtype=bool)
+        flat = (units["unit"].to_numpy().astype(np.int64)[ok] * len(layers) + li[ok]) * n_exp + exp[ok]
+        cube = np.bincount(flat, weights=units["c"].to_numpy().astype(np.float64)[ok],
+                           minlength=cube.size).reshape(cube.shape)
     if n_units > dc.max_units:  # cap the bootstrap's cost; a random subset keeps the per-unit variability
         cube = cube[rng.choice(n_units, dc.max_units, replace=False)]
         n_units = dc.max_units

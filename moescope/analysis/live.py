@@ -4,8 +4,9 @@ The writer's protocol makes this cheap and safe: every part appears complete, by
 never changes, and a manifest is replaced atomically. So a refresh lists the run directories (no file is
 re-read), reads the footer of each *new* part only, re-reads manifests only when their mtime changed, and
 rebuilds the views (under the Trace's lock) when the file set moved. `data_version` counts those changes;
-every cache of results (the dashboard's, `moescope watch`'s, the drift units below) is keyed by it, so nothing
-stale is served.
+`run_versions` counts them per run. Every cache of results is keyed by one of them (the dashboard's per-run
+results, a drift pair and each run's health by the versions of the runs they read; `moescope watch`'s and the
+drift units below by `data_version`), so nothing stale is served.
 
 A part that vanishes or cannot be read yet is skipped (and retried at the next refresh), never an error:
 a reader must not fail because a writer is busy.
@@ -68,13 +69,18 @@ def scan_files(tr: Trace) -> bool:
     from .trace import _check_file, discover
 
     changed = False
+    moved: set[str] = set()  # runs whose files or manifests changed: their run_versions go up
     stamps = _manifest_stamps(tr.roots)
     if stamps != tr._manifest_stamps:
         # Manifests change at a run's start and end (and when a run appears): re-read them with discover's rules.
         runs = discover(tr.roots)
         old = {r.run: r for r in tr._runs}
         for r in runs:  # keep the part lists already known (new runs start empty); both are refreshed below
-            r.files = old[r.run].files if r.run in old else {}
+            prev = old.get(r.run)
+            if prev is None or prev.path != r.path or prev.manifests != r.manifests:
+                moved.add(r.run)
+            r.files = prev.files if prev is not None else {}
+        moved.update(set(old) - {r.run for r in runs})  # a run that went away
         tr._runs = runs
         tr._manifest_stamps = stamps
         changed = True
@@ -94,8 +100,27 @@ def scan_files(tr: Trace) -> bool:
                 kept.append(p)
             if kept != known:
                 info.files[table] = kept
+                moved.add(info.run)
                 changed = True
+    versions = run_versions(tr)
+    for run in moved:
+        versions[run] = versions.get(run, 0) + 1
     return changed
+
+
+def run_versions(tr: Trace) -> dict[str, int]:
+    """Run -> how many refreshes changed that run's parts or manifests (absent: unchanged since the open).
+
+    A finer key than `data_version`: a result that reads only some runs' rows (one run's health, a drift pair)
+    stays valid while other runs grow, because parts never change once written.
+    """
+    return tr.__dict__.setdefault("_run_versions", {})  # type: ignore[no-any-return]
+
+
+def version_of(tr: Trace, runs: Any) -> tuple[tuple[str, int], ...]:
+    """The cache key of a result that reads only `runs` (names; a run not in the trace counts too)."""
+    versions = run_versions(tr)
+    return tuple((str(r), versions.get(str(r), 0)) for r in sorted({str(r) for r in runs}))
 
 
 def refresh(tr: Trace) -> bool:
@@ -220,7 +245,8 @@ def sequence_units(tr: Trace, sel: Any) -> pd.DataFrame:
     The drift bootstrap resamples these (analyses/drift_units.sql's rows). They are aggregated once per routing
     part (parts never change) into a table that a refresh extends with the new parts only, and filtered per
     selection: a new baseline/current pair reads no raw rows. Units are numbered 0..n-1 in the order the
-    sequences were written.
+    sequences were written. The rows of the last selections asked for are kept with the parts they cover, so
+    after a flush only the new parts' rows are read and numbered (the same rows and numbers as a fresh read).
     """
     import threading
 
@@ -229,11 +255,37 @@ def sequence_units(tr: Trace, sel: Any) -> pd.DataFrame:
     lock = tr.__dict__.setdefault("_units_lock", threading.Lock())
     with lock:
         con = _units_connection(tr)
-        got = con.execute(f"SELECT sid, layer, expert, c FROM units WHERE {sel.filter().sql}").fetchnumpy()
-    # Sequence ids of the whole trace → 0..n-1 for this selection (numpy: cheaper than a window in SQL).
-    _, unit = np.unique(np.asarray(got["sid"]), return_inverse=True)
-    return pd.DataFrame({"unit": unit.astype(np.int64), "layer": np.asarray(got["layer"]),
-                         "expert": np.asarray(got["expert"]), "c": np.asarray(got["c"])})
+        state = tr.__dict__["_units"]
+        where = sel.filter().sql
+        kept = state["sels"].get(where)
+        done = len(state["parts"])
+        start = kept["parts"] if kept is not None else 0
+        got = con.execute(f"SELECT sid, layer, expert, c FROM units WHERE part >= {start} AND ({where})").fetchnumpy()
+        new = {k: np.asarray(got[k]) for k in ("sid", "layer", "expert", "c")}
+        uniq_new = np.unique(new["sid"])
+        if kept is not None and (not len(kept["uniq"]) or bool(np.all(
+                (uniq_new > kept["uniq"][-1]) | np.isin(uniq_new, kept["uniq"])))):
+            # New sequences have higher ids than every known one (a flush-split sequence keeps its id), so the
+            # units numbered already keep their numbers.
+            uniq = np.union1d(kept["uniq"], uniq_new)
+            cols = {k: np.concatenate([kept[k], new[k]]) for k in ("layer", "expert", "c")}
+            unit = np.concatenate([kept["unit"], np.searchsorted(uniq, new["sid"])])
+        else:
+            if kept is not None:  # a sequence id below the known ones: renumber from every row
+                got = con.execute(f"SELECT sid, layer, expert, c FROM units WHERE {where}").fetchnumpy()
+                new = {k: np.asarray(got[k]) for k in ("sid", "layer", "expert", "c")}
+            # Sequence ids of the whole trace → 0..n-1 for this selection (numpy: cheaper than a window in SQL).
+            uniq, unit = np.unique(new["sid"], return_inverse=True)
+            cols = {k: new[k] for k in ("layer", "expert", "c")}
+        unit = unit.astype(np.int64)
+        state["sels"][where] = {"parts": done, "uniq": uniq, "unit": unit, **cols}
+        while len(state["sels"]) > _UNIT_SELECTIONS:  # the oldest selection first (dicts keep insertion order)
+            del state["sels"][next(iter(state["sels"]))]
+    return pd.DataFrame({"unit": unit, "layer": cols["layer"], "expert": cols["expert"], "c": cols["c"]})
+
+
+#: Selections whose per-sequence rows sequence_units keeps between refreshes (a few drift pairs).
+_UNIT_SELECTIONS = 8
 
 
 _UNIT_KEY = ("run", "rank", "step", "tag", "seq")
@@ -251,7 +303,7 @@ def _units_connection(tr: Trace) -> Any:
     from .sqlkit import Raw, render
     from .trace import _table_view_sql
 
-    state = tr.__dict__.setdefault("_units", {"con": None, "version": None, "parts": [], "sids": {}})
+    state = tr.__dict__.setdefault("_units", {"con": None, "version": None, "parts": [], "sids": {}, "sels": {}})
     if state["con"] is not None and state["version"] == tr.data_version:
         return state["con"]
     files = [f for info in tr._runs for f in info.files.get("routing", [])]
@@ -261,8 +313,8 @@ def _units_connection(tr: Trace) -> Any:
             con.close()
         con = duckdb.connect(":memory:")
         con.execute("CREATE TABLE units (run VARCHAR, rank SMALLINT, step BIGINT, tag VARCHAR, seq INTEGER, "
-                    "layer SMALLINT, expert SMALLINT, c DOUBLE, sid BIGINT)")
-        state.update(con=con, parts=[])
+                    "layer SMALLINT, expert SMALLINT, c DOUBLE, sid BIGINT, part INTEGER)")
+        state.update(con=con, parts=[], sels={})  # part numbers restart: the kept selections start over
     sids: dict[tuple[Any, ...], int] = state["sids"]
     known = set(state["parts"])
     for f in files:
@@ -276,8 +328,8 @@ def _units_connection(tr: Trace) -> Any:
         ids = [sids.setdefault(tuple(k), len(sids)) for k in keys]
         con.register("_part_sids", pd.DataFrame([(*k, i) for k, i in zip(keys, ids)], columns=[*_UNIT_KEY, "sid"]))
         con.execute(
-            "INSERT INTO units SELECT u.run, u.rank, u.step, u.tag, u.seq, u.layer, u.expert, u.c, s.sid "
-            "FROM part_units u JOIN _part_sids s ON "  # NULL keys (older writers) still match themselves
+            "INSERT INTO units SELECT u.run, u.rank, u.step, u.tag, u.seq, u.layer, u.expert, u.c, s.sid, "
+            f"{len(state['parts'])} FROM part_units u JOIN _part_sids s ON "  # NULL keys (older writers) still match themselves
             + " AND ".join(f"u.{k} IS NOT DISTINCT FROM s.{k}" for k in _UNIT_KEY)
         )
         con.unregister("_part_sids")

@@ -24,6 +24,7 @@ import pandas as pd
 import moescope
 from moescope.analysis import rules as _rules
 from moescope.analysis import whatif
+from moescope.analysis.live import version_of
 from moescope.analysis.selection import Selection
 from moescope.config import HealthConfig, as_config, default_config_path
 
@@ -155,17 +156,27 @@ class DashboardData:
 
     # -- plumbing ------------------------------------------------------------------------------------
 
-    def cached(self, key: Hashable, compute: Callable[[], T]) -> T:
-        """compute() once per key (under the connection lock), then from the LRU: for pages added later."""
-        return self._cached(key, compute)
+    def cached(self, key: Hashable, compute: Callable[[], T], runs: Any = None) -> T:
+        """compute() once per key (under the connection lock), then from the LRU: for pages added later.
 
-    def _cached(self, key: Hashable, compute: Callable[[], T]) -> T:
+        `runs`: the only runs compute() reads (None: any), so a refresh that grew other runs keeps the result.
+        """
+        return self._cached(key, compute, runs)
+
+    def _cached(self, key: Hashable, compute: Callable[[], T], runs: Any = None) -> T:
         def locked() -> T:
             with self._lock:
                 return compute()
 
-        # Keyed by the trace's data version: after a refresh that found new data, nothing stale is served.
-        return self.cache.get((self.trace.data_version, key), locked)
+        # Keyed by the data version of what it reads (every run's, or those of `runs`): after a refresh that
+        # found new data, nothing stale is served, and a run that did not change keeps its results.
+        return self.cache.get((self.version(runs), key), locked)
+
+    def version(self, runs: Any = None) -> Hashable:
+        """The data version of `runs` (names; None: the whole trace): part of every cache key."""
+        if runs is None:
+            return self.trace.data_version
+        return version_of(self.trace, [runs] if isinstance(runs, str) else runs)
 
     def refresh(self) -> bool:
         """Follow a trace being written: pick up new parts (Trace.refresh); True when the data version moved."""
@@ -366,7 +377,7 @@ class DashboardData:
             )
             return [str(t) for t in df["tag"]]
 
-        return self._cached(("baseline_tags", run), compute)
+        return self._cached(("baseline_tags", run), compute, runs=run)
 
     def default_drift(self) -> tuple[dict[str, Any], dict[str, Any]]:
         """The Drift page's first comparison: default_drift_sides with each run's tags baseline-first."""
@@ -388,16 +399,36 @@ class DashboardData:
     # -- health --------------------------------------------------------------------------------------
 
     def health(self, run: str | None = None) -> pd.DataFrame:
-        """Findings of the health rules (all runs computed once; filtered to `run` when given)."""
-
-        def compute() -> pd.DataFrame:
-            df = self.trace.health(config=self.config)
-            return df.reset_index(drop=True)
-
-        df = self._cached(("health",), compute)
+        """Findings of the health rules (every run; filtered to `run` when given), each run's kept by its version."""
+        df = self._cached(("health",), self._health_by_run, runs=self.run_names())
         if run is not None:
             df = df[df["run"] == run].reset_index(drop=True)
         return df
+
+    def _health_by_run(self) -> pd.DataFrame:
+        """Every run's findings: those of runs changed since they were computed in one pass, the others kept.
+
+        The rules judge each run on its own rows (its windows, its manifest), so a flush appended to one run
+        leaves every other run's findings as they were: a refresh while recording pays for the growing run only.
+        """
+        runs = self.run_names()
+        kept: dict[str, tuple[Hashable, pd.DataFrame]] = self.__dict__.setdefault("_health_runs", {})
+        versions = {r: self.version(r) for r in runs}  # read before computing: a later refresh is seen next time
+        stale = [r for r in runs if r not in kept or kept[r][0] != versions[r]]
+        if stale:
+            df = self.trace.health(run=stale, config=self.config).reset_index(drop=True)
+            if df["run"].isna().any():  # a rule failed over several runs' window at once: not split per run
+                kept.clear()
+                return self.trace.health(config=self.config).reset_index(drop=True)
+            got = {str(r): g.reset_index(drop=True) for r, g in df.groupby("run", sort=False)}
+            for r in stale:
+                kept[r] = (versions[r], got.get(r, df.iloc[:0]))
+        for r in set(kept) - set(runs):  # a run that went away
+            del kept[r]
+        if not runs:
+            return self.trace.health(config=self.config).reset_index(drop=True)
+        # Findings are ordered by run first (health._frame): each run's block in sorted run order is that order.
+        return pd.concat([kept[r][1] for r in sorted(runs)], ignore_index=True)
 
     def health_grid(self) -> pd.DataFrame:
         """Worst status per run × layer, with counts of WARN and FAIL findings: run, layer, status, warn, fail."""
@@ -415,14 +446,14 @@ class DashboardData:
             out["layer"] = out["layer"].astype(int)
             return out
 
-        return self._cached(("health_grid",), compute)
+        return self._cached(("health_grid",), compute, runs=self.run_names())
 
     def alerts(self, run: str | None = None) -> pd.DataFrame:
         """Online alerts the recorder kept in the trace, newest first: run, step, step_start, layer, rule, status,
         value, threshold, experts, message."""
         from moescope.analysis.live import alerts_frame
 
-        return self._cached(("alerts", run), lambda: alerts_frame(self.trace, run))
+        return self._cached(("alerts", run), lambda: alerts_frame(self.trace, run), runs=run)
 
     def findings(self, run: str | None = None, include_pass: bool = False) -> pd.DataFrame:
         """Findings worst first (without PASS unless asked), for the findings tables."""
@@ -449,6 +480,7 @@ class DashboardData:
             lambda: self.trace.utilization(run=run, window=width, steps=steps).sort_values(
                 ["layer", "window_start", "expert"]
             ).reset_index(drop=True),
+            runs=run,
         )
 
     def load_metrics(self, run: str, steps: tuple[int, int] | None = None) -> pd.DataFrame:
@@ -459,6 +491,7 @@ class DashboardData:
             lambda: self.trace.load_metrics(run=run, window=width, steps=steps).sort_values(
                 ["layer", "window_start"]
             ).reset_index(drop=True),
+            runs=run,
         )
 
     def layer_utilization(self, run: str, steps: tuple[int, int] | None = None) -> pd.DataFrame:
@@ -468,13 +501,14 @@ class DashboardData:
             lambda: self.trace.utilization(run=run, window="all", steps=steps).sort_values(
                 ["layer", "expert"]
             ).reset_index(drop=True),
+            runs=run,
         )
 
     # -- similarity ----------------------------------------------------------------------------------
 
     def similarity(self, run: str) -> pd.DataFrame:
         """Expert × expert similarity rows of `run`: step, layer, expert_a, expert_b, metric, value."""
-        return self._cached(("similarity", run), lambda: self.trace.similarity(run=run))
+        return self._cached(("similarity", run), lambda: self.trace.similarity(run=run), runs=run)
 
     def snapshot_steps(self, run: str) -> list[int]:
         """Steps (checkpoints) with similarity or spectra snapshots in `run`."""
@@ -487,7 +521,7 @@ class DashboardData:
             )
             return [int(s) for s in df["step"]]
 
-        return self._cached(("snapshot_steps", run), compute)
+        return self._cached(("snapshot_steps", run), compute, runs=run)
 
     def spectra(self, run: str, layer: int, step: int) -> pd.DataFrame:
         """Singular values of every expert's matrices at one snapshot: expert, matrix, idx, sigma."""
@@ -498,6 +532,7 @@ class DashboardData:
                 "WHERE run = ? AND layer = ? AND step = ? ORDER BY matrix, expert, idx",
                 [run, layer, step],
             ),
+            runs=run,
         )
 
     # -- drift ---------------------------------------------------------------------------------------
@@ -507,6 +542,7 @@ class DashboardData:
         return self._cached(
             ("drift", sel_key(baseline), sel_key(current)),
             lambda: self.trace.drift(baseline=_clean(baseline), current=_clean(current)),
+            runs=_runs_of(baseline, current),
         )
 
     def expert_shares(self, sel: Mapping[str, Any]) -> pd.DataFrame:
@@ -524,7 +560,7 @@ class DashboardData:
             df["share"] = df["assignments"] / total.where(total > 0)
             return df.sort_values(["layer", "expert"]).reset_index(drop=True)
 
-        return self._cached(("expert_shares", sel_key(sel)), compute)
+        return self._cached(("expert_shares", sel_key(sel)), compute, runs=_runs_of(sel))
 
     # -- tokens --------------------------------------------------------------------------------------
 
@@ -541,6 +577,7 @@ class DashboardData:
                 "GROUP BY rank, step, tag, seq ORDER BY step, rank, tag, seq",
                 [run, run],
             ),
+            runs=run,
         )
 
     def token_routing(
@@ -567,7 +604,7 @@ class DashboardData:
             df["text"] = df["token_id"].map(token_text)
             return df
 
-        return self._cached(("token_routing", run, int(step), int(seq), tag, rank), compute)
+        return self._cached(("token_routing", run, int(step), int(seq), tag, rank), compute, runs=run)
 
     # -- systems what-ifs (the Systems page) ---------------------------------------------------------
 
@@ -576,6 +613,7 @@ class DashboardData:
         return self._cached(
             ("whatif-capacity", run, steps),
             lambda: whatif.capacity_drops(self.trace, run=run, factors=WHATIF_FACTORS, steps=steps),
+            runs=run,
         )
 
     def whatif_placement(self, run: str, devices: int) -> pd.DataFrame:
@@ -592,7 +630,7 @@ class DashboardData:
             out[f"LPT + {devices} replicas"] = rep["balancedness_after"].to_numpy()
             return out
 
-        return self._cached(("whatif-placement", run, devices), compute)
+        return self._cached(("whatif-placement", run, devices), compute, runs=run)
 
     def whatif_cache(self, run: str, layer: int, steps: tuple[int, int] | None = None) -> pd.DataFrame:
         """Hit rates of one layer for cache sizes 1..N (empty when the run has no token-level routing)."""
@@ -603,7 +641,7 @@ class DashboardData:
             except ValueError:  # count-only run: the figure says so
                 return pd.DataFrame(columns=whatif.CACHE_COLUMNS)
 
-        return self._cached(("whatif-cache", run, layer, steps), compute)
+        return self._cached(("whatif-cache", run, layer, steps), compute, runs=run)
 
     # -- SQL console ---------------------------------------------------------------------------------
 
@@ -649,6 +687,17 @@ class DashboardData:
         elif truncated:
             msg += f" (cut at {n} rows)"
         return SqlResult(frame=df, message=msg, ok=True, truncated=truncated, seconds=dt)
+
+
+def _runs_of(*sels: Mapping[str, Any] | None) -> list[str] | None:
+    """The runs some selections read, for a cache key; None when one of them reads every run (or another root)."""
+    runs = []
+    for sel in sels:
+        run = (sel or {}).get("run")
+        if not isinstance(run, str) or (sel or {}).get("root") is not None:
+            return None
+        runs.append(run)
+    return runs
 
 
 def _clean(sel: Mapping[str, Any] | None) -> dict[str, Any]:
