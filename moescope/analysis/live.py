@@ -284,8 +284,9 @@ def sequence_units(tr: Trace, sel: Any) -> pd.DataFrame:
     return pd.DataFrame({"unit": unit, "layer": cols["layer"], "expert": cols["expert"], "c": cols["c"]})
 
 
-#: Selections whose per-sequence rows sequence_units keeps between refreshes (a few drift pairs).
-_UNIT_SELECTIONS = 8
+#: Baselines whose per-sequence rows sequence_units keeps between refreshes (~20 bytes a row: ~60 MB for a
+#: whole run of the 100M-assignment benchmark trace, so only the few last ones).
+_UNIT_SELECTIONS = 3
 
 
 _UNIT_KEY = ("run", "rank", "step", "tag", "seq")
