@@ -54,11 +54,11 @@ def clones_per_snapshot(sim: pd.DataFrame, threshold: float, metrics: list[str])
 
 
 def _heatmap(data: Any, sim: pd.DataFrame, run: str, layer: int, step: int, metric: str, side: str,
-             counts: pd.DataFrame, threshold: float) -> Any:
-    row = counts[(counts["step"] == step) & (counts["layer"] == layer)]
-    n = int(row["clone_pairs"].iloc[0]) if len(row) else 0
-    title = f"Step {step}: {METRIC_NAMES.get(metric, metric)} · {n} clone pair{'s' if n != 1 else ''} (> {threshold:g})"
+             threshold: float) -> Any:
     part = sim[(sim["layer"] == layer) & (sim["step"] == step) & (sim["metric"] == metric)]
+    # the outlined cells of this metric (the table below counts the rule's view: any of its metrics)
+    n = int(clones_per_snapshot(part, threshold, [metric])["clone_pairs"].sum())
+    title = f"Step {step}: {METRIC_NAMES.get(metric, metric)} · {n} pair{'s' if n != 1 else ''} above {threshold:g}"
     return C.card(C.guard(f"{side} snapshot", lambda: C.figure(
         data, f"sim-{side}", (run, layer, step, metric), lambda: F.similarity_heatmap(part, title, threshold))))
 
@@ -83,7 +83,9 @@ def layout(**query: Any) -> html.Div:
     ckpt = ckpt if ckpt in steps else steps[-1]
     sim_all = data.similarity(run)
     threshold, rule_metrics = clone_rule()
-    metrics = sorted(sim_all["metric"].unique(), key=lambda m: (m not in rule_metrics, m not in METRIC_NAMES, m))
+    # the clones rule's own metrics first, in its order: the default view is the one the rule reads first
+    metrics = sorted(sim_all["metric"].unique(), key=lambda m: (
+        rule_metrics.index(m) if m in rule_metrics else len(rule_metrics), m not in METRIC_NAMES, m))
     metric = query.get("metric") if query.get("metric") in metrics else (metrics[0] if metrics else None)
     spectra = data.spectra(run, layer, ckpt)
     matrices = sorted(spectra["matrix"].unique()) if not spectra.empty else []
@@ -98,10 +100,10 @@ def layout(**query: Any) -> html.Div:
     if metric is None:
         pair: Any = C.message(f"No similarity rows in run {run}.", "info")
     elif ckpt == steps[0]:
-        pair = _heatmap(data, sim_all, run, layer, ckpt, metric, "first", counts, threshold)
+        pair = _heatmap(data, sim_all, run, layer, ckpt, metric, "first", threshold)
     else:
-        pair = C.row(_heatmap(data, sim_all, run, layer, steps[0], metric, "first", counts, threshold),
-                     _heatmap(data, sim_all, run, layer, ckpt, metric, "later", counts, threshold))
+        pair = C.row(_heatmap(data, sim_all, run, layer, steps[0], metric, "first", threshold),
+                     _heatmap(data, sim_all, run, layer, ckpt, metric, "later", threshold))
     rule_text = " or ".join(METRIC_NAMES.get(m, m) for m in rule_metrics)
     return html.Div(
         [

@@ -174,7 +174,11 @@ def test_similarity_shows_first_and_later_snapshot_with_clones_per_snapshot(samp
     # upcycled experts are clones at the first snapshot: every pair of 16 experts, in every layer
     assert all(steps[(0, layer)]["clone_pairs"] == 120 for layer in (0, 1))
     assert steps[(120, 0)]["clone_pairs"] < 120
-    assert f"{steps[(0, 0)]['clone_pairs']} clone pairs" in first["layout"]["title"]["text"]
+    # the default metric is the clones rule's first; each title counts the cells its heatmap outlines
+    assert first["layout"]["title"]["text"] == "Step 0: subspace overlap · 120 pairs above 0.8"
+    n_later = int(later["layout"]["title"]["text"].split("· ")[1].split(" pair")[0])
+    assert 0 < n_later <= steps[(120, 0)]["clone_pairs"]
+    assert len(later["layout"].get("shapes", [])) == 2 * n_later  # both triangles outlined
 
 
 @needs_samples
