@@ -88,14 +88,36 @@ def test_watch_while_a_process_writes(tmp_path: Path) -> None:
     write_manifest(root / "live", {"run": "live", "layers": [layer_spec(0, 4, 1)], "closed": False})
     watch = subprocess.Popen([*CLI, "watch", str(root), "--interval", "0.3", "--window", "5"], env=ENV,
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    lines: list[str] = []
+    last_frame = threading.Event()
+    err_chunks: list[str] = []
+
+    def read_stdout() -> None:
+        assert watch.stdout is not None
+        for line in watch.stdout:
+            lines.append(line)
+            if "recording · step 149" in line:
+                last_frame.set()
+
+    def read_stderr() -> None:
+        assert watch.stderr is not None
+        err_chunks.append(watch.stderr.read())
+
+    readers = [threading.Thread(target=read_stdout), threading.Thread(target=read_stderr)]
+    for t in readers:
+        t.start()
     time.sleep(1.5)
     writer = subprocess.Popen([sys.executable, "-c", WRITER, str(root), "30", "0.1"], env=ENV)
     try:
         writer.wait(timeout=60)
-        time.sleep(3.0)  # a few more ticks see the last part (a loaded machine runs them late)
+        # Wait for a frame showing the last part (a loaded machine draws it late), then Ctrl-C.
+        last_frame.wait(timeout=60)
     finally:
         watch.send_signal(signal.SIGINT)
-        out, err = watch.communicate(timeout=30)
+        watch.wait(timeout=30)
+        for t in readers:
+            t.join(timeout=30)
+    out, err = "".join(lines), "".join(err_chunks)
     assert watch.returncode == 0, err
     assert "Traceback" not in err and "error" not in err.lower()
     assert "moescope watch: stopped" in err and "waiting for the first flush" in err
