@@ -94,3 +94,23 @@ def test_lightning_example_needs_only_the_lightning_extra(tmp_path: Path, monkey
     assert (tmp_path / "traces" / "lightning-run" / "manifest.json").is_file()
     with open(next((tmp_path / "logs").rglob("metrics.csv"))) as fh:
         assert "moescope/layer1/dead_experts" in fh.readline()
+
+
+def test_custom_router_example_runs_and_records_what_the_router_chose(tmp_path: Path) -> None:
+    torch = pytest.importorskip("torch")
+    code = next(b for b in blocks(section("### Supported models and custom routers"), "python") if "MyRouter" in b)
+    ns: dict = {"__name__": "readme_custom_router"}
+    exec(compile(code, "README.md (custom router)", "exec"), ns)
+    moescope, nn = ns["moescope"], ns["nn"]
+    model = nn.Sequential(nn.Linear(16, 16), ns["MyRouter"]())
+    seen: list = []
+    model[1].register_forward_hook(lambda m, i, out: seen.append(out[2].flatten()))  # the router's own ids
+    x = torch.randn(3, 5, 16)
+    with moescope.record(model, tmp_path / "run"):
+        model(x)
+    got = moescope.open(tmp_path).sql("SELECT expert, sum(tokens) AS n FROM expert_load GROUP BY expert").df()
+    want = torch.bincount(torch.cat(seen), minlength=8)
+    assert {int(e): int(n) for e, n in zip(got["expert"], got["n"])} == {
+        e: int(n) for e, n in enumerate(want.tolist()) if n
+    }
+    assert int(got["n"].sum()) == 3 * 5 * 2  # every token, top-2
