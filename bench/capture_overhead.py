@@ -160,8 +160,8 @@ def main() -> None:
 
     configs: dict[str, Callable[[], float]] = {
         "no recording": config(None, "none"),
-        "counts, no stats": config({"tokens": 0.0, "stats": False}, "bare"),
-        "counts only (tokens=0)": config({"tokens": 0.0}, "counts"),
+        "counts only (stats=False)": config({"tokens": 0.0, "stats": False}, "bare"),
+        "default: counts+stats": config({"tokens": 0.0}, "counts"),
         "every token (tokens=1)": config({"tokens": 1.0}, "tokens"),
     }
     if args.model == "hf-mixtral":
@@ -177,7 +177,7 @@ def main() -> None:
           f"batch={args.batch}x{args.seq} hidden={args.hidden} layers={args.layers} experts={args.experts} "
           f"top-{args.top_k} steps={args.steps} rounds={args.rounds} threads={torch.get_num_threads()} clock={args.clock}")
     print(f"{'config':<28}{'ms/step (median)':>18}{'overhead':>10}" + ("  recompiles  graph breaks" if args.compile else ""))
-    names = {"no recording": "none", "counts, no stats": "bare", "counts only (tokens=0)": "counts",
+    names = {"no recording": "none", "counts only (stats=False)": "bare", "default: counts+stats": "counts",
              "every token (tokens=1)": "tokens", "output_router_logits=True": "router-logits"}
     for name, ts in times.items():
         med = statistics.median(ts)
@@ -191,7 +191,7 @@ def main() -> None:
 
     x = batches[0][:2]
     print("\naten ops per router call (eager, top-level ops the hook dispatches; torch.profiler):")
-    for label, kw in (("counts, no stats", {"tokens": 0.0, "stats": False}), ("counts only (tokens=0)", {"tokens": 0.0}),
+    for label, kw in (("counts only (stats=False)", {"tokens": 0.0, "stats": False}), ("default: counts+stats", {"tokens": 0.0}),
                       ("every token (tokens=1)", {"tokens": 1.0})):
         print(f"  {label:<26}{hook_ops(model, x, **kw):>4}")
 
