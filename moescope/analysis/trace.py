@@ -120,6 +120,20 @@ def _table_view_sql(table: str, files: list[Path], present: set[str]) -> str:
     return f"SELECT {sel} FROM read_parquet([{paths}], union_by_name = true)"
 
 
+#: Below this many bytes of Parquet, `materialize="auto"` loads every table into DuckDB memory at open: a root
+#: of many small runs otherwise pays a scan of every part file on every query.
+MATERIALIZE_BYTES = 256 * 1024 * 1024
+
+
+def _stamp(path: Path) -> tuple[int, int]:
+    """Size and mtime of a part: a known part whose stamp moved was rewritten (compaction, set-aside)."""
+    try:
+        st = path.stat()
+    except OSError:  # vanished since the listing: never equal to a loaded stamp, so its table is rebuilt
+        return -1, -1
+    return st.st_size, st.st_mtime_ns
+
+
 def _runs_frame(runs: list[RunInfo]) -> pd.DataFrame:
     rows = []
     for info in runs:
@@ -183,6 +197,8 @@ class Trace:
     `locked=True` makes `sql()` safe for untrusted input (the dashboard's SQL console): one SELECT at a
     time, no file access outside the trace roots, no extensions, no settings, at most `max_rows` rows
     (the rest cut off; `last_truncated` says so) and `timeout` seconds per query.
+    `materialize` ("auto": below MATERIALIZE_BYTES of Parquet) loads the tables into DuckDB memory once instead of
+    views that scan every part file per query; refresh() appends new parts and rebuilds a table whose parts moved.
     """
 
     def __init__(
@@ -195,6 +211,7 @@ class Trace:
         memory_limit: str | None = None,
         threads: int | None = None,
         max_bytes: int = _console.Limits.max_bytes,
+        materialize: bool | str = "auto",
     ) -> None:
         roots = [root] if isinstance(root, (str, os.PathLike)) else list(root)
         if not roots:
@@ -204,6 +221,11 @@ class Trace:
         self.max_rows = int(max_rows)
         self.timeout = float(timeout)
         self.last_truncated = False
+        if materialize not in (True, False, "auto"):
+            raise TraceError(f"materialize must be True, False or 'auto', not {materialize!r}")
+        self.materialize = materialize
+        #: table -> stamps of the parts loaded into its in-memory copy (absent: the table is a view over the files)
+        self._loaded: dict[str, dict[Path, tuple[int, int]]] = {}
         self._runs = discover(roots)
         #: Bumped by refresh() whenever the file set changed: key every cached result by it.
         self.data_version = 0
@@ -229,14 +251,22 @@ class Trace:
 
     def _create_views(self) -> None:
         con = self.con
+        all_files = {t: [f for info in self._runs for f in info.files.get(t, [])] for t in TABLES}
+        # every new part: footer, version and page checksums (moescope.format.reader), verified in parallel
+        self._columns.update(check_parts([f for fs in all_files.values() for f in fs if f not in self._columns]))
+        stamps = {f: _stamp(f) for fs in all_files.values() for f in fs}
+        if self.materialize == "auto":
+            materialize = sum(s[0] for s in stamps.values()) < MATERIALIZE_BYTES
+        else:
+            materialize = bool(self.materialize)
         for table in TABLES:
-            files = [f for info in self._runs for f in info.files.get(table, [])]
-            present: set[str] = set()
-            # every new part: footer, version and page checksums (moescope.format.reader), verified in parallel
-            self._columns.update(check_parts([f for f in files if f not in self._columns]))
-            for f in files:
-                present.update(self._columns[f])
-            con.execute(f"CREATE OR REPLACE VIEW {table} AS {_table_view_sql(table, files, present)}")
+            files = all_files[table]
+            if materialize:
+                self._load_table(table, files, stamps)
+                continue
+            if self._loaded.pop(table, None) is not None:  # grew past the threshold: back to a view
+                con.execute(f"DROP TABLE {table}")
+            con.execute(f"CREATE OR REPLACE VIEW {table} AS {self._select(table, files)}")
         for info in self._runs:  # validated, not believed: run names, id ranges, counts (footer statistics)
             check_run_values(info.run, info.files, info.typed)
         con.execute(f"CREATE OR REPLACE VIEW assignments AS {render('view_assignments')}")
@@ -258,6 +288,24 @@ class Trace:
         for derived in ("layer_info", "layer_experts", "expert_ids"):  # rebuilt from the new manifests and rows
             con.execute(f"DROP TABLE IF EXISTS {derived}")
         ensure_layer_info(con)
+
+    def _select(self, table: str, files: list[Path]) -> str:
+        present = {c for f in files for c in self._columns[f]}
+        return _table_view_sql(table, files, present)
+
+    def _load_table(self, table: str, files: list[Path], stamps: dict[Path, tuple[int, int]]) -> None:
+        """Keep `table` an in-memory copy of `files`: append new parts, rebuild when a loaded part vanished or moved."""
+        con = self.con
+        loaded = self._loaded.get(table)
+        if loaded is not None and all(stamps.get(f) == s for f, s in loaded.items()):
+            new = [f for f in files if f not in loaded]
+            if new:
+                con.execute(f"INSERT INTO {table} {self._select(table, new)}")
+        else:
+            if loaded is None:  # first load, or it was a view until now
+                con.execute(f"DROP VIEW IF EXISTS {table}")
+            con.execute(f"CREATE OR REPLACE TABLE {table} AS {self._select(table, files)}")
+        self._loaded[table] = {f: stamps[f] for f in files}
 
     def _rebuild_views(self) -> None:
         """Re-create every view and table over the current file set (refresh() holds `_lock` meanwhile).
