@@ -7,8 +7,6 @@ import math
 import sys
 from typing import Any
 
-import pandas as pd
-
 from ._legend import LEGEND
 
 EPILOG = """\
@@ -59,6 +57,14 @@ def _tokens(v: Any) -> str:
         if f >= div:
             return f"{f / div:.1f}{unit}"
     return f"{f:.0f}"
+
+
+def _table(rows: list[dict[str, Any]]) -> list[str]:
+    """Rows as right-aligned text columns (plain Python: pandas' to_string cost ~4 ms a run on a 1,000-run root)."""
+    heads = list(rows[0])
+    cells = [[str(r[h]) for h in heads] for r in rows]
+    widths = [max(len(h), *(len(c[i]) for c in cells)) for i, h in enumerate(heads)]
+    return [" ".join(v.rjust(w) for v, w in zip(line, widths)) for line in [heads, *cells]]
 
 
 def render_report(tr: Any, runs: list[str] | None = None, config: Any = None, window: Any = None) -> str:
@@ -113,8 +119,7 @@ def render_report(tr: Any, runs: list[str] | None = None, config: Any = None, wi
                     "drop%": _num(None if row["drop_rate"] is None else 100 * float(row["drop_rate"] or 0), "{:.1f}"),
                     "health": _MARK.get(status, status),
                 })
-            table = pd.DataFrame(rows).to_string(index=False)
-            out += ["    " + line for line in table.splitlines()]
+            out += ["    " + line for line in _table(rows)]
         bad = h[h["status"].isin(["FAIL", "ERROR", "WARN"])].copy()
         counts = h["status"].value_counts().to_dict()
         summary = ", ".join(f"{counts[s]} {s}" for s in reversed(STATUS_ORDER) if counts.get(s))
