@@ -73,12 +73,7 @@ def layout(**query: Any) -> html.Div:
         return html.Div([head, *[C.message(p + " Pick one below.", "error") for p in problems],
                          html.Div([*_side_controls("b_", "Baseline", base, data), C.layer_control(state, data),
                                    *_side_controls("c_", "Current", cur, data)], className="ms-selbar ms-drift-ctl")])
-    try:
-        from moescope.config import DriftConfig
-
-        tv_min = float(DriftConfig().tv_min)
-    except Exception:  # noqa: BLE001 - the threshold line is a guide; the rule itself lives in moescope
-        tv_min = 0.05
+    tv_min = float(data.config.drift.tv_min)  # the drift rule's setting (moescope.toml), as check uses it
     key = (D.sel_key(base), D.sel_key(cur))
     return html.Div(
         [

@@ -13,6 +13,12 @@ from moescope.dashboard import figures as F
 dash.register_page(__name__, path="/utilization", name="Utilization", title="moescope · Utilization", order=1)
 
 
+def _dead_below(data: Any) -> float | None:
+    """The dead_expert rule's limit from the dashboard's config (None when the rule is off)."""
+    rc = data.config.rule("dead_expert")
+    return rc.fail_below if rc.enabled else None
+
+
 def layout(**query: Any) -> html.Div:
     """The utilization page for the URL's query parameters."""
     data, state = C.page_state(query)
@@ -35,7 +41,7 @@ def layout(**query: Any) -> html.Div:
             C.card(C.guard("utilization heatmap", lambda: C.figure(
                 data, "util-heatmap", key, lambda: F.utilization_heatmap(util(), layer)))),
             C.card(C.guard("load lines", lambda: C.figure(
-                data, "util-lines", key, lambda: F.load_lines(util(), layer)))),
+                data, "util-lines", key, lambda: F.load_lines(util(), layer, dead_below=_dead_below(data))))),
             C.row(
                 C.card(C.guard("aux loss", lambda: C.figure(data, "util-aux", key, lambda: F.metric_curves(
                     lm(), "aux_loss", "Switch aux loss N·Σ f·P (1 = uniform)", "aux loss", layer, threshold=1.0,

@@ -226,8 +226,11 @@ def utilization_heatmap(util: pd.DataFrame, layer: int) -> go.Figure:
     return fig
 
 
-def load_lines(util: pd.DataFrame, layer: int, max_points: int = 40) -> go.Figure:
-    """One line per expert: utilization over steps, with the fair share (1.0) and dead-expert (0.05) levels."""
+def load_lines(util: pd.DataFrame, layer: int, max_points: int = 40, dead_below: float | None = 0.05) -> go.Figure:
+    """One line per expert: utilization over steps, with the fair share (1.0) and dead-expert levels.
+
+    dead_below: the dead_expert rule's `fail_below` of the dashboard's config (None: the rule is off, no line).
+    """
     df = util[util["layer"] == layer]
     title = f"Layer {layer}: per-expert load over steps"
     if df.empty:
@@ -250,9 +253,12 @@ def load_lines(util: pd.DataFrame, layer: int, max_points: int = 40) -> go.Figur
             )
         )
     fig.add_hline(y=1.0, line={"color": MUTED, "dash": "dash", "width": 1})
-    fig.add_hline(y=0.05, line={"color": status_color("FAIL"), "dash": "dot", "width": 1})
+    levels = [(1.0, "fair share", MUTED, 8)]
+    if dead_below is not None and dead_below > 0:  # a log axis has no place for 0
+        fig.add_hline(y=dead_below, line={"color": status_color("FAIL"), "dash": "dot", "width": 1})
+        levels.append((dead_below, f"dead < {dead_below:g}", status_color("FAIL"), -8))
     # On a log axis annotations take log10 positions (shapes take data values): place the labels by hand.
-    for y, text, color, shift in ((1.0, "fair share", MUTED, 8), (0.05, "dead < 0.05", status_color("FAIL"), -8)):
+    for y, text, color, shift in levels:
         fig.add_annotation(x=0, xref="paper", xanchor="left", y=math.log10(y), yref="y", yshift=shift,
                            text=text, showarrow=False, font={"color": color, "size": 11})
     fig.update_yaxes(type="log", dtick=1)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
 import pytest
 
 pytest.importorskip("dash")
@@ -51,3 +52,20 @@ def test_dashboard_findings_use_the_config(tmp_path: Path) -> None:
         assert set(h.loc[h["rule"] == "collapse", "threshold"]) == {0.99}
     finally:
         data.close()
+
+
+def test_load_lines_follow_the_config(collapse_page: Any) -> None:
+    from moescope.dashboard import figures as F
+
+    u = pd.DataFrame({"layer": [0, 0], "expert": [0, 1], "window_start": [0, 0], "utilization": [1.5, 0.5]})
+    ys = [s.y0 for s in F.load_lines(u, 0, dead_below=0.2).layout.shapes]
+    assert 0.2 in ys and 0.05 not in ys and 1.0 in ys
+    assert [s.y0 for s in F.load_lines(u, 0, dead_below=None).layout.shapes] == [1.0]  # rule off: no dead line
+    page = glue.app.page_module("utilization")  # registered by the module fixture's app
+
+    class Data:
+        config = config_from_dict({"rules": {"dead_expert": {"fail_below": 0.2}}})
+
+    assert page._dead_below(Data()) == 0.2
+    Data.config = config_from_dict({"rules": {"dead_expert": {"enabled": False}}})
+    assert page._dead_below(Data()) is None
