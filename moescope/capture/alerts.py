@@ -241,7 +241,7 @@ def evaluate_flush(
         acc["tokens"] += float(st[_I_TOKENS])
         acc["entropy_sum"] += float(st[_I_ENTROPY])
         acc["lse_sq_sum"] += float(st[_I_LSE_SQ])
-        acc["nonfinite"] += float(round(float(st[_I_NONFINITE])))
+        acc["nonfinite"] += float(st[_I_NONFINITE])  # NaN (stats=False: not measured) stays NaN: the rule SKIPs
     steps = [s for s, *_ in load_host] or [s for s, *_ in stats_host]
     infos = {li.layer: li for li in recorder.layers}
     alerts = evaluate_window(

@@ -198,9 +198,8 @@ def decode(row: np.ndarray, e: int, stats: bool) -> tuple[np.ndarray, np.ndarray
     load = np.stack([row[:e], prob, row[e : 2 * e]], 1)
     ent, top1, top2, lse, finite, lse_sq = f[e:]
     dropped, lse_max = row[-2], row[-1]
-    if not stats:
-        ent = top1 = top2 = lse = lse_sq = lse_max = np.nan
-        finite = tokens
+    if not stats:  # logits were not read: nothing is known of them, not even that they were finite
+        ent = top1 = top2 = lse = lse_sq = lse_max = finite = np.nan
     vals = {
         "tokens": tokens,
         "entropy_sum": ent,

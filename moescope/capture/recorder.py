@@ -846,7 +846,8 @@ def _to_tables(
         for i, name in enumerate(_STAT_NAMES):
             col = st[:, i]
             if name in ("tokens", "nonfinite", "dropped"):
-                d[name] = np.rint(col).astype(np.int64)
+                unknown = np.isnan(col)  # nonfinite under stats=False: not measured, stored NULL (never 0)
+                d[name] = pa.array(np.rint(np.where(unknown, 0, col)).astype(np.int64), mask=unknown)
             elif name == "lse_max":
                 d[name] = np.where(np.isfinite(col), col, np.nan)
             else:

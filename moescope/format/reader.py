@@ -36,6 +36,8 @@ REQUIRED = {
 }
 #: Counts that are never negative or NULL; sums that are always finite (NaN/Inf tokens add nothing to them).
 COUNTS = {"tokens", "nonfinite", "dropped"}
+#: Counts that may be NULL: not measured (router_stats.nonfinite of a `stats=False` recording).
+NULLABLE_COUNTS = {"nonfinite"}
 SUMS = {"prob_sum", "weight_sum", "entropy_sum", "lse_sq_sum", "lse_sum", "margin_sum"}
 #: Columns (Parquet leaf paths) that hold expert ids.
 EXPERT_IDS = {"expert", "expert_a", "expert_b", "experts.list.element"}
@@ -212,7 +214,7 @@ def check_values(path: Path, run: str, n_experts: int | None) -> None:
                 limit = f"[0, {n_experts})" if n_experts is not None else ">= 0"
                 raise TraceError(f"{path}: expert id {bad} in column {leaf!r} is outside {limit} (manifest n_experts)")
         if leaf in COUNTS:
-            if nulls:
+            if nulls and leaf not in NULLABLE_COUNTS:
                 raise TraceError(f"{path}: {nulls} NULL value(s) in count column {leaf!r}")
             if lo is not None and lo < 0:
                 raise TraceError(f"{path}: negative count {lo} in column {leaf!r}")

@@ -27,8 +27,9 @@ def nonfinite(rc: NonFiniteRule, cell: Cell, min_tokens: float) -> dict[str, Any
     """FAIL on more than fail_above tokens with NaN/Inf logits (judged on any amount of data)."""
     thr = rc.fail_above
     v = cell.get("nonfinite")
-    if v is None:
-        return finding("nonfinite", Status.SKIP, cell, "nonfinite", None, thr, f"{cell.where}: no router_stats in this window")
+    if v is None or v != v:  # None or NaN: no router_stats, or logits not read (stats=False)
+        return finding("nonfinite", Status.SKIP, cell, "nonfinite", None, thr,
+                       f"{cell.where}: router logits not inspected in this window (no router_stats, or stats=False)")
     if v > thr:
         msg = f"{cell.where}: {int(v)} tokens had NaN/Inf router logits (of {int(cell.get('tokens') or 0)})"
         return finding("nonfinite", Status.FAIL, cell, "nonfinite", v, thr, msg)
