@@ -21,6 +21,7 @@ import pandas as pd
 from ..config import HealthConfig, as_config
 from ..format.writer import TraceError
 from . import metrics as M
+from .engine import _has_table
 from .rules import COLUMNS, REGISTRY, STATUS_ORDER, Cell, Status, finding, rules, worst
 from .selection import Selection, Window
 
@@ -104,6 +105,7 @@ def health(
             rows.append(finding("data", Status.SKIP, {"run": run_name}, "tokens", None, None,
                                 f"run {run_name}: no expert_load or router_stats rows to judge"))
     rows += recording_losses(con, runs)
+    rows += integrity(con, runs)
     for spec in rules("snapshot"):
         rc = cfg.rule(spec.name)
         if not rc.enabled:
@@ -142,6 +144,52 @@ def recording_losses(con: duckdb.DuckDBPyConnection, runs: Sequence[str]) -> lis
         out.append(finding("recording", Status.ERROR, {"run": run}, "lost_steps", n if lost else None, 0,
                            f"run {run}{rank_txt}: {n or 'some'} step(s) not recorded: steps {steps}; "
                            + "; ".join(why)))
+    return out
+
+
+#: Router-stat sums a run recording statistics always writes as numbers: the hot path adds nothing for a
+#: non-finite token (it counts it in `nonfinite`), so a NaN or NULL here is damage, not a router event.
+_STAT_SUMS = ("entropy_sum", "lse_sq_sum", "lse_sum", "margin_sum")
+#: The key of one row per table: the recorder writes each (rank, step, tag, layer[, expert]) once.
+_ROW_KEYS = {"expert_load": "rank, step, tag, layer, expert", "router_stats": "rank, step, tag, layer"}
+
+
+def _steps(lo: Any, hi: Any) -> str:
+    return f"{lo}" if lo == hi else f"{lo}–{hi}"
+
+
+def integrity(con: duckdb.DuckDBPyConnection, runs: Sequence[str]) -> list[dict[str, Any]]:
+    """ERROR findings for rows a trace's footers cannot show: one key written twice, NaN or NULL router stats.
+
+    A key in two parts doubles its counts (a part's rows copied into another, a step recorded twice); a NaN in
+    one step's `lse_sq_sum` would silently leave that step out of the z-loss mean. One grouped query per table.
+    """
+    if not runs:
+        return []
+    out: list[dict[str, Any]] = []
+    for table, key in _ROW_KEYS.items():
+        if not _has_table(con, table):
+            continue
+        got = con.execute(
+            f"SELECT run, count(*), min(step), max(step) FROM (SELECT run, {key} FROM {table} "
+            f"WHERE list_contains(?, run) GROUP BY run, {key} HAVING count(*) > 1) GROUP BY run ORDER BY run",
+            [list(runs)]).fetchall()
+        for run, n, lo, hi in got:
+            out.append(finding("data", Status.ERROR, {"run": run}, f"duplicated_{table}_rows", int(n), 0,
+                               f"run {run}: {n} ({key}) key(s) of {table} appear in more than one row "
+                               f"(steps {_steps(lo, hi)}): counts would be doubled; the trace holds copied rows "
+                               "or a step recorded twice"))
+    if _has_table(con, "router_stats"):
+        bad = " OR ".join(f"{c} IS NULL OR isnan({c})" for c in _STAT_SUMS) + " OR nonfinite IS NULL"
+        got = con.execute(
+            f"SELECT s.run, count(*), min(s.step), max(s.step) FROM router_stats s JOIN runs r USING (run) "
+            f"WHERE list_contains(?, s.run) AND coalesce(json_extract(r.capture, '$.stats')::VARCHAR, 'true') "
+            f"<> 'false' AND ({bad}) GROUP BY s.run ORDER BY s.run", [list(runs)]).fetchall()
+        for run, n, lo, hi in got:
+            out.append(finding("data", Status.ERROR, {"run": run}, "nan_router_stats", int(n), 0,
+                               f"run {run}: {n} router_stats row(s) with NaN or NULL sums (steps {_steps(lo, hi)}) "
+                               "in a run that recorded router statistics: the z-loss, entropy and non-finite "
+                               "rules would judge fewer steps than were recorded"))
     return out
 
 

@@ -238,6 +238,10 @@ class Recorder:
         self._open = False
         self._created = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         self.flushes = 0
+        # (step, tag) keys already written: a forward in one of them again (after an explicit flush() mid-step,
+        # or a step set back) splits its rows across two parts, which `check` reports; warned, counted
+        self._written: set[tuple[int, str]] = set()
+        self.split_keys: list[list[Any]] = []
 
     # -- public knobs -------------------------------------------------------------------------
     @property
@@ -456,7 +460,7 @@ class Recorder:
     def _begin_forward(self) -> None:
         self._collect_rows()
         if self._n_rows >= self.max_rows_per_flush:
-            self.flush()
+            self.flush(hold_current=True)
         for g in self._grids.values():
             g.active = False
         self._forwards += 1
@@ -468,6 +472,8 @@ class Recorder:
         self._sync_key()
         if self._key is not None:
             self._key_forwards[self._key] = self._key_forwards.get(self._key, 0) + 1
+            if self._key in self._written and not self._skipping:
+                self._split(self._key)
 
     def _fill_grid(self, name: str, ids: torch.Tensor, kwargs: dict[str, Any], ks: list[int]) -> None:
         """Token ids, padding mask, absolute positions and the sampled sequences of one forward, on the host."""
@@ -553,6 +559,7 @@ class Recorder:
             return
         self._retire()
         self._key = key
+        self._maybe_flush()
 
     def _retire(self) -> None:
         """Queue a copy of the live buffer under the current key (unless that step is a resumed one) and reset it."""
@@ -564,7 +571,6 @@ class Recorder:
             self._acc.append((self._key, snap))
             if self._key_forwards.get(self._key):  # a step counts towards flush_every once a forward ran in it
                 self._acc_steps.add(self._key[0])
-            self._maybe_flush()
 
     def _make_hooks(self, info: LayerInfo) -> tuple[Callable[..., None], Callable[..., None]]:
         """The router forward hook and, for experts_input specs, the experts pre-hook of one layer."""
@@ -624,21 +630,35 @@ class Recorder:
 
     # -- flushing -----------------------------------------------------------------------------
     def _maybe_flush(self) -> None:
-        if len(self._acc_steps) >= self.flush_every:
-            self.flush()
+        if len(self._acc_steps - self._held_steps()) >= self.flush_every:
+            self.flush(hold_current=True)
 
-    def flush(self) -> None:
-        """Copy the buffers to the host (one sync) and hand them to the writer thread."""
+    def _held_steps(self) -> set[int]:
+        """The step still in progress: an automatic flush keeps its counts so a (step, tag) is written once."""
+        return {self._key[0]} if self._key is not None else set()
+
+    def flush(self, hold_current: bool = False) -> None:
+        """Copy the buffers to the host (one sync) and hand them to the writer thread.
+
+        Called by you (or a callback at the end of a step), it writes everything: the current step is taken as
+        complete. The recorder's own flushes (`hold_current`) keep the counts of the step still in progress, so
+        the rows of one (rank, step, tag, layer, expert) never span two parts (tags re-entered within a step,
+        gradient accumulation, the token-row cap).
+        """
         if self._hot is None:
             return
         self._collect_rows()
-        if self._key is not None and (self._resume_step is None or self._key[0] > self._resume_step):
+        held = self._held_steps() if hold_current else set()
+        if not held and self._key is not None and (self._resume_step is None or self._key[0] > self._resume_step):
             self._acc.append((self._key, self._hot.snapshot()))
-        acc, self._acc = self._acc, []
-        self._acc_steps = set()
+        acc = [a for a in self._acc if a[0][0] not in held]
+        self._acc = [a for a in self._acc if a[0][0] in held]
+        self._acc_steps &= held
         rows, self._rows = self._rows, []
         self._n_rows = 0
-        forwards, self._key_forwards = self._key_forwards, {}
+        forwards = {key: n for key, n in self._key_forwards.items() if key[0] not in held}
+        self._key_forwards = {key: n for key, n in self._key_forwards.items() if key[0] in held}
+        self._written.update(key for key, _ in acc)
         if not acc and not rows:
             return
         load_host: list[tuple[int, str, int, np.ndarray]] = []
@@ -702,6 +722,14 @@ class Recorder:
                 raise
             self._keep_alerts()
 
+    def _split(self, key: tuple[int, str]) -> None:
+        """A forward in a (step, tag) already written: its rows will span two parts (warned once per key)."""
+        self._written.discard(key)
+        self.split_keys.append([key[0], key[1]])
+        warnings.warn(f"moescope: step {key[0]}{f' tag {key[1]!r}' if key[1] else ''} was already flushed and "
+                      "records again: its rows span two parts, which `moescope check` reports as an ERROR; call "
+                      "flush() only between steps and keep steps increasing", RuntimeWarning, stacklevel=4)
+
     def _silent(self, n: int) -> None:
         """The watchdog: forwards ran but no router hook fired (compiled code without the hooks, a wrong model)."""
         if not self.silent_forwards:
@@ -757,6 +785,7 @@ class Recorder:
                 write_errors=list(stats.errors) if stats else [],
                 lost_steps=step_ranges(s for a, b in stats.lost_steps for s in range(a, b + 1)) if stats else [],
                 extra={"silent_forwards": self.silent_forwards,
+                       **({"split_keys": self.split_keys} if self.split_keys else {}),
                        **({"torn_parts_set_aside": self.torn_parts} if self.torn_parts else {})},
             ),
             rank=self.rank,

@@ -101,3 +101,43 @@ def test_a_duplicated_part_is_refused(tmp_path: Path) -> None:
     shutil.copy(part, part.with_name("part-0-000099.parquet"))
     with pytest.raises(TraceError, match=r"part-0-000099.parquet: the same rows as part-0-000000.parquet"):
         moescope.open(tmp_path / "t")
+
+
+def _second_part(run: Path, table: str, df: pd.DataFrame) -> None:
+    """Append `df` as one more part of `table` through the writer (a foreign tool or a buggy resume)."""
+    from moescope.format.writer import write_part
+
+    df = df.assign(run="r", rank=0)[list(moescope.format.schema.TABLES[table].names)]
+    write_part(run, table, 0, 50, pa.Table.from_pandas(df, preserve_index=False))
+
+
+def _data_findings(root: Path) -> pd.DataFrame:
+    h = moescope.open(root).health()
+    return h[h["rule"] == "data"]
+
+
+def test_a_key_written_twice_is_an_error_finding(tmp_path: Path) -> None:
+    """Rows of step 2 copied into another part (not a whole duplicated part) would double step 2: ERROR, exit 1."""
+    run = _good(tmp_path / "t")
+    _second_part(run, "expert_load", load_frame([(2, 0, [3, 2, 1, 2])]))
+    f = _data_findings(tmp_path / "t")
+    assert list(f["status"]) == ["ERROR"] and list(f["metric"]) == ["duplicated_expert_load_rows"]
+    assert f["value"].iloc[0] == N and "steps 2" in f["message"].iloc[0]
+    assert main(["check", str(tmp_path / "t")]) == 1
+
+
+def test_nan_router_stats_in_a_stats_run_are_an_error_finding(tmp_path: Path) -> None:
+    """NaN in one step's lse_sq_sum (footers do not count NaN) must not leave the z-loss mean a step short."""
+    run = _good(tmp_path / "t")
+    _replace_part(run, "router_stats", stats_frame(
+        [{"step": s, "layer": 0, "tokens": 4, "lse_sq_sum": float("nan") if s == 3 else 1.0} for s in range(4)]
+    ).assign(run="r", rank=0)[list(moescope.format.schema.ROUTER_STATS.names)], moescope.format.schema.ROUTER_STATS)
+    f = _data_findings(tmp_path / "t")
+    assert list(f["metric"]) == ["nan_router_stats"] and f["value"].iloc[0] == 1
+    assert "steps 3" in f["message"].iloc[0]
+    assert main(["check", str(tmp_path / "t")]) == 1
+
+
+def test_a_clean_trace_has_no_data_findings(tmp_path: Path) -> None:
+    _good(tmp_path / "t")
+    assert _data_findings(tmp_path / "t").empty
