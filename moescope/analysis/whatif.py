@@ -759,11 +759,11 @@ def _hits_frame(
     )
 
 
-def _token_lists(
-    con: duckdb.DuckDBPyConnection, run: str, layer: int, steps: tuple[int, int] | None = None
-) -> list[list[list[int]]]:
-    """A run-layer's per-token expert lists in token order, one stream per rank (read through Arrow)."""
-    sql = render("whatif_token_experts", {"filter": Selection(run=run, layer=layer, steps=steps).filter()})
+def _token_streams(
+    con: duckdb.DuckDBPyConnection, sel: Selection
+) -> dict[tuple[str, int], list[list[list[int]]]]:
+    """Per (run, layer): its per-token expert lists in token order, one stream per rank (one query, through Arrow)."""
+    sql = render("whatif_token_experts", {"filter": sel.filter()})
     try:
         rel = con.sql(sql)
         # duckdb 2 names it to_arrow_table; pyproject still allows duckdb 1.x, where it is arrow()
@@ -772,12 +772,23 @@ def _token_lists(
     except duckdb.Error as e:
         raise translate(e) from None
     col = tbl.column("experts").combine_chunks()
+    runs = tbl.column("run").to_pylist()
+    layers = tbl.column("layer").to_numpy()
     ranks = tbl.column("rank").to_numpy()
     offsets = col.offsets.to_numpy()
     values = col.values.to_numpy(zero_copy_only=False).tolist()
     tokens = [values[offsets[i] : offsets[i + 1]] for i in range(len(col))]
-    cuts = [0, *(np.flatnonzero(np.diff(ranks)) + 1).tolist(), len(tokens)]  # rows come ordered by rank
-    return [tokens[a:b] for a, b in zip(cuts[:-1], cuts[1:]) if b > a]
+    # rows come ordered by (run, layer, rank): a stream ends where any of the three changes
+    change = np.zeros(len(tokens), dtype=bool)
+    if len(tokens) > 1:
+        change[1:] = (np.diff(layers) != 0) | (np.diff(ranks) != 0)
+        change[1:] |= np.array([a != b for a, b in zip(runs[:-1], runs[1:])], dtype=bool)
+    cuts = [0, *np.flatnonzero(change).tolist(), len(tokens)]
+    out: dict[tuple[str, int], list[list[list[int]]]] = {}
+    for a, b in zip(cuts[:-1], cuts[1:]):
+        if b > a:
+            out.setdefault((runs[a], int(layers[a])), []).append(tokens[a:b])
+    return out
 
 
 def cache_hit_rates(
@@ -812,10 +823,12 @@ def cache_hit_rates(
         which = f"run {run!r} has" if run else "the trace has"
         raise ValueError(f"the cache what-if needs token-level routing and {which} none (record with tokens > 0)")
     frames: list[pd.DataFrame] = []
+    layer_sel = sorted({int(x) for x in layers["layer"]}) if layer is not None else None
+    per_layer = _token_streams(c, Selection(run=run, layer=layer_sel, steps=steps))
     for r, lay, n in layers[["run", "layer", "n_experts"]].itertuples(index=False):
         if r not in token_runs:
             continue
-        streams = [_requests(t) for t in _token_lists(c, r, int(lay), steps)]
+        streams = [_requests(t) for t in per_layer.get((r, int(lay)), [])]
         if not streams:
             continue
         for p in pols:

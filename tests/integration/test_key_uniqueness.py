@@ -10,9 +10,10 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
+from toy_moe import ToyMoE  # noqa: E402
+
 import moescope  # noqa: E402
 from moescope.cli import main  # noqa: E402
-from toy_moe import ToyMoE  # noqa: E402
 
 KEYS = {"expert_load": "rank, step, tag, layer, expert", "router_stats": "rank, step, tag, layer"}
 

@@ -80,3 +80,37 @@ def test_dashboard_defaults_queries_do_not_grow_with_runs(roots: dict[int, Path]
         finally:
             data.close()
     assert counts[4] == counts[24], counts
+
+
+def _token_root(base: Path, n_runs: int) -> Path:
+    """Runs of 2 layers × 4 experts with token rows on 2 ranks (run i's requests cycle with period i + 1)."""
+    from trace_helpers import layer_spec, load_frame, routing_frame
+
+    from moescope.format.writer import write_run
+
+    for i in range(n_runs):
+        for rank in (0, 1):
+            rows = [{"step": s, "layer": ly, "pos": p, "experts": [(p // (i + 1) + rank) % 4, (p + 2) % 4]}
+                    for s in range(2) for ly in (0, 1) for p in range(12)]
+            write_run(base / f"run-{i:04d}", {"expert_load": load_frame([(s, ly, [6, 6, 6, 6]) for s in range(2)
+                                                                         for ly in (0, 1)]),
+                                              "routing": routing_frame(rows)},
+                      run=f"run-{i:04d}", layers=[layer_spec(0, 4, 2), layer_spec(1, 4, 2)], rank=rank)
+    return base
+
+
+def test_cache_whatif_is_one_query_and_equals_each_run_alone(tmp_path: Path) -> None:
+    counts = {}
+    for n in (2, 6):
+        with moescope.open(_token_root(tmp_path / f"t{n}", n)) as tr:
+            counts[n] = _count(lambda tr=tr: whatif.cache_hit_rates(tr, sizes=[1, 2]))
+    assert counts[2] == counts[6], counts
+    with moescope.open(tmp_path / "t6") as tr:
+        together = whatif.cache_hit_rates(tr, sizes=[1, 2], policies=["lru"])
+        assert len(together) == 6 * 2 * 2  # runs × layers × sizes
+        for run in ("run-0000", "run-0003"):
+            alone = whatif.cache_hit_rates(tr, run=run, sizes=[1, 2], policies=["lru"], layer=1)
+            mine = together[(together["run"] == run) & (together["layer"] == 1)].reset_index(drop=True)
+            pd.testing.assert_frame_equal(mine, alone)
+        # 48 tokens per run-layer (2 ranks × 2 steps × 12 positions), each rank replaying its own cache
+        assert set(together["tokens"]) == {48}
