@@ -6,12 +6,14 @@ No torch here, so the callbacks can validate their arguments before a model exis
 from __future__ import annotations
 
 import difflib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, fields, replace
 from typing import Any
 
 RAISE_ON: tuple[str | None, ...] = (None, "fail", "warn")
 ON_FULL: tuple[str, ...] = ("block", "drop")
+#: reduce="global": each flush's counts and stats summed over the process group, one rank writes them.
+REDUCE: tuple[str, ...] = ("global", "none")
 
 
 @dataclass(frozen=True)
@@ -28,11 +30,15 @@ class CaptureOptions:
     rank: int | None = None  # torch.distributed rank; None = ask torch.distributed
     meta: Mapping[str, Any] | None = None  # anything JSON-able, stored in the manifest
     on_flush: Callable[..., None] | None = None  # fn(recorder, tables) after each flush
+    sinks: Sequence[Any] = ()  # metric sinks (moescope.sinks.*): sink.write_flush(tables) after each flush
     on_alert: Callable[[Any], None] | None = None  # fn(alert) for each online alert (replaces the warning)
     raise_on: str | None = None  # "fail" / "warn": raise at the flush whose alerts reach that status
     alert_rules: Any = None  # rule settings for the online alerts (a config, a path, or a dict)
     resume: bool = True  # recording into an existing run continues it without rewriting its steps
     stats: bool = True  # router statistics (`router_stats`); False = expert counts only
+    tokens_every: int = 1  # token rows (`routing`) only on steps that are multiples of this (1 = every step)
+    reduce: str = "global"  # "global": counts summed over `group` at each flush, its rank 0 writes; "none": per rank
+    group: Any = None  # torch.distributed process group of reduce="global" (None = the whole world)
 
     def __post_init__(self) -> None:
         if not 0.0 <= float(self.tokens) <= 1.0:
@@ -43,10 +49,22 @@ class CaptureOptions:
             raise ValueError(f"on_full must be 'block' or 'drop', got {self.on_full!r}")
         if self.raise_on not in RAISE_ON:
             raise ValueError(f"raise_on must be None, 'fail' or 'warn', got {self.raise_on!r}")
+        # A list stays usable as a dataclass field only as a tuple (frozen, hashable options).
+        object.__setattr__(self, "sinks", tuple(self.sinks or ()))
+        for sink in self.sinks:
+            if not callable(getattr(sink, "write_flush", None)):
+                raise TypeError(f"sinks: {sink!r:.80} has no write_flush(tables) method; use moescope.sinks.WandB, "
+                                "MLflow, TensorBoard, Prometheus or a subclass of moescope.sinks.MetricSink")
         if float(self.max_queue_mb) <= 0:
             raise ValueError(f"max_queue_mb must be > 0, got {self.max_queue_mb}")
         if int(self.max_rows_per_flush) < 0:
             raise ValueError(f"max_rows_per_flush must be >= 0, got {self.max_rows_per_flush}")
+        if int(self.tokens_every) < 1:
+            raise ValueError(f"tokens_every must be >= 1, got {self.tokens_every}")
+        if self.reduce not in REDUCE:
+            raise ValueError(f"reduce must be 'global' or 'none', got {self.reduce!r}")
+        if self.group is not None and self.reduce != "global":
+            raise ValueError("group is the process group of reduce='global'; reduce='none' takes no group")
 
     @classmethod
     def names(cls) -> tuple[str, ...]:

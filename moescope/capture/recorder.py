@@ -183,6 +183,7 @@ class Recorder:
         # A model compiled before record() (torch.compile returns an OptimizedModule): hook the module it wraps.
         self.model = getattr(model, "_orig_mod", model) if type(model).__name__ == "OptimizedModule" else model
         self.stats = bool(opts.stats)
+        self.tokens_every = int(opts.tokens_every)
         self.run_dir = Path(path)
         self.run = opts.run or self.run_dir.name
         self.tokens = float(opts.tokens)
@@ -193,6 +194,8 @@ class Recorder:
         self.max_rows_per_flush = int(opts.max_rows_per_flush)
         self.meta = dict(opts.meta or {})
         self.on_flush = opts.on_flush
+        self.sinks = tuple(opts.sinks)
+        self.sink_errors: dict[str, int] = {}  # failed write_flush calls per sink name (manifest counters.extra)
         # Online alerts (moescope.capture.alerts) run at each flush on the host copy of the counts.
         self.on_alert = opts.on_alert
         self.raise_on = opts.raise_on
@@ -235,9 +238,27 @@ class Recorder:
         self._rows: list[tuple[int, str, int, dict[str, torch.Tensor]]] = []  # token rows waiting for a flush
         self._n_rows = 0
         self.silent_forwards = 0  # forwards in which no router hook fired (the watchdog)
+        self.disabled_layers: list[dict[str, Any]] = []  # layers whose hook failed: {layer, module, family, error}
+        self.entry_errors = 0  # entry pre-hook failures (the forward ran without a token grid)
+        self._logits_hooks: dict[int, Callable[..., None]] = {}  # logits_from submodule hooks, per layer
         self._open = False
         self._created = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         self.flushes = 0
+        # reduce="global" (README "Running at scale"): each flush's counts are summed over the process group and
+        # its first rank writes them; token rows stay per rank (each rank's sampled tokens are distinct tokens).
+        self.reduce = opts.reduce
+        self._group = opts.group
+        self.group_size = 1
+        self._reducing = False  # a collective at each flush: reduce="global" in a group of more than one rank
+        self._writes_counts = True  # False on the ranks of a reduced group other than its first
+        self.unreduced_close = False  # closed on an exception: the last window was written per rank
+        dist = torch.distributed
+        if self.reduce == "global" and dist.is_available() and dist.is_initialized():
+            if dist.get_rank(self._group) < 0:
+                raise RecordError(f"rank {self.rank} is not in the process group given as group=")
+            self.group_size = dist.get_world_size(self._group)
+            self._reducing = self.group_size > 1
+            self._writes_counts = dist.get_rank(self._group) == 0
         # (step, tag) keys already written: a forward in one of them again (after an explicit flush() mid-step,
         # or a step set back) splits its rows across two parts, which `check` reports; warned, counted
         self._written: set[tuple[int, str]] = set()
@@ -285,6 +306,11 @@ class Recorder:
         return self
 
     def __exit__(self, *exc: object) -> None:
+        if exc and exc[0] is not None and self._reducing and self._open:
+            # Leaving on an exception: the other ranks may never reach the collective, so the last window is
+            # written per rank (its rows still sum to the global counts, as those of reduce="none" do).
+            self._reducing, self._writes_counts = False, True
+            self.unreduced_close = True
         self.close()
 
     def start(self) -> Recorder:
@@ -318,6 +344,8 @@ class Recorder:
                               f"between its tables); set aside {', '.join(self.torn_parts)} so every table resumes "
                               "from the same step", RuntimeWarning, stacklevel=4)
             self._resume_step = last_recorded_step(self.run_dir, self.rank)
+            if self._reducing:  # the group resumes together after the last step its writer (or any rank) wrote
+                self._resume_step = self._group_max_step(self._resume_step)
             if self._resume_step is not None:
                 # Forward-counter steps continue after the last recorded one instead of restarting at 0.
                 self._forwards = self._resume_step + 1
@@ -393,7 +421,7 @@ class Recorder:
         for name, mod in self._entry_modules().items():
             # Entry hooks read Python state (step, tag, sampling), so they run eagerly even in a compiled model:
             # a graph break at each entry module's call, outside every MoE block (README, "torch.compile").
-            pre = torch.compiler.disable(lambda m, a, kw, _n=name: self._on_enter(_n, a, kw, ks))
+            pre = torch.compiler.disable(lambda m, a, kw, _n=name: self._safe_enter(_n, a, kw, ks))
             h.add(mod.register_forward_pre_hook(pre, with_kwargs=True))
             h.add(mod.register_forward_hook(torch.compiler.disable(self._on_exit), always_call=True))
         for info in self.layers:
@@ -404,6 +432,12 @@ class Recorder:
                 assert info.experts_module is not None
                 experts = self.model.get_submodule(info.experts_module)
                 h.add(experts.register_forward_pre_hook(experts_hook, with_kwargs=True))
+            if info.spec.logits_from is not None:
+                src = A.get_submodule(self.model.get_submodule(info.module), info.spec.logits_from)
+                if src is None:
+                    raise RecordError(f"router {info.module}: spec {info.spec.family!r} has logits_from="
+                                      f"{info.spec.logits_from!r} but the router has no such submodule")
+                h.add(src.register_forward_hook(self._logits_hooks[info.layer]))
 
     def _entry_modules(self) -> dict[str, nn.Module]:
         """The model and every module enclosing a router that takes token ids: where a forward's grid is read.
@@ -429,6 +463,27 @@ class Recorder:
             name: [li.layer for li in self.layers if name in li.grid_owners] for name in mods
         }
         return mods
+
+    def _disable_layer(self, info: LayerInfo, e: BaseException) -> None:
+        """A hook of this layer failed: its capture stops, a warning says why and the manifest counts it."""
+        cause = f"{type(e).__name__}: {e}"
+        self.disabled_layers.append({"layer": info.layer, "module": info.module, "family": info.family,
+                                     "error": cause})
+        warnings.warn(f"moescope: capture of layer {info.layer} ({info.module}, spec {info.family!r}) stopped: "
+                      f"{cause}", RuntimeWarning, stacklevel=4)
+
+    def _safe_enter(self, name: str, args: tuple[Any, ...], kwargs: dict[str, Any], ks: list[int]) -> None:
+        """The entry pre-hook; a failure reading the token grid never reaches the user's forward."""
+        try:
+            self._on_enter(name, args, kwargs, ks)
+        except Exception as e:  # the forward runs on; its routers count without a token grid (no padding mask)
+            for g in self._grids.values():
+                g.active = False
+            self.entry_errors += 1
+            if self.entry_errors == 1:
+                warnings.warn(f"moescope: reading the token grid at {name or type(self.model).__name__}'s input failed"
+                              f" ({type(e).__name__}: {e}); routers count every token of such forwards",
+                              RuntimeWarning, stacklevel=3)
 
     def _on_enter(self, name: str, args: tuple[Any, ...], kwargs: dict[str, Any], ks: list[int]) -> None:
         if in_backward():
@@ -460,7 +515,8 @@ class Recorder:
     def _begin_forward(self) -> None:
         self._collect_rows()
         if self._n_rows >= self.max_rows_per_flush:
-            self.flush(hold_current=True)
+            # Reduced counts flush with the group (steps); the row cap differs per rank, so it writes rows only.
+            self._flush_rows() if self._reducing else self.flush(hold_current=True)
         for g in self._grids.values():
             g.active = False
         self._forwards += 1
@@ -497,6 +553,9 @@ class Recorder:
         g.token_ids = ids
         g.step, g.tag = step, tag
         if self.tokens <= 0:
+            return
+        if step % self.tokens_every:  # token rows on every tokens_every-th step only; the counts cover every step
+            g.keep_n = 0
             return
         if isinstance(pos_ids, torch.Tensor) and pos_ids.shape[-1] == s:
             pos = pos_ids.reshape(-1, s).expand(b, s)
@@ -546,6 +605,8 @@ class Recorder:
                         "experts": ids if r is None else ids[r],
                         "weights": w if r is None else w[r],
                         "stats4": st if r is None else st[r],
+                        # experts holds slot columns (1 + expert); E tells the flush which ones are no expert
+                        "n_experts": torch.tensor(self.layers[layer].n_experts),
                     }))
                     self._n_rows += g.keep_n
             g.rows.clear()
@@ -586,6 +647,7 @@ class Recorder:
             return None
 
         failed: list[BaseException] = []
+        checked: list[bool] = []  # the first eager call validated the spec's reading
 
         def guarded(fn: Callable[[], None]) -> None:
             """Run a hook body; in eager, an exception stops this layer's capture with a warning, never the forward."""
@@ -598,27 +660,44 @@ class Recorder:
                 fn()
             except Exception as e:  # the user's forward must not fail because of moescope
                 failed.append(e)
-                warnings.warn(f"moescope: capture of layer {layer} ({info.module}) stopped: {type(e).__name__}: {e}",
-                              RuntimeWarning, stacklevel=2)
+                stash.clear()
+                self._disable_layer(info, e)
 
-        def on_router(output: Any) -> None:
-            ev = A.extract_router_output(spec, output, n, k)
+        def tokens() -> tuple[int, int] | None:
+            g = grid()
+            return tuple(g.token_ids.shape) if g is not None and g.token_ids is not None else None  # type: ignore[return-value]
+
+        def add(ev: A.RouterEvent) -> None:
+            if not checked and not torch.compiler.is_compiling():
+                A.check_event(spec, ev, n, k, tokens())  # once, eager: never a silently wrong trace
+                checked.append(True)
+            if spec.token_layout == "seq_first":
+                bs = tokens()
+                if bs is not None:
+                    ev = A.to_batch_first(ev, *bs)
+            hot.update(layer, ev, grid(), spec.probs)
+
+        def on_router(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+            if not checked and not torch.compiler.is_compiling():
+                A.check_output(spec, output, n, k, tokens(), stash.get("logits_out"))
+            ev = A.extract_router_output(spec, output, n, k, module=module, args=args,
+                                         logits_out=stash.pop("logits_out", None))
             if ev is None:
                 return
             if spec.source == "experts_input":
                 stash["logits"] = ev.logits  # completed by the experts pre-hook
                 return
-            hot.update(layer, ev, grid(), spec.probs)
+            add(ev)
 
         def on_experts(args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
             ids, w = A.extract_experts_input(spec, args, kwargs, n)
-            hot.update(layer, A.RouterEvent(stash.pop("logits", None), ids, w), grid(), spec.probs)
+            add(A.RouterEvent(stash.pop("logits", None), ids, w))
 
         def router_hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
             if in_backward():
                 return  # an activation-checkpoint recompute: recorded in the forward already
             with torch.no_grad():
-                guarded(lambda: on_router(output))
+                guarded(lambda: on_router(module, args, output))
 
         def experts_hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
             if in_backward():
@@ -626,6 +705,14 @@ class Recorder:
             with torch.no_grad():
                 guarded(lambda: on_experts(args, kwargs))
 
+        def logits_hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+            # logits_from: the submodule runs inside the router's forward, before the router's own hook reads this
+            if in_backward():
+                return
+            if isinstance(output, torch.Tensor):
+                stash["logits_out"] = output.detach()
+
+        self._logits_hooks[info.layer] = logits_hook
         return router_hook, experts_hook
 
     # -- flushing -----------------------------------------------------------------------------
@@ -659,13 +746,13 @@ class Recorder:
         forwards = {key: n for key, n in self._key_forwards.items() if key[0] not in held}
         self._key_forwards = {key: n for key, n in self._key_forwards.items() if key[0] in held}
         self._written.update(key for key, _ in acc)
-        if not acc and not rows:
+        if not acc and not rows and not self._reducing:  # a reduced flush is collective: every rank joins it
             return
         load_host: list[tuple[int, str, int, np.ndarray]] = []
         stats_host: list[tuple[int, str, int, np.ndarray]] = []
+        merged: dict[tuple[int, str], np.ndarray] = {}
         if acc:
             flat = torch.stack([a for _, a in acc]).cpu().numpy()  # [N, L, W]: one device→host copy per flush
-            merged: dict[tuple[int, str], np.ndarray] = {}
             for (key, _), arr in zip(acc, flat, strict=True):
                 if key in merged:  # the same (step, tag) again (tags left and re-entered): sums add, maxima max
                     prev = merged[key]
@@ -674,38 +761,50 @@ class Recorder:
                     prev[:, -1] = lmax
                 else:
                     merged[key] = arr.copy()
-            for (step, tag), arr in merged.items():
-                seen = False
-                for li in self.layers:
-                    load, st = decode(arr[li.layer], li.n_experts, self.stats)
-                    if st[0] <= 0 and not load[:, 0].any():
-                        continue  # this router did not run under this key
-                    seen = True
-                    load_host.append((step, tag, li.layer, load))
-                    stats_host.append((step, tag, li.layer, st))
-                if not seen and forwards.get((step, tag), 0):
-                    self._silent(forwards[(step, tag)])
+        if self._reducing:
+            merged = self._reduce(merged)  # every rank gets the group's sums over the union of its ranks' keys
+            if not merged and not rows:
+                return
+        for (step, tag), arr in merged.items():
+            seen = False
+            for li in self.layers:
+                load, st = decode(arr[li.layer], li.n_experts, self.stats)
+                if st[0] <= 0 and not load[:, 0].any():
+                    continue  # this router did not run under this key
+                seen = True
+                load_host.append((step, tag, li.layer, load))
+                stats_host.append((step, tag, li.layer, st))
+            if not seen and forwards.get((step, tag), 0):
+                self._silent(forwards[(step, tag)])
         rows_host: list[tuple[int, str, int, dict[str, np.ndarray]]] = [
             (step, tag, layer, {k: v.cpu().numpy() for k, v in row.items()}) for step, tag, layer, row in rows
         ]
-        nbytes = sum(a.nbytes for *_, a in load_host) + sum(
+        # A reduced group's other ranks write their token rows only; every rank's on_flush and alerts see the sums.
+        load_w, stats_w = (load_host, stats_host) if self._writes_counts else ([], [])
+        nbytes = sum(a.nbytes for *_, a in load_w) + sum(
             sum(v.nbytes for v in r.values()) for *_, r in rows_host
         )
         nrows = sum(len(r["seq"]) for *_, r in rows_host)
-        steps = {s for s, *_ in load_host} | {s for s, *_ in rows_host}
+        steps = {s for s, *_ in load_w} | {s for s, *_ in rows_host}
         self.flushes += 1
         run, rank = self.run, self.rank
 
         def make() -> dict[str, pa.Table]:
-            return _to_tables(run, rank, load_host, stats_host, rows_host)
+            return _to_tables(run, rank, load_w, stats_w, rows_host)
 
         assert self._writer is not None
+        tables: dict[str, pa.Table] | None = None
         if self.on_flush is not None:
-            tables = make()
-            self._writer.submit(lambda: tables, nbytes, nrows, steps)
+            tables = _to_tables(run, rank, load_host, stats_host, rows_host)
+            kept = tables if self._writes_counts else {k: v for k, v in tables.items() if k == "routing"}
+            if kept:
+                self._writer.submit(lambda: kept, nbytes, nrows, steps)
             self.on_flush(self, tables)
-        else:
+        elif load_w or rows_host:
             self._writer.submit(make, nbytes, nrows, steps)
+        if self.sinks and load_w:  # where the counts are written: a reduced group's sums reach the sinks once
+            # Sinks read expert_load only: built here from the host counts, the token rows stay on the writer thread.
+            self._write_sinks(tables if tables is not None else _to_tables(run, rank, load_w, [], []))
         if self.on_alert is not None or self.raise_on is not None or self.alert_rules is not None:
             from .alerts import RoutingCollapseError, evaluate_flush
 
@@ -722,6 +821,65 @@ class Recorder:
                 raise
             self._keep_alerts()
 
+    def _flush_rows(self) -> None:
+        """Hand this rank's token rows to the writer, keeping the counts (reduce="global": the row cap was reached)."""
+        self._collect_rows()
+        rows, self._rows = self._rows, []
+        self._n_rows = 0
+        if not rows:
+            return
+        rows_host = [(step, tag, layer, {k: v.cpu().numpy() for k, v in row.items()}) for step, tag, layer, row in rows]
+        nbytes = sum(sum(v.nbytes for v in r.values()) for *_, r in rows_host)
+        nrows = sum(len(r["seq"]) for *_, r in rows_host)
+        tables = _to_tables(self.run, self.rank, [], [], rows_host)
+        assert self._writer is not None
+        self._writer.submit(lambda: tables, nbytes, nrows, {s for s, *_ in rows_host})
+        if self.on_flush is not None:
+            self.on_flush(self, tables)
+
+    def _reduce(self, merged: dict[tuple[int, str], np.ndarray]) -> dict[tuple[int, str], np.ndarray]:
+        """One flush's [L, W] buffers per (step, tag) summed over the group; maxima (the last column) by MAX.
+
+        The ranks may hold different keys (a tag one rank entered alone): the union is reduced, a key a rank
+        did not see adding zeros to its sums and -inf to its maxima. Three collectives, all off the hot path:
+        the keys (a few bytes each), the sums [K, L, W] and the maxima [K, L].
+        """
+        dist = torch.distributed
+        assert self._hot is not None
+        gathered: list[Any] = [None] * self.group_size
+        dist.all_gather_object(gathered, sorted(merged), group=self._group)
+        keys = sorted({(int(s), str(t)) for ks in gathered for s, t in ks})
+        if not keys:
+            return {}
+        n_layers, w = self._hot.acc.shape
+        buf = np.zeros((len(keys), n_layers, w), np.float64)  # [K, L, W]
+        buf[:, :, -1] = -np.inf
+        at = {key: i for i, key in enumerate(keys)}
+        for key, arr in merged.items():
+            buf[at[key]] = arr
+        sums = torch.from_numpy(buf).to(self._collective_device())  # [K, L, W]
+        maxima = sums[:, :, -1].clone()  # [K, L]
+        sums[:, :, -1] = 0.0
+        dist.all_reduce(sums, op=dist.ReduceOp.SUM, group=self._group)
+        dist.all_reduce(maxima, op=dist.ReduceOp.MAX, group=self._group)
+        sums[:, :, -1] = maxima
+        out = sums.cpu().numpy()
+        return {key: out[i] for i, key in enumerate(keys)}
+
+    def _group_max_step(self, step: int | None) -> int | None:
+        """The highest step any rank of the reduced group recorded (a resumed group skips the same steps)."""
+        dist = torch.distributed
+        none = -(1 << 62)
+        t = torch.tensor([none if step is None else int(step)], dtype=torch.int64, device=self._collective_device())
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self._group)
+        best = int(t.item())
+        return None if best == none else best
+
+    def _collective_device(self) -> torch.device:
+        """Where the group's collectives run: the current GPU under NCCL, else the host (gloo)."""
+        backend = str(torch.distributed.get_backend(self._group)).lower()
+        return torch.device("cuda", torch.cuda.current_device()) if "nccl" in backend else torch.device("cpu")
+
     def _split(self, key: tuple[int, str]) -> None:
         """A forward in a (step, tag) already written: its rows will span two parts (warned once per key)."""
         self._written.discard(key)
@@ -729,6 +887,19 @@ class Recorder:
         warnings.warn(f"moescope: step {key[0]}{f' tag {key[1]!r}' if key[1] else ''} was already flushed and "
                       "records again: its rows span two parts, which `moescope check` reports as an ERROR; call "
                       "flush() only between steps and keep steps increasing", RuntimeWarning, stacklevel=4)
+
+    def _write_sinks(self, tables: dict[str, pa.Table]) -> None:
+        """Hand one flush to every metric sink; a failing sink is warned about once and counted, never raised."""
+        for sink in self.sinks:
+            try:
+                sink.write_flush(tables)
+            except Exception as e:  # a metrics backend being down must not stop training or lose the trace
+                name = str(getattr(sink, "name", "") or type(sink).__name__)
+                if name not in self.sink_errors:
+                    warnings.warn(f"moescope: metric sink {name} failed: {type(e).__name__}: {e}; later failures "
+                                  "of this sink are only counted (manifest counters.extra.sink_errors)",
+                                  RuntimeWarning, stacklevel=3)
+                self.sink_errors[name] = self.sink_errors.get(name, 0) + 1
 
     def _silent(self, n: int) -> None:
         """The watchdog: forwards ran but no router hook fired (compiled code without the hooks, a wrong model)."""
@@ -746,6 +917,8 @@ class Recorder:
         if not new or self._writer is None:
             return
         self._alerts_kept = len(self.alerts)
+        if not self._writes_counts:
+            return  # reduce="global": the group's writer keeps the alerts of the group's sums, once
         table = alerts_table(self.run, self.rank, new)
         self._writer.submit(lambda: {"alerts": table}, table.nbytes)
 
@@ -771,6 +944,9 @@ class Recorder:
                 seed=self.seed,
                 on_full=self.on_full,
                 max_queue_mb=self.max_queue_bytes / (1 << 20),
+                tokens_every=self.tokens_every,
+                reduce=self.reduce,
+                reduce_group_size=self.group_size if self.reduce == "global" else None,
                 extra={"stats": self.stats},
             ),
             counters=Counters(
@@ -785,6 +961,10 @@ class Recorder:
                 write_errors=list(stats.errors) if stats else [],
                 lost_steps=step_ranges(s for a, b in stats.lost_steps for s in range(a, b + 1)) if stats else [],
                 extra={"silent_forwards": self.silent_forwards,
+                       **({"disabled_layers": self.disabled_layers} if self.disabled_layers else {}),
+                       **({"entry_hook_errors": self.entry_errors} if self.entry_errors else {}),
+                       **({"sink_errors": dict(self.sink_errors)} if self.sink_errors else {}),
+                       **({"unreduced_close": True} if self.unreduced_close else {}),
                        **({"split_keys": self.split_keys} if self.split_keys else {}),
                        **({"torn_parts_set_aside": self.torn_parts} if self.torn_parts else {})},
             ),
@@ -837,7 +1017,11 @@ def _to_tables(
     stats_host: list[tuple[int, str, int, np.ndarray]],
     rows_host: list[tuple[int, str, int, dict[str, np.ndarray]]],
 ) -> dict[str, pa.Table]:
-    """Build the Arrow tables of one flush (runs on the writer thread)."""
+    """Build the Arrow tables of one flush (runs on the writer thread).
+
+    Token rows hold the hot path's slot columns (1 + expert; 0 and E + 1 for ids that are no expert): a slot
+    that reached no expert is stored NULL in `experts` and `weights`, never as an expert id.
+    """
     out: dict[str, pa.Table] = {}
     if load_host:
         steps, tags, layers, experts, cols = [], [], [], [], []
@@ -888,6 +1072,7 @@ def _to_tables(
         }
         experts_l: list[np.ndarray] = []
         weights_l: list[np.ndarray] = []
+        nulls_l: list[np.ndarray] = []  # [n, k] True where a slot reached no expert
         tags_l: list[str] = []
         for step, tag, layer, r in rows_host:
             keep = (r["valid"] > 0) & (r["experts"][:, 0] >= 0)  # real tokens of routers that ran
@@ -900,15 +1085,20 @@ def _to_tables(
             st = r["stats4"][keep]  # [n, 4]: entropy, top-1, top-2, lse
             for name, col in (("entropy", st[:, 0]), ("lse", st[:, 3]), ("margin", st[:, 1] - st[:, 2])):
                 parts[name].append(col.astype(np.float16))
-            experts_l.append(r["experts"][keep].astype(np.int16))
+            slot = r["experts"][keep]  # [n, k] slot columns
+            experts_l.append((slot - 1).astype(np.int16))
             weights_l.append(r["weights"][keep].astype(np.float16))
+            nulls_l.append((slot < 1) | (slot > int(r["n_experts"])))
             tags_l.extend([tag] * n)
         cols = {k: np.concatenate(v) for k, v in parts.items()}
         # Sorting by (step, layer, seq, pos) gives long runs that Parquet's RLE/dictionary encodings compress.
         order = np.lexsort((cols["pos"], cols["seq"], cols["layer"], cols["step"]))
         n = len(order)
-        ex = _fixed_list(np.concatenate(experts_l) if experts_l else np.zeros((0, 1), np.int16), pa.int16(), order)
-        wt = _fixed_list(np.concatenate(weights_l) if weights_l else np.zeros((0, 1), np.float16), pa.float16(), order)
+        nulls = np.concatenate(nulls_l) if nulls_l else np.zeros((0, 1), bool)
+        ex = _fixed_list(np.concatenate(experts_l) if experts_l else np.zeros((0, 1), np.int16), pa.int16(), order,
+                         nulls)
+        wt = _fixed_list(np.concatenate(weights_l) if weights_l else np.zeros((0, 1), np.float16), pa.float16(),
+                         order, nulls)
         tags_arr = np.array(tags_l, dtype=object)[order] if n else np.array([], dtype=object)
         out["routing"] = pa.table(
             {
@@ -930,12 +1120,13 @@ def _to_tables(
     return out
 
 
-def _fixed_list(mat: np.ndarray, typ: pa.DataType, order: np.ndarray) -> pa.Array:
-    """A [n, k] matrix as an Arrow list column (k values per row) without a Python loop."""
+def _fixed_list(mat: np.ndarray, typ: pa.DataType, order: np.ndarray, nulls: np.ndarray | None = None) -> pa.Array:
+    """A [n, k] matrix as an Arrow list column (k values per row, NULL where `nulls`) without a Python loop."""
     mat = np.ascontiguousarray(mat[order])
     n, k = mat.shape if mat.ndim == 2 else (len(mat), 1)
     offsets = np.arange(0, n * k + 1, k, dtype=np.int32)
-    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(mat.reshape(-1), typ))
+    mask = np.ascontiguousarray(nulls[order]).reshape(-1) if nulls is not None and nulls.any() else None
+    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(mat.reshape(-1), typ, mask=mask))
 
 
 def alerts_table(run: str, rank: int, alerts: list[Any]) -> pa.Table:

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from .schema import FORMAT, FORMAT_VERSION
+from .storage import RemotePath, as_path
 
 
 class TraceError(Exception):
@@ -35,8 +36,11 @@ def now_utc() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write a file under a temporary name and rename it, so a reader never sees half of it."""
+def atomic_write_bytes(path: Path | RemotePath, data: bytes) -> None:
+    """Write a file under a temporary name and rename it, so a reader never sees half of it (objects: one PUT)."""
+    if isinstance(path, RemotePath):
+        path.write_bytes(data)
+        return
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
     try:
@@ -145,6 +149,11 @@ class CaptureSettings:
     seed: int | None = None
     on_full: str | None = None
     max_queue_mb: float | None = None
+    #: token rows only on steps that are multiples of this (None: written before the option, i.e. every step)
+    tokens_every: int | None = None
+    #: "global": counts summed over a process group of `reduce_group_size` ranks, one rank wrote them; "none": per rank
+    reduce: str | None = None
+    reduce_group_size: int | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -253,8 +262,13 @@ class Manifest:
             seed=_take(cap_d, "seed", _int, w),
             on_full=_take(cap_d, "on_full", _str, w),
             max_queue_mb=_take(cap_d, "max_queue_mb", _num, w),
+            tokens_every=_take(cap_d, "tokens_every", _int, w),
+            reduce=_take(cap_d, "reduce", _str, w),
+            reduce_group_size=_take(cap_d, "reduce_group_size", _int, w),
             extra=cap_d,
         )
+        if capture.tokens_every is not None and capture.tokens_every < 1:
+            raise TraceError(f"manifest field 'capture.tokens_every' must be >= 1, got {capture.tokens_every}")
         if capture.tokens is not None and not (0.0 <= capture.tokens <= 1.0):
             raise TraceError(f"manifest field 'capture.tokens' must be a fraction in [0, 1], got {capture.tokens}")
         cnt_d = dict(_take(d, "counters", _dict, "", default={}))
@@ -296,7 +310,7 @@ class Manifest:
     @classmethod
     def read(cls, path: str | os.PathLike[str]) -> Manifest:
         """Read and validate one manifest file; every failure is a one-line TraceError naming the file."""
-        p = Path(path)
+        p = as_path(path)
         try:
             raw = json.loads(p.read_bytes())
         except (OSError, ValueError) as e:
@@ -307,9 +321,9 @@ class Manifest:
     @classmethod
     def read_run(cls, run_dir: str | os.PathLike[str]) -> Manifest:
         """The primary manifest of a run directory (rank 0's, else the lowest rank's)."""
-        p = Path(run_dir) / "manifest.json"
+        p = as_path(run_dir) / "manifest.json"
         if not p.is_file():
-            others = sorted(Path(run_dir).glob("manifest.rank-*.json"))
+            others = sorted(as_path(run_dir).glob("manifest.rank-*.json"))  # type: ignore[type-var]
             if not others:
                 raise TraceError(f"{run_dir}: no manifest.json (not a moescope run directory)")
             p = others[0]
@@ -353,10 +367,10 @@ class Manifest:
         body.update(self.extra)
         return body
 
-    def write(self, run_dir: str | os.PathLike[str], rank: int = 0) -> Path:
+    def write(self, run_dir: str | os.PathLike[str] | RemotePath, rank: int = 0) -> Path | RemotePath:
         """Validate this manifest (the reader's own checks) and write it atomically; returns the file's path."""
         text = json.dumps(self.to_dict(), indent=2, default=_json_default)
-        path = Path(run_dir) / manifest_name(rank)
+        path = as_path(run_dir) / manifest_name(rank)
         Manifest.from_dict(json.loads(text), path)  # never write what the reader would refuse
         atomic_write_bytes(path, text.encode())
         return path

@@ -1,4 +1,4 @@
-"""Under torch.distributed each rank writes its own parts; their union equals a one-process recording."""
+"""Under torch.distributed each rank writes its own parts (reduce="none"); their union equals a one-process recording."""
 
 from __future__ import annotations
 
@@ -33,7 +33,7 @@ WORKER = textwrap.dedent(
         fully_shard(m)
     g = torch.Generator().manual_seed(1)
     batches = [torch.randint(0, 64, (4, 6), generator=g) for _ in range(5)]
-    with moescope.record(m, {out!r}, tokens=1.0, flush_every=2) as rec:
+    with moescope.record(m, {out!r}, tokens=1.0, flush_every=2, **{kw!r}) as rec:
         for step, x in enumerate(batches):
             rec.step = step
             y = m(x[rank::world])  # data parallel: each rank sees its shard of the global batch
@@ -46,8 +46,8 @@ WORKER = textwrap.dedent(
 )
 
 
-def _run(out: Path, world: int, port: int, mode: str = "infer") -> None:
-    script = WORKER.format(tests=str(Path(__file__).resolve().parents[1]), out=str(out), mode=mode)
+def _run(out: Path, world: int, port: int, mode: str = "infer", **kw: str) -> None:
+    script = WORKER.format(tests=str(Path(__file__).resolve().parents[1]), out=str(out), mode=mode, kw=kw)
     env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": str(world)}
     procs = [
         subprocess.Popen([sys.executable, "-c", script], env={**env, "RANK": str(r)}, stderr=subprocess.PIPE, text=True)
@@ -66,7 +66,7 @@ def test_two_ranks_union_equals_one_process(tmp_path: Path) -> None:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     _run(tmp_path / "single" / "run", 1, port)
-    _run(tmp_path / "ddp" / "run", 2, port)
+    _run(tmp_path / "ddp" / "run", 2, port, reduce="none")  # per-rank parts (the default sums them: test_reduce)
     parts = sorted(p.name for p in (tmp_path / "ddp" / "run" / "expert_load").glob("*.parquet"))
     assert {p.split("-")[1] for p in parts} == {"0", "1"}
     assert (tmp_path / "ddp" / "run" / "manifest.json").exists()
