@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
+from ..format.compact import visible_parts
 from ..format.schema import TABLES
 from ..format.writer import TraceError
 
@@ -50,14 +51,10 @@ def _manifest_stamps(roots: list[Path]) -> dict[str, tuple[int, int]]:
     return out
 
 
-def _list_parts(run_dir: Path, table: str) -> list[Path]:
-    """Complete parts of one table of one run (temporary files start with '.', so they never match)."""
-    d = run_dir / table
-    try:
-        names = [e.name for e in os.scandir(d) if e.name.startswith("part-") and e.name.endswith(".parquet")]
-    except OSError:  # no such folder yet
-        return []
-    return [d / n for n in sorted(names)]
+def _list_parts(run_dir: Path) -> dict[str, list[Path]]:
+    """Complete parts of every table of one run, less those a committed compaction replaced (temporary files
+    start with '.', so they never match; moescope.format.compact.visible_parts lists under one compaction record)."""
+    return {t: sorted(ps) for t, ps in visible_parts(run_dir).items()}  # type: ignore[type-var,misc]
 
 
 def scan_files(tr: Trace) -> bool:
@@ -85,8 +82,13 @@ def scan_files(tr: Trace) -> bool:
         tr._manifest_stamps = stamps
         changed = True
     for info in tr._runs:
+        try:
+            listing = _list_parts(info.path)
+        except TraceError as e:  # a compaction record that kept changing: keep what is known, retry next time
+            tr.refresh_error = str(e)
+            continue
         for table in TABLES:
-            listed = _list_parts(info.path, table)
+            listed = listing.get(table, [])
             known = info.files.get(table, [])
             if listed == known:
                 continue

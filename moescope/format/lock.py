@@ -51,9 +51,12 @@ def _alive(pid: int) -> bool:
 class RunLock:
     """Hold the recording lock of (run_dir, rank); `acquire()` raises RunLocked naming the live owner."""
 
-    def __init__(self, run_dir: str | os.PathLike[str], rank: int = 0, reserve: int = RESERVE_BYTES) -> None:
-        self.path = Path(run_dir) / lock_name(rank)
+    def __init__(self, run_dir: str | os.PathLike[str], rank: int = 0, reserve: int = RESERVE_BYTES, *,
+                 name: str | None = None, role: str = "recorded") -> None:
+        self.path = Path(run_dir) / (name or lock_name(rank))
         self.reserve = int(reserve)
+        #: what the owner does, for the refusal message ("recorded", "compacted")
+        self.role = role
         self._fd: int | None = None
         self._head_len = 0
 
@@ -69,6 +72,10 @@ class RunLock:
     def _refuse(self) -> RunLocked:
         o = self.owner()
         who = f"pid {o.get('pid', '?')} on {o.get('host', '?')}, since {o.get('since', '?')}"
+        doing = o.get("role", "recorded")
+        if doing != "recorded":  # e.g. `moescope compact` holds the rank while it merges its parts
+            return RunLocked(f"{self.path.parent}: being {doing} by {who}; try again when it is done "
+                             f"(lock file {self.path.name})")
         return RunLocked(f"{self.path.parent}: already being recorded (rank {self.path.name.split('-')[-1][:-5]}) "
                          f"by {who}; record into another directory, or close that recorder first "
                          f"(lock file {self.path.name})")
@@ -112,7 +119,8 @@ class RunLock:
     def _write_owner(self) -> None:
         assert self._fd is not None
         head = json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
-                           "since": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}).encode() + b"\n"
+                           "since": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                           **({"role": self.role} if self.role != "recorded" else {})}).encode() + b"\n"
         self._head_len = len(head)
         os.ftruncate(self._fd, 0)
         os.pwrite(self._fd, head, 0)

@@ -18,11 +18,14 @@ import pyarrow.parquet as pq
 
 from .manifest import Manifest, TraceError, atomic_write_bytes, manifest_name, now_utc
 from .schema import FORMAT, FORMAT_VERSION, META_KEY, TABLES
+from .storage import AnyPath, RemotePath, as_path, list_names
 
 __all__ = ["TraceError", "manifest_name", "write_manifest", "read_manifest", "write_part", "write_run", "TraceWriter",
            "next_part_seq", "atomic_write_bytes", "WriterStats", "Manifest", "set_aside_torn", "step_ranges"]
 
 _PART_RE = re.compile(r"^part-(\d+)-(\d{6})\.parquet$")
+#: A part `moescope compact` merged from the parts numbered FIRST..LAST of one rank (moescope.format.compact).
+MERGED_RE = re.compile(r"^part-(\d+)-(\d{6})-(\d{6})\.parquet$")
 #: Row groups of at least this many rows keep column statistics useful and readers fast.
 ROW_GROUP_ROWS = 1_000_000
 
@@ -33,12 +36,17 @@ def _version() -> str:
     return __version__
 
 
-def write_part(run_dir: str | Path, table: str, rank: int, seq: int, data: pa.Table) -> Path:
-    """Write one Parquet part of `table` atomically; returns its final path."""
+def write_part(run_dir: str | Path | RemotePath, table: str, rank: int, seq: int, data: pa.Table) -> AnyPath:
+    """Write one Parquet part of `table` atomically (an object store: one PUT); returns its final path."""
     schema = TABLES[table]
     data = data.select(schema.names).cast(schema)
     data = data.replace_schema_metadata({META_KEY: str(FORMAT_VERSION).encode()})
-    out = Path(run_dir) / table / f"part-{rank}-{seq:06d}.parquet"
+    out = as_path(run_dir) / table / f"part-{rank}-{seq:06d}.parquet"
+    if isinstance(out, RemotePath):  # the finished bytes in one PUT: the object appears whole or not at all
+        sink = pa.BufferOutputStream()
+        _write_parquet(data, sink, schema)
+        out.write_bytes(sink.getvalue().to_pybytes())
+        return out
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
     try:
@@ -50,7 +58,7 @@ def write_part(run_dir: str | Path, table: str, rank: int, seq: int, data: pa.Ta
     return out
 
 
-def _write_parquet(data: pa.Table, tmp: Path, schema: pa.Schema) -> None:
+def _write_parquet(data: pa.Table, tmp: Path | pa.NativeFile, schema: pa.Schema) -> None:
     pq.write_table(
         data,
         tmp,
@@ -67,18 +75,18 @@ def _write_parquet(data: pa.Table, tmp: Path, schema: pa.Schema) -> None:
     )
 
 
-def next_part_seq(run_dir: str | Path, rank: int) -> int:
-    """First unused part number for `rank` across all tables (so a resumed run never overwrites)."""
+def next_part_seq(run_dir: str | Path | RemotePath, rank: int) -> int:
+    """First unused part number for `rank` across all tables (so a resumed run never overwrites).
+
+    Merged parts count with the last number they cover: numbers are never reused after a compaction either.
+    """
     best = -1
-    root = Path(run_dir)
+    root = as_path(run_dir)
     for table in TABLES:
-        d = root / table
-        if not d.is_dir():
-            continue
-        for p in d.iterdir():
-            m = _PART_RE.match(p.name)
+        for name in list_names(root / table):
+            m = _PART_RE.match(name) or MERGED_RE.match(name)
             if m and int(m.group(1)) == rank:
-                best = max(best, int(m.group(2)))
+                best = max(best, int(m.group(m.lastindex or 2)))
     return best + 1
 
 
@@ -89,28 +97,35 @@ def set_aside_torn(run_dir: str | os.PathLike[str], rank: int) -> list[Path]:
     last number both tables have come from a flush a crash cut short: without them every table ends at the
     same step, so a resumed recorder rewrites those steps in every table (and nothing is counted twice).
     """
-    root = Path(run_dir)
-    seqs: dict[str, dict[int, Path]] = {}
+    root = as_path(run_dir)
+    seqs: dict[str, dict[int, AnyPath]] = {}
+    merged: dict[str, int] = {}  # table -> last part number a merged part covers (compaction merges whole flushes)
     for table in ("expert_load", "router_stats", "routing"):
         d = root / table
         seqs[table] = {}
-        if d.is_dir():
-            for p in d.iterdir():
-                m = _PART_RE.match(p.name)
-                if m and int(m.group(1)) == rank:
-                    seqs[table][int(m.group(2))] = p
-    if not seqs["router_stats"]:
+        for name in list_names(d):
+            m = _PART_RE.match(name)
+            if m and int(m.group(1)) == rank:
+                seqs[table][int(m.group(2))] = d / name
+            mm = MERGED_RE.match(name)
+            if mm and int(mm.group(1)) == rank:
+                merged[table] = max(merged.get(table, -1), int(mm.group(3)))
+    if not seqs["router_stats"] and "router_stats" not in merged:
         return []  # a hand-built trace with load counts only: nothing pairs up, nothing to judge
     both = set(seqs["expert_load"]) & set(seqs["router_stats"])
-    last = max(both, default=-1)
+    # Compaction only merges flushes both tables hold, so a merged range is a committed one.
+    last = max(both | {min(merged.get("expert_load", -1), merged.get("router_stats", -1))})
     moved = []
     for parts in seqs.values():
         for seq, p in parts.items():
             if seq > last:
                 torn = p.with_name(p.name + ".torn")
-                os.replace(p, torn)
+                if isinstance(p, RemotePath):  # an object store cannot rename: copy, then delete
+                    p.rename(torn)
+                else:
+                    os.replace(p, torn)
                 moved.append(torn)
-    return sorted(moved)
+    return sorted(moved)  # type: ignore[type-var]
 
 
 def write_manifest(run_dir: str | Path, manifest: Manifest | dict[str, Any], rank: int = 0) -> Path:
@@ -182,7 +197,7 @@ class TraceWriter:
     ) -> None:
         if on_full not in ("block", "drop"):
             raise ValueError(f"on_full must be 'block' or 'drop', got {on_full!r}")
-        self.run_dir = Path(run_dir)
+        self.run_dir = as_path(run_dir)
         self.rank = rank
         self.max_queue_bytes = max_queue_bytes
         self.on_full = on_full
@@ -235,7 +250,7 @@ class TraceWriter:
                 self._q.task_done()
                 return
             make, nbytes, _, steps = item
-            written: list[tuple[str, Path, int]] = []
+            written: list[tuple[str, AnyPath, int]] = []
             name = "?"
             try:
                 tables = make()
@@ -287,7 +302,7 @@ def write_run(
 
     Missing `run`/`rank` columns are filled in; every other column must match the trace schema.
     """
-    run_dir = Path(run_dir)
+    run_dir = as_path(run_dir)
     run = run or run_dir.name
     seq = next_part_seq(run_dir, rank)
     for name, data in tables.items():
