@@ -32,9 +32,46 @@ def load_metrics(con: duckdb.DuckDBPyConnection, sel: Selection, window: Window 
     return run_analysis(con, "load_metrics", {"filter": sel.filter(), **window_params(window)})
 
 
+def token_steps(con: duckdb.DuckDBPyConnection, sel: Selection) -> pd.DataFrame:
+    """(run, step) pairs of the selection that hold token-level routing rows (record(tokens_every=N): every N-th)."""
+    return run_analysis(con, "token_steps", {"filter": sel.filter()}).sort_values(["run", "step"], ignore_index=True)
+
+
+def describe_steps(steps: Sequence[int] | np.ndarray) -> str:
+    """Which steps a set covers, for a person: 'steps 0–90, every 10th (10 steps)', 'steps 3–7 (5 steps)'."""
+    s = np.unique(np.asarray(steps, dtype=np.int64))
+    if not len(s):
+        return "no token rows"
+    if len(s) == 1:
+        return f"step {s[0]}"
+    gaps = np.unique(np.diff(s))
+    span = f"{s[0]}–{s[-1]}"
+    if len(gaps) == 1:
+        if gaps[0] == 1:
+            return f"steps {span} ({len(s)} steps)"
+        n = int(gaps[0])
+        nth = f"{n}{'th' if 10 <= n % 100 <= 20 else {1: 'st', 2: 'nd', 3: 'rd'}.get(n % 10, 'th')}"
+        return f"steps {span}, every {nth} ({len(s)} steps)"
+    return f"{len(s)} steps in {span}"
+
+
+def with_token_coverage(df: pd.DataFrame, steps: pd.DataFrame) -> pd.DataFrame:
+    """`df` (run, window_start, window_end rows) with the steps its token rows come from: `token_steps`, `covers`."""
+    by_run = {str(r): g["step"].to_numpy() for r, g in steps.groupby("run", sort=False)}
+    counts, texts = [], []
+    for run, lo, hi in zip(df["run"], df["window_start"], df["window_end"]):
+        s = by_run.get(str(run), np.zeros(0, np.int64))
+        s = s[(s >= lo) & (s <= hi)] if len(s) and lo is not None and hi is not None else s
+        counts.append(len(s))
+        texts.append(describe_steps(s))
+    return df.assign(token_steps=pd.Series(counts, index=df.index, dtype="int64"),
+                     covers=pd.Series(texts, index=df.index, dtype=object))
+
+
 def coactivation(con: duckdb.DuckDBPyConnection, sel: Selection, window: Window = "all") -> pd.DataFrame:
-    """Per ordered expert pair (needs routing): n_a, n_b, n_ab, p_b_given_a = N(a,b)/N(a), lift."""
-    return run_analysis(con, "coactivation", {"filter": sel.filter(), **window_params(window)})
+    """Per ordered expert pair (needs routing): n_a, n_b, n_ab, p_b_given_a = N(a,b)/N(a), lift; token_steps, covers."""
+    df = run_analysis(con, "coactivation", {"filter": sel.filter(), **window_params(window)})
+    return with_token_coverage(df, token_steps(con, sel))
 
 
 def locality_chance(n_experts: int, top_k: int) -> tuple[float, float]:
@@ -47,8 +84,10 @@ def locality_chance(n_experts: int, top_k: int) -> tuple[float, float]:
 
 
 def temporal_locality(con: duckdb.DuckDBPyConnection, sel: Selection, window: Window = "all") -> pd.DataFrame:
-    """Per layer (needs routing): first_choice and any_expert shares of consecutive tokens, with their chance levels."""
+    """Per layer (needs routing): first_choice and any_expert shares of consecutive tokens, their chance levels;
+    token_steps and covers: the steps whose token rows it used."""
     df = run_analysis(con, "temporal_locality", {"filter": sel.filter(), **window_params(window)})
+    df = with_token_coverage(df, token_steps(con, sel))
     chances = [locality_chance(n, k) for n, k in zip(df["n_experts"], df["top_k"])]
     df["first_choice_chance"] = [c[0] for c in chances]
     df["any_expert_chance"] = [c[1] for c in chances]
@@ -67,9 +106,12 @@ def vocab_specialization(
     min_count: int = 5,
     by_token: bool = False,
 ) -> pd.DataFrame:
-    """Per layer (needs routing): mean over token ids of the top expert's share of its occurrences; by_token: per id."""
+    """Per layer (needs routing): mean over token ids of the top expert's share of its occurrences; by_token: per id.
+
+    Per layer, token_steps and covers say which steps' token rows it used."""
     params = {"filter": sel.filter(), "min_count": int(min_count), **window_params(window)}
-    return run_analysis(con, "vocab_specialization", params, final="per_token" if by_token else None)
+    df = run_analysis(con, "vocab_specialization", params, final="per_token" if by_token else None)
+    return df if by_token else with_token_coverage(df, token_steps(con, sel))
 
 
 def saturation(

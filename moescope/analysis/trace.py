@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any, Union
 import duckdb
 import pandas as pd
 
+from ..format.compact import visible_parts
 from ..format.manifest import Manifest, TraceError
 from ..format.reader import check_part, check_parts, check_run_values
 from ..format.schema import TABLES, duckdb_columns
@@ -40,7 +41,18 @@ if TYPE_CHECKING:  # pragma: no cover
 PathLike = Union[str, "os.PathLike[str]"]
 #: Views a Trace always defines (besides `layer_info`).
 VIEWS = ("expert_load", "router_stats", "routing", "assignments", "expert_similarity", "expert_spectra", "alerts",
-         "runs")
+         "router_precision", "runs")
+
+
+def open_trace(root: PathLike | Sequence[PathLike], engine: str = "duckdb", **kwargs: Any) -> Trace:
+    """Open a trace on `engine`: "duckdb" (a `Trace`) or "spark" (a `SparkTrace`, the same analyses on PySpark)."""
+    from .dialects import check_engine
+
+    if check_engine(engine) == "spark":
+        from .spark import SparkTrace
+
+        return SparkTrace(root, **kwargs)
+    return Trace(root, **kwargs)
 
 
 @dataclass
@@ -98,8 +110,8 @@ def discover(roots: Sequence[PathLike]) -> list[RunInfo]:
                     f"run name {name!r} appears twice ({runs[name].path} and {run_dir}); open the roots separately"
                 )
             info = RunInfo(name, run_dir, {r: m.to_dict() for r, m in typed.items()}, typed=typed)
-            for table in TABLES:
-                info.files[table] = sorted((run_dir / table).glob("part-*.parquet"))
+            # complete parts, less those a committed compaction replaced (moescope.format.compact)
+            info.files.update({t: sorted(ps) for t, ps in visible_parts(run_dir).items()})
             runs[name] = info
     return list(runs.values())
 
@@ -200,7 +212,11 @@ class Trace:
     (the rest cut off; `last_truncated` says so) and `timeout` seconds per query.
     `materialize` ("auto": below MATERIALIZE_BYTES of Parquet) loads the tables into DuckDB memory once instead of
     views that scan every part file per query; refresh() appends new parts and rebuilds a table whose parts moved.
+    `open_trace(root, engine="spark")` opens the same trace on Spark (`moescope.analysis.spark.SparkTrace`).
     """
+
+    #: The SQL engine the analyses run on (`moescope.analysis.dialects.ENGINES`).
+    engine = "duckdb"
 
     def __init__(
         self,
@@ -447,15 +463,21 @@ class Trace:
         self, run: Any = None, window: Window = "all", *, tag: Any = None, steps: tuple[int, int] | None = None,
         layer: Any = None,
     ) -> pd.DataFrame:
-        """Per run × layer × window × ordered pair (expert_a, expert_b): n_a, n_b, n_ab, p_b_given_a, lift."""
+        """Per run × layer × window × ordered pair (expert_a, expert_b): n_a, n_b, n_ab, p_b_given_a, lift; token_steps,
+        covers (the steps whose token rows it used)."""
         return M.coactivation(self.cursor(), self._sel(run, tag, steps, layer), window)
 
     def temporal_locality(
         self, run: Any = None, window: Window = "all", *, tag: Any = None, steps: tuple[int, int] | None = None,
         layer: Any = None,
     ) -> pd.DataFrame:
-        """Per run × layer × window: pairs, first_choice, any_expert and their chance levels."""
+        """Per run × layer × window: pairs, first_choice, any_expert and their chance levels; token_steps, covers."""
         return M.temporal_locality(self.cursor(), self._sel(run, tag, steps, layer), window)
+
+    def token_steps(self, run: Any = None, *, tag: Any = None, steps: tuple[int, int] | None = None,
+                    layer: Any = None) -> pd.DataFrame:
+        """(run, step) rows of the steps that hold token-level routing (record(tokens_every=N): every N-th step)."""
+        return M.token_steps(self.cursor(), self._sel(run, tag, steps, layer))
 
     def domain_specialization(
         self, run: Any = None, window: Window = "all", *, tag: Any = None, steps: tuple[int, int] | None = None,
@@ -468,7 +490,8 @@ class Trace:
         self, run: Any = None, window: Window = "all", *, tag: Any = None, steps: tuple[int, int] | None = None,
         layer: Any = None, min_count: int = 5, by_token: bool = False,
     ) -> pd.DataFrame:
-        """Per run × layer × window: token_ids, tokens, specialization, weighted_specialization, chance (k/N)."""
+        """Per run × layer × window: token_ids, tokens, specialization, weighted_specialization, chance (k/N);
+        token_steps, covers."""
         return M.vocab_specialization(self.cursor(), self._sel(run, tag, steps, layer), window, min_count, by_token)
 
     def saturation(
@@ -538,17 +561,18 @@ class Trace:
         from .selection import check_selection
 
         opened: list[Trace] = []
+        units = None
         sides: list[tuple[duckdb.DuckDBPyConnection, Selection]] = []
         try:
             for name, spec in (("baseline", baseline or {}), ("current", current or {})):
                 root = spec.get("root")
-                tr = self if root is None else root if isinstance(root, Trace) else Trace(root)
+                tr = self if root is None else root if isinstance(root, Trace) else type(self)(root)  # same engine
                 if tr is not self and tr is not root:
                     opened.append(tr)  # opened here, closed here
                 sel = Selection.of({k: v for k, v in spec.items() if k != "root"})
                 check_selection(tr.cursor(), sel, name)  # a typo'd tag or run is an error, not a silent SKIP
                 sides.append((tr.cursor(), sel))
-                if name == "baseline":  # per-sequence counts kept per routing part: no raw-row scan per pair
+                if name == "baseline" and tr.engine == "duckdb":  # per-sequence counts kept per routing part
                     units = _live.sequence_units(tr, sel) if tr is self or tr is root else None
             (bcon, bsel), (ccon, csel) = sides
             return drift(bcon, bsel, ccon, csel, config, n_boot=n_boot, seed=seed, baseline_units=units)

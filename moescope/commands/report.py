@@ -69,6 +69,7 @@ def _table(rows: list[dict[str, Any]]) -> list[str]:
 
 def render_report(tr: Any, runs: list[str] | None = None, config: Any = None, window: Any = None) -> str:
     """The text of `moescope report` (separate from printing, so tests and the dashboard can reuse it)."""
+    from ..analysis.metrics import describe_steps
     from ..analysis.rules import STATUS_ORDER, severity
     from ..config import as_config
 
@@ -85,6 +86,8 @@ def render_report(tr: Any, runs: list[str] | None = None, config: Any = None, wi
     # Split once by run (a boolean filter per run costs runs × rows: minutes on a root of 1,000 runs).
     lm_by = {str(k): g for k, g in lm.groupby("run", sort=False)}
     h_by = {str(k): g for k, g in health.groupby("run", sort=False)}
+    # The routing-based analyses cover only the steps with token rows (record(tokens_every=N): every N-th).
+    tok_by = {str(k): g["step"].to_numpy() for k, g in tr.token_steps(run=runs).groupby("run", sort=False)}
     for run in runs:
         r = info.loc[run] if run in info.index else None
         rl = lm_by.get(run, lm.iloc[0:0])
@@ -93,6 +96,10 @@ def render_report(tr: Any, runs: list[str] | None = None, config: Any = None, wi
         if r is not None:
             head += f"  ·  model {r['model']}  ·  {int(r['ranks'])} rank(s)  ·  created {r['created']}"
         out += [head, f"  {steps}"]
+        if run in tok_by:
+            every = (tr.manifest(run).get("capture") or {}).get("tokens_every")
+            out.append(f"  token rows (routing analyses): {describe_steps(tok_by[run])}"
+                       + (f"; tokens_every={every}" if every and every > 1 else ""))
         h = h_by.get(run, health.iloc[0:0])
         worst_by_layer = {int(k): max(g, key=severity) for k, g in h.groupby("layer")["status"]} if len(h) else {}
         if len(rl):
