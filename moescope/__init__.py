@@ -16,7 +16,16 @@ if TYPE_CHECKING:  # pragma: no cover
     from .analysis.trace import Trace
     from .capture.recorder import Recorder
 
-__all__ = ["__version__", "TraceError", "open", "record", "register_router", "snapshot_experts"]
+__all__ = ["__version__", "TraceError", "open", "record", "register_router", "sinks", "snapshot_experts"]
+
+
+def __getattr__(name: str) -> Any:
+    """`moescope.sinks` (the metric sinks) loads on first use: recording and reading traces do not need it."""
+    if name == "sinks":
+        import importlib
+
+        return importlib.import_module("moescope.sinks")
+    raise AttributeError(f"module 'moescope' has no attribute {name!r}")
 
 
 def open(root: Any, **kwargs: Any) -> Trace:  # noqa: A001 - the public name of the design

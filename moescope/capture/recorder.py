@@ -803,8 +803,8 @@ class Recorder:
         elif load_w or rows_host:
             self._writer.submit(make, nbytes, nrows, steps)
         if self.sinks and load_w:  # where the counts are written: a reduced group's sums reach the sinks once
-            # Sinks read expert_load only: built here from the host counts, the token rows stay on the writer thread.
-            self._write_sinks(tables if tables is not None else _to_tables(run, rank, load_w, [], []))
+            # Sinks read the counts only: built here from the host copy, the token rows stay on the writer thread.
+            self._write_sinks(tables if tables is not None else _to_tables(run, rank, load_w, stats_w, []))
         if self.on_alert is not None or self.raise_on is not None or self.alert_rules is not None:
             from .alerts import RoutingCollapseError, evaluate_flush
 

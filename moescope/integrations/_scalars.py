@@ -3,6 +3,7 @@
 Pure numpy/pyarrow (no torch, no Lightning, no transformers), so it is cheap to import anywhere. The
 values are the health rules' own (`moescope.analysis.rules.cell_values`: CV, MaxVio, load entropy, N·f_e),
 so a logged curve and an alert never disagree; f_e = c_e / Σc here (a flush's tables carry no top-k).
+The Lightning and HF callbacks and the metric sinks (`moescope.integrations.sinks`) all log these.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ class LoadScalars:
     maxvio: float
     entropy_norm: float
     dead_experts: int
+    min_utilization: float = math.nan  # min_e N·f_e (1 = fair share, 0 = an expert got nothing)
 
     def as_metrics(self, prefix: str = "moescope") -> dict[str, float]:
         """Flat `prefix/layer{L}/name` metrics, the names every logger receives."""
@@ -41,6 +43,7 @@ class LoadScalars:
             f"{p}/maxvio": self.maxvio,
             f"{p}/entropy_norm": self.entropy_norm,
             f"{p}/dead_experts": float(self.dead_experts),
+            f"{p}/min_utilization": self.min_utilization,
         }
 
 
@@ -61,6 +64,7 @@ def load_scalars(layer: int, counts: np.ndarray, dead_utilization: float = DEAD_
         maxvio=float(v["maxvio"]),
         entropy_norm=float(v["load_entropy"]) if v["load_entropy"] is not None else 1.0,
         dead_experts=int((utilization(c, 1, total) < dead_utilization).sum()),
+        min_utilization=float(v["min_utilization"]),
     )
 
 
@@ -106,3 +110,43 @@ def metrics_from_tables(tables: Mapping[str, pa.Table], tags: Iterable[str] | No
         if s.assignments:
             out.update(s.as_metrics())
     return out
+
+
+@dataclass(frozen=True)
+class FlushScalars:
+    """What one flush hands to the metric sinks: its run, rank, step span and per-layer scalars."""
+
+    run: str
+    rank: int
+    step_start: int
+    step_end: int
+    layers: tuple[LoadScalars, ...]  # layers with assignments in the window, by layer
+    counts: Mapping[int, np.ndarray]  # layer -> assignment counts [E] the scalars were computed from
+
+    def metrics(self, prefix: str = "moescope") -> dict[str, float]:
+        """Flat `prefix/layer{L}/name` metrics, the same names `metrics_from_tables` gives the callbacks."""
+        out: dict[str, float] = {}
+        for s in self.layers:
+            out.update(s.as_metrics(prefix))
+        return out
+
+
+def flush_scalars(tables: Mapping[str, pa.Table], tags: Iterable[str] | None = None) -> FlushScalars | None:
+    """Per-layer scalars of a flush's tables over `tags` (default all); None when no layer had assignments."""
+    load = tables.get("expert_load")
+    span = window_steps(load) if load is not None else None
+    if load is None or span is None:
+        return None
+    counts = {layer: c for layer, c in window_counts(load, tags).items() if c.sum() > 0}
+    if not counts:
+        return None
+    runs = load.column("run").unique().to_pylist()
+    ranks = load.column("rank").unique().to_pylist()
+    return FlushScalars(
+        run=str(runs[0]) if len(runs) == 1 else ",".join(sorted(map(str, runs))),
+        rank=int(ranks[0]) if len(ranks) == 1 else -1,
+        step_start=span[0],
+        step_end=span[1],
+        layers=tuple(load_scalars(layer, c) for layer, c in sorted(counts.items())),
+        counts=counts,
+    )

@@ -133,7 +133,9 @@ def test_scalars_known_answer() -> None:
     assert window_counts(table, [""])[0].tolist() == [3, 5]
     assert window_counts(table)[0].tolist() == [103, 5]
     m = metrics_from_tables({"expert_load": table}, [""])
-    assert set(m) == {f"moescope/layer0/{k}" for k in ("load_cv", "maxvio", "entropy_norm", "dead_experts")}
+    assert set(m) == {f"moescope/layer0/{k}"
+                      for k in ("load_cv", "maxvio", "entropy_norm", "dead_experts", "min_utilization")}
+    assert m["moescope/layer0/min_utilization"] == pytest.approx(2 * 3 / 8)  # N·c_min/Σc
     assert m["moescope/layer0/maxvio"] == pytest.approx(5 / 4 - 1)
 
 
