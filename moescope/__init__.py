@@ -29,10 +29,10 @@ def __getattr__(name: str) -> Any:
 
 
 def open(root: Any, **kwargs: Any) -> Trace:  # noqa: A001 - the public name of the design
-    """Open a trace root (or one run directory) for SQL and analyses."""
-    from .analysis.trace import Trace
+    """Open a trace root (or one run directory) for SQL and analyses; engine="spark" runs them on PySpark."""
+    from .analysis.trace import open_trace
 
-    return Trace(root, **kwargs)
+    return open_trace(root, **kwargs)
 
 
 def record(model: Any, path: Any, **kwargs: Any) -> Recorder:

@@ -14,7 +14,12 @@ from .sqlkit import render
 #: Integer types wider than BIGINT that results carry: HUGEINT, and DECIMAL(38,0) (a HUGEINT sum through Arrow).
 _WIDE_INT = re.compile(r"^DECIMAL\((?:19|[2-3][0-9]),0\)$")
 #: Largest expert id + 1 that `expert_ids` covers (expert ids are SMALLINT in the trace format).
-_MAX_EXPERTS = 1 << 15
+MAX_EXPERTS = 1 << 15
+#: k where neither the manifest nor the counts say it: the longest routing list of the run × layer (else 1).
+ROUTING_TOP_K_SQL = "SELECT run, layer, MAX(len(experts)) AS k FROM routing GROUP BY run, layer"
+#: One row per (run, layer, expert id): dense expert ids, so an expert with no rows counts as zero.
+LAYER_EXPERTS_SQL = ("SELECT li.run, li.layer, x.i AS expert "
+                     "FROM layer_info li JOIN expert_ids x ON x.i < li.n_experts")
 
 
 def _has_table(con: duckdb.DuckDBPyConnection, name: str) -> bool:
@@ -39,17 +44,14 @@ def ensure_layer_info(con: duckdb.DuckDBPyConnection) -> None:
         # k still unknown (no manifest entry, no router_stats): the routing lists' length says it, if any.
         if con.execute("SELECT COUNT(*) FROM layer_info WHERE top_k IS NULL").fetchone()[0]:
             con.execute(
-                "UPDATE layer_info SET top_k = COALESCE((SELECT MAX(len(r.experts)) FROM routing r "
+                f"UPDATE layer_info SET top_k = COALESCE((SELECT r.k FROM ({ROUTING_TOP_K_SQL}) r "
                 "WHERE r.run = layer_info.run AND r.layer = layer_info.layer), 1) WHERE top_k IS NULL"
             )
         row = con.execute("SELECT COALESCE(MAX(n_experts), 0) FROM layer_info").fetchone()
-        n = min(int(row[0] if row else 0), _MAX_EXPERTS)
+        n = min(int(row[0] if row else 0), MAX_EXPERTS)
         # A numbers table is the portable way to densify expert ids (no generate_series in the analyses).
         con.execute("CREATE TABLE expert_ids AS SELECT CAST(i AS SMALLINT) AS i FROM range(?) t(i)", [max(n, 1)])
-        con.execute(
-            "CREATE TABLE layer_experts AS SELECT li.run, li.layer, x.i AS expert "
-            "FROM layer_info li JOIN expert_ids x ON x.i < li.n_experts"
-        )
+        con.execute(f"CREATE TABLE layer_experts AS {LAYER_EXPERTS_SQL}")
     except duckdb.Error as e:
         raise translate(e, con) from None
 
@@ -114,13 +116,20 @@ def integer_counts(rel: duckdb.DuckDBPyRelation) -> duckdb.DuckDBPyRelation:
 
 
 def run_analysis(con: duckdb.DuckDBPyConnection, name: str, params: dict[str, Any], final: str | None = None) -> pd.DataFrame:
-    """Render analyses/`name`.sql with `params`, run it on `con` and return a DataFrame (`win` renamed `window`)."""
-    ensure_layer_info(con)
+    """Render analyses/`name`.sql with `params`, run it on `con` and return a DataFrame (`win` renamed `window`).
+
+    `con` is a DuckDB connection, or another engine's connection (`moescope.analysis.spark.SparkConnection`):
+    that one gets the same rendered SQL through `frame(sql)`, which translates it (`moescope.analysis.dialects`).
+    """
     sql = render(name, params, final=final)
-    try:
-        df = integer_counts(con.sql(sql)).df()
-    except duckdb.Error as e:
-        raise translate(e, con) from None
+    if isinstance(con, duckdb.DuckDBPyConnection):
+        ensure_layer_info(con)
+        try:
+            df = integer_counts(con.sql(sql)).df()
+        except duckdb.Error as e:
+            raise translate(e, con) from None
+    else:  # layer_info and its companions were defined when that engine's trace was opened
+        df = con.frame(sql)
     if "win" in df.columns:
         df = df.rename(columns={"win": "window"})
     return df
