@@ -16,7 +16,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from .analysis.trace import Trace
     from .capture.recorder import Recorder
 
-__all__ = ["__version__", "TraceError", "open", "record", "register_router", "sinks", "snapshot_experts"]
+__all__ = ["__version__", "TraceError", "open", "record", "register_router", "sinks", "snapshot_experts", "unregister_router"]
 
 
 def __getattr__(name: str) -> Any:
@@ -47,6 +47,13 @@ def register_router(cls: Any, **spec: Any) -> None:
     from .capture.adapters import register_router as _register
 
     _register(cls, **spec)
+
+
+def unregister_router(cls: Any) -> int:
+    """Forget a registered router class (or its qualified name, or a family name); returns how many specs went."""
+    from .capture.adapters import unregister_router as _unregister
+
+    return _unregister(cls)
 
 
 def snapshot_experts(model: Any, path: Any, step: int = 0, **kwargs: Any) -> Any:

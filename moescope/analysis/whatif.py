@@ -573,11 +573,13 @@ def suggest_placement(
 
 
 def _requests(lists: Sequence[Sequence[int]] | Any) -> list[list[int]]:
-    """Per token the distinct valid experts in slot order (padding < 0 and repeats dropped)."""
+    """Per token the distinct valid experts in slot order (padding < 0, NULL slots and repeats dropped)."""
     out: list[list[int]] = []
     for experts in lists:
         seen: list[int] = []
         for e in experts:
+            if e is None:  # a slot that reached no expert (stored NULL)
+                continue
             e = int(e)
             if e >= 0 and e not in seen:
                 seen.append(e)

@@ -19,6 +19,8 @@ others return logits) and ``skip_expert`` (Zaya's extra no-compute class, report
 
 from __future__ import annotations
 
+import math
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -29,7 +31,16 @@ from torch import nn
 from . import specs as _specs
 
 # The spec schema, loading and matching live in moescope/capture/specs.py (no torch); re-exported here.
-from .specs import IDS_LAYOUTS, LOGITS_ARE, PROBS, SELECTIONS, SOURCES, AdapterError, RouterSpec  # noqa: F401
+from .specs import (  # noqa: F401
+    IDS_LAYOUTS,
+    LOGITS_ARE,
+    PROBS,
+    SELECTIONS,
+    SOURCES,
+    TOKEN_LAYOUTS,
+    AdapterError,
+    RouterSpec,
+)
 
 
 @dataclass
@@ -52,6 +63,11 @@ def register_router(cls: type | str, **spec: Any) -> RouterSpec:
     return _specs.REGISTRY.register(cls, **spec)
 
 
+def unregister_router(cls: type | str) -> int:
+    """Forget a registered router class (or qualified name, or family name); returns how many specs went."""
+    return _specs.REGISTRY.unregister(cls)
+
+
 def all_specs() -> list[RouterSpec]:
     """Every known spec, highest priority first."""
     return _specs.REGISTRY.all()
@@ -59,7 +75,8 @@ def all_specs() -> list[RouterSpec]:
 
 def resolve(module: nn.Module) -> RouterSpec | None:
     """The spec for a module, matched by module path and class name through its MRO (exact class first)."""
-    return _specs.REGISTRY.resolve(type(module), stop=(nn.Module, object))
+    spec = _specs.REGISTRY.resolve(type(module), stop=(nn.Module, object))
+    return None if spec is None else spec.bind(module)  # per-module fields (selection_norm) read off the module
 
 
 _spec_from_mapping = _specs.spec_from_mapping
@@ -148,14 +165,101 @@ def select(logits: torch.Tensor, k: int, rule: str) -> tuple[torch.Tensor, torch
     return ids, w
 
 
-def extract_router_output(spec: RouterSpec, out: Any, n_experts: int, top_k: int) -> RouterEvent | None:
-    """Normalise a router's forward output into a RouterEvent (ids/weights may be filled later, experts_input)."""
-    logits = None if spec.logits_are == "none" else _pick(out, spec.logits)
-    if logits is not None:
-        logits = _rows(logits, logits.shape[-1], torch.float32)  # [T, E]
-        if spec.logits_are == "probs":
-            # log p is a logits vector of the same softmax: entropy, margin and prob_sum stay exact (lse = 0)
-            logits = logits.clamp_min(torch.finfo(torch.float32).tiny).log()
+def _as_logits(spec: RouterSpec, raw: torch.Tensor | None) -> torch.Tensor | None:
+    """What the spec reads as logits, as [T, E] float32 logits whose `probs` transform gives the router's scores."""
+    if raw is None:
+        return None
+    logits = _rows(raw, raw.shape[-1], torch.float32)  # [T, E]
+    if spec.logits_are == "probs":
+        tiny = torch.finfo(torch.float32).tiny
+        if spec.probs == "sigmoid":
+            # logit(p): sigmoid gives back p exactly where softmax(log p) would renormalise the scores
+            p = logits.clamp(tiny, 1.0 - torch.finfo(torch.float32).eps / 2)
+            return p.log() - (-p).log1p()
+        # log p is a logits vector of the same softmax: entropy, margin and prob_sum stay exact (lse = 0)
+        return logits.clamp_min(tiny).log()
+    return logits
+
+
+def resolve_fn(spec: RouterSpec) -> Any:
+    """The spec's ids_fn as a callable ("pkg.module:function" is imported once)."""
+    fn = spec.ids_fn
+    if callable(fn):
+        return fn
+    if fn in _FNS:
+        return _FNS[fn]
+    import importlib
+
+    mod_name, _, attr = str(fn).partition(":")
+    try:
+        obj: Any = importlib.import_module(mod_name)
+        for part in attr.split("."):
+            obj = getattr(obj, part)
+    except (ImportError, AttributeError) as e:
+        raise AdapterError(f"{spec.family}: ids_fn {fn!r} cannot be imported ({e})") from None
+    if not callable(obj):
+        raise AdapterError(f"{spec.family}: ids_fn {fn!r} is not callable")
+    _FNS[str(fn)] = obj
+    return obj
+
+
+_FNS: dict[str, Any] = {}
+
+
+def _from_fn(spec: RouterSpec, module: Any, args: tuple[Any, ...], out: Any, top_k: int) -> RouterEvent:
+    """The ids_fn escape hatch: fn(module, args, output) -> (logits [T, E] | None, ids [T, k], weights [T, k] | None)."""
+    res = resolve_fn(spec)(module, args, out)
+    if not (isinstance(res, tuple) and len(res) == 3):
+        raise AdapterError(f"{spec.family}: ids_fn must return (logits or None, ids [T, k], weights or None), "
+                           f"got {type(res).__name__}")
+    raw_logits, ids, w = res
+    if not isinstance(ids, torch.Tensor):
+        raise AdapterError(f"{spec.family}: ids_fn returned ids of type {type(ids).__name__}, not a tensor")
+    ids = _rows(ids, ids.shape[-1], torch.long)  # [T, k]; -1 (or any id outside [0, E)) = no expert
+    w = torch.ones_like(ids, dtype=torch.float32) if w is None else _rows(w, ids.shape[-1], torch.float32)
+    return RouterEvent(_as_logits(spec, raw_logits), ids, w)
+
+
+def _from_mask(
+    spec: RouterSpec, out: Any, raw: torch.Tensor, logits: torch.Tensor | None, n_experts: int, top_k: int
+) -> RouterEvent:
+    """routing_map [T, E] / dispatch [..., E, C] masks → ids [T, k] (-1 where a token has fewer experts)."""
+    raw_w = _pick(out, spec.weights) if spec.weights is not None and spec.weights_from == "output" else None
+    if spec.ids_layout == "dispatch":
+        c = raw.shape[-1]
+        mask = raw.reshape(-1, n_experts, c).ne(0).any(-1)  # [T, E]: the token went to the expert in some slot
+        dense = None if raw_w is None else raw_w.detach().reshape(-1, n_experts, c).float().sum(-1)  # [T, E]
+    else:
+        mask = raw.reshape(-1, n_experts).ne(0)  # [T, E]
+        dense = None if raw_w is None else raw_w.detach().reshape(-1, n_experts).float()  # [T, E]
+    if dense is None and spec.weights_from == "probs" and logits is not None:
+        dense = router_probs(logits, spec.probs)  # [T, E]
+    # slot order: by gate weight (first choice first) where weights exist, else by expert id
+    order = dense if dense is not None else -torch.arange(n_experts, device=mask.device, dtype=torch.float32)
+    key = torch.where(mask, order.nan_to_num(0.0).expand_as(mask), -math.inf)  # [T, E]
+    picked = key.topk(min(top_k, n_experts), -1).indices  # [T, k]
+    sel = mask.gather(-1, picked)  # [T, k]: the slot holds a selected expert
+    ids = torch.where(sel, picked, -1)  # [T, k]
+    w = dense.gather(-1, picked) if dense is not None else torch.ones_like(picked, dtype=torch.float32)
+    return RouterEvent(logits, ids, torch.where(sel, w, 0.0))
+
+
+def extract_router_output(
+    spec: RouterSpec, out: Any, n_experts: int, top_k: int, *, module: Any = None, args: tuple[Any, ...] = (),
+    logits_out: torch.Tensor | None = None,
+) -> RouterEvent | None:
+    """Normalise a router's forward output into a RouterEvent (ids/weights may be filled later, experts_input).
+
+    `module` and `args` are the router and its inputs (for ids_fn); `logits_out` the output of the submodule
+    named by `logits_from`.
+    """
+    if spec.ids_fn is not None:
+        ev = _from_fn(spec, module, args, out, top_k)
+        return ev if spec.logits_from is None else RouterEvent(_as_logits(spec, logits_out), ev.ids, ev.weights)
+    if spec.logits_from is not None:
+        logits = _as_logits(spec, logits_out)
+    else:
+        logits = _as_logits(spec, None if spec.logits_are == "none" else _pick(out, spec.logits))
     if spec.source == "logits":
         if logits is None:
             raise AdapterError(f"{spec.family}: router output has no logits at index {spec.logits}")
@@ -171,8 +275,12 @@ def extract_router_output(spec: RouterSpec, out: Any, n_experts: int, top_k: int
     raw_ids = raw_ids if _no_grad() else raw_ids.detach()
     if spec.ids_layout == "sorted_by_expert":
         return _sorted_by_expert(spec, out, raw_ids, logits, n_experts, top_k)
+    if spec.ids_layout in ("routing_map", "dispatch"):
+        return _from_mask(spec, out, raw_ids, logits, n_experts, top_k)
     dropped = None
-    if spec.onehot:
+    if spec.ids_layout == "k_first":
+        ids = raw_ids.reshape(raw_ids.shape[0], -1).t().long()  # [k, T] -> [T, k]
+    elif spec.onehot:
         mask = raw_ids.reshape(-1, raw_ids.shape[-1])  # [T, E] one-hot dispatch (zeros: dropped)
         dropped = mask.sum(-1) == 0
         ids = mask.float().argmax(-1, keepdim=True)  # [T, 1]
@@ -182,7 +290,7 @@ def extract_router_output(spec: RouterSpec, out: Any, n_experts: int, top_k: int
     else:
         ids = _rows(raw_ids, raw_ids.shape[-1], torch.long)  # [T, k]
     if spec.weights_from == "probs" and logits is not None:
-        w = _probs(logits, spec.probs).gather(-1, ids)
+        w = _probs(logits, spec.probs).gather(-1, _in_range(ids, n_experts))
     elif spec.weights_from == "ones" or spec.weights is None:
         w = torch.ones_like(ids, dtype=torch.float32)
     else:
@@ -191,7 +299,9 @@ def extract_router_output(spec: RouterSpec, out: Any, n_experts: int, top_k: int
             raise AdapterError(f"{spec.family}: router output has no weights at index {spec.weights}")
         if raw_w.shape[-1] == n_experts and ids.shape[-1] != n_experts:
             # Dense [T, E] score matrix (zeros off the selection): read each selected expert's weight.
-            w = _rows(raw_w, n_experts, torch.float32).gather(-1, ids)
+            w = _rows(raw_w, n_experts, torch.float32).gather(-1, _in_range(ids, n_experts))
+        elif spec.ids_layout == "k_first" and raw_w.dim() >= 2 and raw_w.shape[0] == ids.shape[1]:
+            w = raw_w.detach().reshape(ids.shape[1], -1).t().float()  # [k, T] -> [T, k]
         else:
             w = _rows(raw_w, ids.shape[-1], torch.float32) if raw_w.shape[-1] == ids.shape[-1] \
                 else raw_w.detach().float().reshape(ids.shape[0], -1)
@@ -199,6 +309,162 @@ def extract_router_output(spec: RouterSpec, out: Any, n_experts: int, top_k: int
         # Zaya masks a chosen skip class to (id 0, weight 0.0); a real expert 0 always has a positive softmax weight.
         ids = torch.where((ids == 0) & (w == 0), torch.full_like(ids, n_experts - 1), ids)
     return RouterEvent(logits, ids, w, dropped)
+
+
+def _fail(spec: RouterSpec, msg: str) -> AdapterError:
+    return AdapterError(f"spec {spec.family!r}: {msg}")
+
+
+def _shape(t: torch.Tensor) -> str:
+    return str(list(t.shape))
+
+
+def _max_per_token(mask: torch.Tensor) -> int:
+    """The most experts one token of a [T, E] mask selects."""
+    return int(mask.sum(-1).max()) if mask.numel() else 0
+
+
+def check_output(
+    spec: RouterSpec, out: Any, n_experts: int, top_k: int, bs: tuple[int, int] | None,
+    logits_out: torch.Tensor | None = None,
+) -> None:
+    """Validate a router's raw output against its spec on the first call: shapes, dtypes, k and E.
+
+    Runs eagerly once per router (it syncs with the device); a mismatch is an AdapterError that names the spec
+    field to change, so a wrong spec never becomes a silently wrong trace. `bs` is the model input's (B, S).
+    """
+    n, k = n_experts, top_k
+    t = bs[0] * bs[1] if bs is not None else None
+    if spec.logits_from is not None:
+        if logits_out is None:
+            raise _fail(spec, f"logits_from={spec.logits_from!r} returned no tensor before the router's output; set "
+                        "logits_from to the submodule whose output is the logits [T, E]")
+        raw_l, at = logits_out, f"the output of {spec.logits_from!r}"
+    elif spec.ids_fn is None and spec.logits_are != "none" and spec.source != "experts_input" or spec.source == "logits":
+        raw_l, at = _pick(out, spec.logits), f"output[{spec.logits}]"
+    else:
+        raw_l, at = None, ""
+    if raw_l is not None:
+        if raw_l.shape[-1] != n or not raw_l.is_floating_point():
+            raise _fail(spec, f"logits ({at}) has shape {_shape(raw_l)} and dtype {raw_l.dtype} but n_experts={n}: "
+                        "set `logits` (or logits_from) to the router's [T, E] float scores, or logits_are = \"none\"")
+        if spec.logits_are == "probs" and raw_l.numel():
+            lo, hi = float(raw_l.min()), float(raw_l.max())
+            if lo < 0.0 or hi > 1.0:
+                raise _fail(spec, f"logits_are=\"probs\" but {at} holds values in [{lo:.3g}, {hi:.3g}], outside "
+                            "[0, 1]: set logits_are = \"logits\"")
+    elif spec.source == "logits":
+        raise _fail(spec, f"source=\"logits\" but the router output has no tensor at logits={spec.logits}; set `logits`")
+    if spec.source != "output" or spec.ids_fn is not None:
+        return
+    raw = _pick(out, spec.ids)
+    if not isinstance(raw, torch.Tensor):
+        raise _fail(spec, f"the router output ({_describe_out(out)}) has no tensor at ids={spec.ids}; set `ids`")
+    shape, layout = _shape(raw), spec.ids_layout
+    rows: int | None = None
+    if layout in ("topk", "k_first") and not spec.onehot:
+        looks_map = raw.dim() >= 2 and raw.shape[-1] == n and n != k
+        if raw.dtype == torch.bool or (looks_map and raw.is_floating_point()):
+            raise _fail(spec, f"ids has shape {shape} and dtype {raw.dtype}: looks like a [T, E] routing map (E="
+                        f"{n}); set ids_layout = \"routing_map\"")
+        if raw.is_floating_point():
+            raise _fail(spec, f"ids (output[{spec.ids}]) holds {raw.dtype} values, not expert ids: set `ids` to the "
+                        "index of the selected expert ids")
+        if layout == "topk" and raw.shape[-1] != k:
+            if raw.dim() >= 3 and raw.shape[-2] == n:
+                raise _fail(spec, f"ids has shape {shape}: looks like a dispatch mask [..., E={n}, C]; set "
+                            "ids_layout = \"dispatch\"")
+            if raw.dim() >= 2 and raw.shape[0] == k:
+                raise _fail(spec, f"ids has shape {shape} but top_k={k}, T={t if t is not None else '?'}: looks like "
+                            "[k, T]; set ids_layout = \"k_first\"")
+            raise _fail(spec, f"ids has shape {shape} but top_k={k}: the last axis must hold the k selected experts;"
+                        " set top_k (or ids)")
+        if layout == "k_first" and (raw.dim() < 2 or raw.shape[0] != k):
+            hint = "ids_layout = \"topk\"" if raw.shape[-1] == k else "top_k"
+            raise _fail(spec, f"ids has shape {shape} but ids_layout=\"k_first\" needs [k={k}, T]; set {hint}")
+        rows = raw.numel() // max(k, 1)
+    elif layout in ("routing_map", "dispatch"):
+        if layout == "routing_map" and raw.shape[-1] != n:
+            raise _fail(spec, f"ids has shape {shape} but ids_layout=\"routing_map\" needs [T, E={n}]; set n_experts"
+                        " (or ids)")
+        if layout == "dispatch" and (raw.dim() < 3 or raw.shape[-2] != n):
+            raise _fail(spec, f"ids has shape {shape} but ids_layout=\"dispatch\" needs [..., E={n}, C]; set "
+                        "n_experts (or ids)")
+        if raw.dtype != torch.bool and raw.numel() and bool(((raw != 0) & (raw != 1)).any()):
+            raise _fail(spec, f"ids (output[{spec.ids}]) is a {layout} mask with values other than 0 and 1 (gate "
+                        "weights?): set `ids` to the 0/1 mask and `weights` to the weights")
+        c = raw.shape[-1] if layout == "dispatch" else 1
+        mask = raw.reshape(-1, n, c).ne(0).any(-1)  # [T, E]
+        most = _max_per_token(mask)
+        if most > k:
+            raise _fail(spec, f"the {layout} mask sends a token to {most} experts but top_k={k}: set top_k = {most} "
+                        f"(n_experts={n} when a token may go to any number)")
+        rows = mask.shape[0]
+        if spec.weights is not None and spec.weights_from == "output":
+            raw_w = _pick(out, spec.weights)
+            if not isinstance(raw_w, torch.Tensor) or raw_w.numel() != raw.numel():
+                got = _shape(raw_w) if isinstance(raw_w, torch.Tensor) else "nothing"
+                raise _fail(spec, f"weights=output[{spec.weights}] is {got} but the {layout} mask is {shape}: set "
+                            "`weights` to the dense gate weights of the same shape, or weights = None")
+    if rows is not None and t is not None and rows != t:
+        warnings.warn(f"moescope: spec {spec.family!r}: the router saw {rows} tokens but the model's input has "
+                      f"{bs[0]}×{bs[1]} = {t} (a subset of tokens?): its tokens count without the padding mask",  # type: ignore[index]
+                      RuntimeWarning, stacklevel=4)
+
+
+def check_event(spec: RouterSpec, ev: RouterEvent, n_experts: int, top_k: int, bs: tuple[int, int] | None) -> None:
+    """Validate a normalised router call on its first call: ids [T, k] integer within [0, E) or the sentinel."""
+    n, k = n_experts, top_k
+    ids = ev.ids
+    src = "ids_fn" if spec.ids_fn is not None else "ids"
+    if ids.dim() != 2 or ids.is_floating_point():
+        raise _fail(spec, f"{src} gave {ids.dtype} ids of shape {_shape(ids)}, not integer ids [T, k]")
+    if ids.shape[1] != k:
+        raise _fail(spec, f"{src} gave ids of shape {_shape(ids)} but top_k={k}: set top_k")
+    if ev.weights.shape != ids.shape:
+        raise _fail(spec, f"weights have shape {_shape(ev.weights)} but ids {_shape(ids)}: set `weights` (or "
+                    "weights_from)")
+    if ev.logits is not None and (ev.logits.shape[0] != ids.shape[0] or ev.logits.shape[-1] != n):
+        raise _fail(spec, f"logits have shape {_shape(ev.logits)} but ids {_shape(ids)} and n_experts={n}: set "
+                    "`logits` (or logits_from)")
+    if spec.sentinel is not None and 0 <= spec.sentinel < n:
+        raise _fail(spec, f"sentinel={spec.sentinel} is a real expert id (n_experts={n}): set sentinel to the id "
+                    "that means 'no expert'")
+    bad = (ids < 0) | (ids >= n)
+    if spec.ids_fn is not None or spec.ids_layout in ("routing_map", "dispatch"):
+        bad &= ids != -1  # -1: a slot with no expert, by the ids_fn contract and the mask layouts' reading
+    if spec.sentinel is not None:
+        bad &= ids != spec.sentinel
+    if ids.numel() and bool(bad.any()):
+        v = int(ids[bad][0])
+        raise _fail(spec, f"{src} holds id {v}, outside [0, {n}) (n_experts={n}): if {v} means 'no expert' set "
+                    f"sentinel = {v}; otherwise set `ids` (or n_experts)")
+
+
+def _describe_out(out: Any) -> str:
+    """A short account of a router output's structure, for error messages."""
+    if isinstance(out, torch.Tensor):
+        return f"a tensor {_shape(out)}"
+    if isinstance(out, (tuple, list)):
+        parts = [_shape(o) if isinstance(o, torch.Tensor) else type(o).__name__ for o in out]
+        return f"{type(out).__name__} of {len(out)}: " + ", ".join(f"[{i}] {p}" for i, p in enumerate(parts))
+    return type(out).__name__
+
+
+def _in_range(ids: torch.Tensor, n_experts: int) -> torch.Tensor:
+    """ids [T, k] clamped into [0, E) for a gather: a sentinel id reads column 0, and its slot counts as dropped."""
+    return ids.clamp(0, n_experts - 1)
+
+
+def to_batch_first(ev: RouterEvent, b: int, s: int) -> RouterEvent:
+    """A seq-first router call's rows ([S, B] order, Megatron) reordered to the model input's [B, S] order."""
+
+    def swap(t: torch.Tensor | None) -> torch.Tensor | None:
+        if t is None or t.shape[0] != b * s:
+            return t
+        return t.reshape(s, b, *t.shape[1:]).transpose(0, 1).reshape(t.shape)  # [S*B, ...] -> [B*S, ...]
+
+    return RouterEvent(swap(ev.logits), swap(ev.ids), swap(ev.weights), swap(ev.dropped))  # type: ignore[arg-type]
 
 
 def _no_grad() -> bool:
@@ -255,7 +521,7 @@ def extract_experts_input(
     if isinstance(w, torch.Tensor):
         w = w.detach().float()
         if w.shape[-1] == n_experts and ids.shape[-1] != n_experts:
-            w = w.reshape(-1, n_experts).gather(-1, ids)
+            w = w.reshape(-1, n_experts).gather(-1, _in_range(ids, n_experts))
         else:
             w = w.reshape(ids.shape[0], -1)
     else:
@@ -264,18 +530,29 @@ def extract_experts_input(
 
 
 def describe(spec: RouterSpec) -> str:
-    """One line saying how a router of this spec is hooked."""
-    if spec.source == "output":
+    """One line saying how a router of this spec is hooked (every non-default field of the reading is named)."""
+    if spec.ids_fn is not None:
+        fn = spec.ids_fn if isinstance(spec.ids_fn, str) else getattr(spec.ids_fn, "__qualname__", repr(spec.ids_fn))
+        how = f"forward hook: ids_fn={fn}"
+    elif spec.source == "output":
+        layout = {"k_first": " [k, T]", "routing_map": " ([T, E] routing map)",
+                  "dispatch": " ([..., E, C] dispatch mask)", "sorted_by_expert": " (sorted by expert)"}
         how = f"forward hook: ids=output[{spec.ids}]" + (" (one-hot dispatch)" if spec.onehot else "")
-        how += " (sorted by expert)" if spec.ids_layout == "sorted_by_expert" else ""
+        how += layout.get(spec.ids_layout, "")
         how += f", weights=output[{spec.weights}]" if spec.weights is not None else f", weights={spec.weights_from}"
     elif spec.source == "experts_input":
         how = f"pre-hook on '{spec.experts}' for ids/weights"
-        how = how if spec.logits_are == "none" else "forward hook for logits + " + how
+        how = how if spec.logits_are == "none" and spec.logits_from is None else "forward hook for logits + " + how
     else:
         how = f"forward hook on logits, ids/weights by {spec.selection}"
-    how += f", logits=output[{spec.logits}]" if spec.logits is not None and spec.logits_are != "none" else ""
-    return how + (" (probabilities)" if spec.logits_are == "probs" else "")
+    if spec.logits_from is not None:
+        how += f", logits=output of '{spec.logits_from}'"
+    elif spec.logits is not None and spec.logits_are != "none" and spec.ids_fn is None:
+        how += f", logits=output[{spec.logits}]"
+    how += " (probabilities)" if spec.logits_are == "probs" else ""
+    how += ", sigmoid scores" if spec.probs == "sigmoid" else ""
+    how += f", sentinel={spec.sentinel}" if spec.sentinel is not None else ""
+    return how + (", seq-first tokens" if spec.token_layout == "seq_first" else "")
 
 
 __all__ = [
@@ -284,12 +561,16 @@ __all__ = [
     "RouterEvent",
     "RouterSpec",
     "all_specs",
+    "check_event",
+    "check_output",
     "describe",
     "extract_experts_input",
     "extract_router_output",
     "get_submodule",
     "register_router",
     "resolve",
+    "unregister_router",
     "router_shape",
     "select",
+    "to_batch_first",
 ]

@@ -8,14 +8,19 @@ or the model's entry) and reads every snapshot on the host at flush. So the same
 `torch.compile` (no Python-state guards, hence no recompiles when the step changes) and inside CUDA graphs
 (replays add into the same static buffer).
 
-Per layer, a row of `acc` holds, for E experts (W = 3·E_max + 9):
+Per layer, a row of `acc` holds, for E experts (W = 3·E_max + 13):
 
-    [0, E)        assignments per expert (valid tokens only)
-    [E, 2E)       gate weight sums per expert
-    [2E, 3E+6)    feature sums over valid finite tokens: prob (E), entropy, top-1 prob, top-2 prob, lse, finite, lse²
-    3E+6          valid tokens (the feature matrix's last column, the validity mask itself: v·v = v)
-    W-2           dropped tokens
+    [0, E+2)      assignments (valid tokens only) by slot column: 0 = id < 0, 1 + e = expert e, E+1 = id >= E
+    [E+2, 2E+4)   gate weight sums, same columns
+    [2E+4, 3E+10) feature sums over valid finite tokens: prob (E), entropy, top-1 prob, top-2 prob, lse, finite, lse²
+    3E+10         valid tokens (the feature matrix's last column, the validity mask itself: v·v = v)
+    W-2           tokens the model dropped (one-hot dispatch with an empty row)
     W-1           max logsumexp (max over valid finite tokens)
+
+An id outside [0, E) (a sentinel such as DeepSpeed's -1 for a route dropped over capacity, an empty slot of a
+routing map, or a wrong id) is never an expert: `torch.bucketize` maps it to a column of its own with no
+data-dependent branch, so `expert_load` never counts it, `dropped` does, and the token rows keep the slot
+column (the flush stores NULL for it).
 """
 
 from __future__ import annotations
@@ -41,7 +46,7 @@ _ROW_STATS = 4
 
 def width(n_experts: Sequence[int]) -> int:
     """Columns of one buffer row for layers of these expert counts."""
-    return 3 * max(n_experts) + _NF + 3
+    return 3 * max(n_experts) + _NF + 7
 
 
 def in_backward() -> bool:
@@ -64,7 +69,7 @@ class Grid:
     keep_n: int = 0  # rows kept from this forward (0: none sampled)
     valid: torch.Tensor | None = None  # [T] float32, 0 for padding
     v2d: torch.Tensor | None = None  # [1, T] float32 (a view of valid, for one matmul)
-    vk: dict[int, torch.Tensor] = field(default_factory=dict)  # k -> [T*k] float64 valid per assignment
+    vcol: torch.Tensor | None = None  # [T, 1] float64 valid, broadcast over the k slots of each token
     ntok: torch.Tensor | None = None  # [] float64 valid tokens
     negpad: torch.Tensor | None = None  # [T] float32: 0 for real tokens, -inf for padding
     rows: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = field(default_factory=dict)
@@ -78,14 +83,12 @@ class Grid:
     keep_tok: torch.Tensor | None = None  # [n]
     keep_valid: torch.Tensor | None = None  # [n]
 
-    def fill(self, valid: torch.Tensor, ks: Sequence[int]) -> None:
-        """Set the per-token weights of a forward from its validity mask valid [T] (float32)."""
+    def fill(self, valid: torch.Tensor, ks: Sequence[int] = ()) -> None:
+        """Set the per-token weights of a forward from its validity mask valid [T] (float32); `ks` is unused."""
         self.valid = valid
         self.v2d = valid.reshape(1, -1)  # [1, T]
         v64 = valid.double()
-        self.vk.clear()
-        for k in ks:
-            self.vk[k] = v64.repeat_interleave(k) if k > 1 else v64  # [T*k]
+        self.vcol = v64.reshape(-1, 1)  # [T, 1]
         self.ntok = v64.sum()
         self.negpad = torch.where(valid > 0, 0.0, -math.inf).to(torch.float32)  # [T]
         self.active = True
@@ -106,14 +109,17 @@ class HotPath:
         n = len(self.n_experts)
         self.acc = torch.zeros(n, self.w, dtype=torch.float64, device=device)  # [L, W]
         self.acc[:, -1] = -math.inf
-        self.cnt = [self.acc[i, :e] for i, e in enumerate(self.n_experts)]  # [E]
-        self.wsum = [self.acc[i, e : 2 * e] for i, e in enumerate(self.n_experts)]  # [E]
+        # [E+2]: slot column 0 (id < 0), 1 + e (expert e), E+1 (id >= E); see the module docstring
+        self.cnt = [self.acc[i, : e + 2] for i, e in enumerate(self.n_experts)]
+        self.wsum = [self.acc[i, e + 2 : 2 * e + 4] for i, e in enumerate(self.n_experts)]  # [E+2]
         # [1, E+7]: the feature sums and, last, the valid tokens
-        self.fsum = [self.acc[i : i + 1, 2 * e : 3 * e + _NF + 1] for i, e in enumerate(self.n_experts)]
-        self.tok = [self.acc[i, 3 * e + _NF] for i, e in enumerate(self.n_experts)]  # []
+        self.fsum = [self.acc[i : i + 1, 2 * e + 4 : 3 * e + _NF + 5] for i, e in enumerate(self.n_experts)]
+        self.tok = [self.acc[i, 3 * e + _NF + 4] for i, e in enumerate(self.n_experts)]  # []
         self.drop = [self.acc[i, -2] for i in range(n)]  # []
         self.lmax = [self.acc[i, -1] for i in range(n)]  # []
-        self.fin = [self.acc[i, 3 * e + 4] for i, e in enumerate(self.n_experts)]  # []: finite valid tokens
+        self.fin = [self.acc[i, 3 * e + 8] for i, e in enumerate(self.n_experts)]  # []: finite valid tokens
+        # bucketize boundaries [E+1] = -1, 0, …, E-1: id i in [0, E) → column i + 1, below → 0, above → E + 1
+        self.bounds = [torch.arange(-1, e, device=device) for e in self.n_experts]
         # Static addresses: compiled graphs (and reduce-overhead's CUDA graphs) may mutate them in place.
         for t in [self.acc, *self.cnt, *self.wsum, *self.fsum, *self.tok, *self.drop, *self.lmax, *self.fin]:
             torch._dynamo.mark_static_address(t)
@@ -138,15 +144,16 @@ class HotPath:
         t, k = ids.shape
         e = self.n_experts[layer]
         logits = ev.logits if ev.logits is not None and ev.logits.shape[0] == t else None  # [T, E]
-        if grid is not None and grid.valid is not None and grid.valid.shape[0] == t and k in grid.vk:
-            valid, vk, v2d, ntok, negpad = grid.valid, grid.vk[k], grid.v2d, grid.ntok, grid.negpad
+        if grid is not None and grid.valid is not None and grid.valid.shape[0] == t and grid.vcol is not None:
+            valid, vcol, v2d, ntok, negpad = grid.valid, grid.vcol, grid.v2d, grid.ntok, grid.negpad
         else:  # no token grid for this call (a block called directly, other tokens than the entry's)
             grid = None
             ones = torch.ones(t, dtype=torch.float32, device=ids.device)  # [T]
-            valid, vk, v2d, ntok, negpad = ones, ones.double().repeat_interleave(k), ones.reshape(1, t), ones.double().sum(), None
-        idx = ids.reshape(-1)  # [T*k]
-        self.cnt[layer].index_add_(0, idx, vk)
-        self.wsum[layer].index_add_(0, idx, w.reshape(-1) * vk)
+            valid, vcol, v2d, ntok, negpad = ones, ones.double().reshape(t, 1), ones.reshape(1, t), ones.double().sum(), None
+        # one op maps every id to its slot column, out-of-range ids to the two dropped columns (no host branch)
+        slot = torch.bucketize(ids, self.bounds[layer])  # [T, k] in [0, E+1]
+        self.cnt[layer].index_put_((slot,), vcol, accumulate=True)
+        self.wsum[layer].index_put_((slot,), w * vcol, accumulate=True)
         if ev.dropped is not None:
             self.drop[layer].add_(v2d.reshape(-1) @ ev.dropped.to(v2d.dtype))
         feats, lse = None, None
@@ -154,7 +161,7 @@ class HotPath:
             feats, lse = _features(logits, e, probs, valid)  # [T, E+7], [T]
         rows = grid.rows.get(layer) if (self.rows and grid is not None) else None
         if rows is not None and rows[0].shape == ids.shape:
-            rows[0].copy_(ids)
+            rows[0].copy_(slot)  # slot columns: the flush stores expert = slot - 1, NULL outside [1, E]
             rows[1].copy_(w)
             if feats is not None:
                 rows[2].copy_(feats[:, e : e + _ROW_STATS])
@@ -191,13 +198,16 @@ def _features(
 
 
 def decode(row: np.ndarray, e: int, stats: bool) -> tuple[np.ndarray, np.ndarray]:
-    """Host side of one layer's buffer row [W]: load [E, 3] (tokens, prob_sum, weight_sum) and stats [8]."""
-    f = row[2 * e : 3 * e + _NF]
-    tokens = row[3 * e + _NF]
+    """Host side of one layer's buffer row [W]: load [E, 3] (tokens, prob_sum, weight_sum) and stats [8].
+
+    `dropped` = tokens the model dropped (one-hot) + assignments whose id was no expert (the two slot columns).
+    """
+    f = row[2 * e + 4 : 3 * e + _NF + 4]
+    tokens = row[3 * e + _NF + 4]
     prob = f[:e] if stats else np.full(e, np.nan)
-    load = np.stack([row[:e], prob, row[e : 2 * e]], 1)
+    load = np.stack([row[1 : e + 1], prob, row[e + 3 : 2 * e + 3]], 1)
     ent, top1, top2, lse, finite, lse_sq = f[e:]
-    dropped, lse_max = row[-2], row[-1]
+    dropped, lse_max = row[-2] + row[0] + row[e + 1], row[-1]
     if not stats:  # logits were not read: nothing is known of them, not even that they were finite
         ent = top1 = top2 = lse = lse_sq = lse_max = finite = np.nan
     vals = {

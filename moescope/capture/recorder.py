@@ -16,7 +16,7 @@ import math
 import os
 import time
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,8 +29,11 @@ from torch import nn
 from .. import __version__
 from ..format.lock import RunLock, RunLocked
 from ..format.manifest import CaptureSettings, Counters, LayerEntry, Manifest, ModelInfo, now_utc
+from ..format.schema import TABLES
+from ..format.storage import as_path, open_input
 from ..format.writer import TraceWriter, set_aside_torn, step_ranges
 from . import adapters as A
+from .flight import FLIGHT_RULES, FlightRing, dump, precision_flips
 from .hotpath import STAT_NAMES, Grid, HotPath, decode, in_backward
 from .options import CaptureOptions
 
@@ -133,7 +136,7 @@ def last_recorded_step(run_dir: Path, rank: int) -> int | None:
         return None
     for p in d.glob(f"part-{rank}-*.parquet"):
         try:
-            md = pq.ParquetFile(p).metadata
+            md = pq.ParquetFile(open_input(p)).metadata
         except Exception:  # an unreadable part is reported by readers; it does not block recording
             continue
         col = md.schema.to_arrow_schema().get_field_index("step")
@@ -184,7 +187,7 @@ class Recorder:
         self.model = getattr(model, "_orig_mod", model) if type(model).__name__ == "OptimizedModule" else model
         self.stats = bool(opts.stats)
         self.tokens_every = int(opts.tokens_every)
-        self.run_dir = Path(path)
+        self.run_dir = as_path(path)  # a directory or an object-store URL (moescope.format.storage)
         self.run = opts.run or self.run_dir.name
         self.tokens = float(opts.tokens)
         self.flush_every = int(opts.flush_every)
@@ -263,6 +266,12 @@ class Recorder:
         # or a step set back) splits its rows across two parts, which `check` reports; warned, counted
         self._written: set[tuple[int, str]] = set()
         self.split_keys: list[list[Any]] = []
+        # The flight recorder (capture/flight.py): a device ring of the last steps' router evidence, dumped to
+        # RUN/flight/ when an alert of FLIGHT_RULES fires or on dump_flight(); precision_check reads its last step.
+        self.precision_check = bool(opts.precision_check)
+        steps = int(opts.flight_steps) or (1 if self.precision_check else 0)
+        self._flight: FlightRing | None = FlightRing(steps, int(opts.flight_tokens)) if steps else None
+        self.flight_dumps: list[str] = []
 
     # -- public knobs -------------------------------------------------------------------------
     @property
@@ -471,6 +480,9 @@ class Recorder:
                                      "error": cause})
         warnings.warn(f"moescope: capture of layer {info.layer} ({info.module}, spec {info.family!r}) stopped: "
                       f"{cause}", RuntimeWarning, stacklevel=4)
+        if self._open:
+            with contextlib.suppress(OSError):  # the count is in the manifest now, should the run crash later
+                self._write_manifest(closed=False)
 
     def _safe_enter(self, name: str, args: tuple[Any, ...], kwargs: dict[str, Any], ks: list[int]) -> None:
         """The entry pre-hook; a failure reading the token grid never reaches the user's forward."""
@@ -526,6 +538,8 @@ class Recorder:
             # A run resumed from a checkpoint repeats steps the trace already holds: record them once.
             self.skipped_forwards += 1
         self._sync_key()
+        if self._flight is not None and not self._skipping:
+            self._flight.begin_step(step)
         if self._key is not None:
             self._key_forwards[self._key] = self._key_forwards.get(self._key, 0) + 1
             if self._key in self._written and not self._skipping:
@@ -646,6 +660,7 @@ class Recorder:
                     return g
             return None
 
+        flight = self._flight
         failed: list[BaseException] = []
         checked: list[bool] = []  # the first eager call validated the spec's reading
 
@@ -668,7 +683,7 @@ class Recorder:
             return tuple(g.token_ids.shape) if g is not None and g.token_ids is not None else None  # type: ignore[return-value]
 
         def add(ev: A.RouterEvent) -> None:
-            if not checked and not torch.compiler.is_compiling():
+            if not torch.compiler.is_compiling() and not checked:
                 A.check_event(spec, ev, n, k, tokens())  # once, eager: never a silently wrong trace
                 checked.append(True)
             if spec.token_layout == "seq_first":
@@ -676,9 +691,17 @@ class Recorder:
                 if bs is not None:
                     ev = A.to_batch_first(ev, *bs)
             hot.update(layer, ev, grid(), spec.probs)
+            if flight is not None and not torch.compiler.is_compiling():  # eager only: host-side slot choice
+                g = grid()
+                flight.write(layer, stash.pop("x", None), ev, stash.pop("raw_dtype", None),
+                             g.token_ids if g is not None else None)
 
         def on_router(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
-            if not checked and not torch.compiler.is_compiling():
+            if flight is not None and not torch.compiler.is_compiling():
+                stash["x"] = args[0] if args and isinstance(args[0], torch.Tensor) else None
+                raw = A._pick(output, spec.logits) if spec.logits_are != "none" else None
+                stash["raw_dtype"] = raw.dtype if isinstance(raw, torch.Tensor) else None
+            if not torch.compiler.is_compiling() and not checked:
                 A.check_output(spec, output, n, k, tokens(), stash.get("logits_out"))
             ev = A.extract_router_output(spec, output, n, k, module=module, args=args,
                                          logits_out=stash.pop("logits_out", None))
@@ -805,13 +828,17 @@ class Recorder:
         if self.sinks and load_w:  # where the counts are written: a reduced group's sums reach the sinks once
             # Sinks read the counts only: built here from the host copy, the token rows stay on the writer thread.
             self._write_sinks(tables if tables is not None else _to_tables(run, rank, load_w, stats_w, []))
-        if self.on_alert is not None or self.raise_on is not None or self.alert_rules is not None:
+        if self.precision_check:
+            self._precision_rows()
+        if self.on_alert is not None or self.raise_on is not None or self.alert_rules is not None \
+                or self._flight is not None:
             from .alerts import RoutingCollapseError, evaluate_flush
 
             try:
-                evaluate_flush(self, load_host, stats_host)
+                fired = evaluate_flush(self, load_host, stats_host)
             except RoutingCollapseError as e:
                 # evaluate_flush closed the recorder (its alerts went out with the writer); the manifest says why.
+                self._dump_on(e.alerts)
                 hit = e.alerts[0] if e.alerts else None
                 if hit is not None:
                     self._stopped_by_alert = {"step": int(hit.step_end), "step_start": int(hit.step_start),
@@ -819,7 +846,49 @@ class Recorder:
                                               "raise_on": self.raise_on, "message": hit.message}
                     self._write_manifest(closed=True)
                 raise
+            self._dump_on(fired)
             self._keep_alerts()
+
+    def _dump_on(self, alerts: Sequence[Any]) -> None:
+        """Dump the flight ring when an alert of FLIGHT_RULES fired (once per flush; a failure only warns)."""
+        hits = [a for a in alerts or () if a.rule in FLIGHT_RULES]
+        if self._flight is None or not hits or not self.options.flight_steps:
+            return
+        try:
+            self.dump_flight(reason=hits[0].rule, alerts=hits)
+        except Exception as e:  # evidence is a bonus: never the reason training stops
+            warnings.warn(f"moescope: flight dump failed: {type(e).__name__}: {e}", RuntimeWarning, stacklevel=3)
+
+    def dump_flight(self, reason: str = "manual", alerts: Sequence[Any] = ()) -> Path | None:
+        """Write the flight ring (the last `flight_steps` steps' router evidence) to RUN/flight/; its folder, or None."""
+        if self._flight is None:
+            raise RecordError("dump_flight() needs the flight recorder: record(..., flight_steps=N)")
+        path = dump(self._flight, self.layers, self.model, self.run_dir, self.rank, reason, alerts)
+        if path is not None:
+            self.flight_dumps.append(path.name)
+            if self._open:
+                self._write_manifest(closed=False)
+        return path
+
+    def _precision_rows(self) -> None:
+        """One router_precision row per layer: the latest flight sample routed in the model's dtype and in float32."""
+        ring = self._flight
+        if ring is None or ring.step is None or ring.slot < 0 or self._writer is None:
+            return
+        rows = []
+        for li in self.layers:
+            r = ring.layers.get(li.layer)
+            n = r.rows[ring.slot] if r is not None else 0
+            if not n:
+                continue
+            got = precision_flips(self.model.get_submodule(li.module), li.spec, r.x[ring.slot, :n],
+                                  li.n_experts, li.top_k)
+            if got is not None:
+                rows.append({"run": self.run, "rank": self.rank, "step": ring.step, "tag": self.current_tag,
+                             "layer": li.layer, "sampled": int(n), "flipped": int(got[2].sum())})
+        if rows:
+            table = pa.Table.from_pylist(rows, schema=TABLES["router_precision"])
+            self._writer.submit(lambda: {"router_precision": table}, table.nbytes)
 
     def _flush_rows(self) -> None:
         """Hand this rank's token rows to the writer, keeping the counts (reduce="global": the row cap was reached)."""
@@ -966,6 +1035,7 @@ class Recorder:
                        **({"sink_errors": dict(self.sink_errors)} if self.sink_errors else {}),
                        **({"unreduced_close": True} if self.unreduced_close else {}),
                        **({"split_keys": self.split_keys} if self.split_keys else {}),
+                       **({"flight_dumps": self.flight_dumps} if self.flight_dumps else {}),
                        **({"torn_parts_set_aside": self.torn_parts} if self.torn_parts else {})},
             ),
             rank=self.rank,

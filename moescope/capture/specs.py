@@ -22,6 +22,9 @@ class's own qualified name. Nothing here needs torch.
 from __future__ import annotations
 
 import dataclasses
+import functools
+import importlib.metadata
+import re
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
 from pathlib import Path
@@ -40,7 +43,13 @@ SELECTIONS = (
     "topk_sigmoid",
 )
 PROBS = ("softmax", "sigmoid")
-IDS_LAYOUTS = ("topk", "sorted_by_expert")
+#: How the ids a spec reads are laid out (README "Custom routers" has one worked example per layout):
+#: "topk" ids [T, k]; "k_first" ids [k, T] (DeepSpeed); "routing_map" a [T, E] bool/0-1 mask (Megatron-Core),
+#: 0..E experts per token; "dispatch" a dispatch mask with a capacity axis [..., E, C] (GShard, lucidrains),
+#: its combine tensor (same shape) at `weights`; "sorted_by_expert" JetMoE's slots sorted by expert + sizes.
+IDS_LAYOUTS = ("topk", "k_first", "routing_map", "dispatch", "sorted_by_expert")
+#: Token order of the router's rows: "batch_first" [B, S] (flattened b*S + s), "seq_first" [S, B] (Megatron).
+TOKEN_LAYOUTS = ("batch_first", "seq_first")
 LOGITS_ARE = ("logits", "probs", "none")
 
 
@@ -64,7 +73,17 @@ class RouterSpec:
     # ids are a one-hot dispatch mask [..., E]; all-zero rows are tokens dropped over capacity, stored with the
     # expert they chose (argmax of the logits, the router's own choice before the capacity cut) and counted in `dropped`
     onehot: bool = False
-    ids_layout: str = "topk"  # "topk": ids [T, k]; "sorted_by_expert": JetMoE (slot order, gates, sizes by expert)
+    ids_layout: str = "topk"  # one of IDS_LAYOUTS: how the ids (and, for masks, the weights) are laid out
+    # an id meaning "no expert" (DeepSpeed's -1 for a route dropped over capacity): counted as dropped, never as
+    # an expert; any other id outside [0, n_experts) is an error at the router's first call
+    sentinel: int | None = None
+    token_layout: str = "batch_first"  # "seq_first": rows are [S, B] ordered and reordered to the input's [B, S]
+    # path of a submodule of the router whose output is the logits (torchtitan's `gate`), for routers that do not
+    # return them; `logits_are` and `probs` apply to what is read there
+    logits_from: str | None = None
+    # escape hatch: "pkg.module:function" (TOML) or a callable (register_router), called as
+    # fn(module, args, output) -> (logits [T, E] or None, ids [T, k] long with -1 = no expert, weights [T, k] or None)
+    ids_fn: Any = None
     expert_sizes: int | None = None  # sorted_by_expert: index of the per-expert slot counts in the output
     # "probs": the output holds softmax probabilities (their log is stored as logits); "none": no per-expert logits
     logits_are: str = "logits"
@@ -80,6 +99,12 @@ class RouterSpec:
     router_kind: str = "softmax_topk"
     parent_n_experts: Any = None  # attribute names looked up on the parent block when the router lacks them
     parent_top_k: Any = None
+    # a PEP 508 requirement on an installed distribution ("transformers>=5"): the spec is matched only where it
+    # holds, so one class name can have a spec per major version of its library (hooks/transformers_v4.toml)
+    requires: str | None = None
+    # bool attribute of the hooked module that switches the selection's renormalisation (transformers v4's
+    # `norm_topk_prob`): true → the "_norm" variant of `selection`, false → without; read per module (bind)
+    selection_norm: str | None = None
     notes: str = ""
 
     def __post_init__(self) -> None:
@@ -97,6 +122,26 @@ class RouterSpec:
             raise AdapterError(
                 f"router spec {self.family!r}: ids_layout must be one of {IDS_LAYOUTS}, got {self.ids_layout!r}"
             )
+        if self.token_layout not in TOKEN_LAYOUTS:
+            raise AdapterError(f"router spec {self.family!r}: token_layout must be one of {TOKEN_LAYOUTS}, "
+                               f"got {self.token_layout!r}")
+        if self.sentinel is not None and (isinstance(self.sentinel, bool) or not isinstance(self.sentinel, int)):
+            raise AdapterError(f"router spec {self.family!r}: sentinel must be an integer id (e.g. -1) or unset, "
+                               f"got {self.sentinel!r}")
+        if self.logits_from is not None and (not isinstance(self.logits_from, str) or not self.logits_from):
+            raise AdapterError(f"router spec {self.family!r}: logits_from must be the dotted path of a submodule of "
+                               f"the router (e.g. \"gate\"), got {self.logits_from!r}")
+        if self.ids_fn is not None and not callable(self.ids_fn) and not (
+            isinstance(self.ids_fn, str) and _FN_PATH.fullmatch(self.ids_fn)
+        ):
+            raise AdapterError(f"router spec {self.family!r}: ids_fn must be \"pkg.module:function\" or a callable, "
+                               f"got {self.ids_fn!r}")
+        if self.ids_fn is not None and self.source != "output":
+            raise AdapterError(f"router spec {self.family!r}: ids_fn reads the router's forward; it needs "
+                               f"source = \"output\", got {self.source!r}")
+        if self.ids_layout in ("routing_map", "dispatch", "k_first") and (self.onehot or self.source != "output"):
+            raise AdapterError(f"router spec {self.family!r}: ids_layout={self.ids_layout!r} reads the router output "
+                               "(source = \"output\") and replaces `onehot`; unset onehot")
         if self.ids_layout == "sorted_by_expert" and (self.expert_sizes is None or self.weights is None):
             raise AdapterError(
                 f"router spec {self.family!r}: ids_layout='sorted_by_expert' needs `expert_sizes` and `weights`"
@@ -105,6 +150,29 @@ class RouterSpec:
             raise AdapterError(
                 f"router spec {self.family!r}: logits_are must be one of {LOGITS_ARE}, got {self.logits_are!r}"
             )
+        if self.requires is not None:
+            parse_requirement(self.requires, f"router spec {self.family!r}")
+        if self.selection_norm is not None and (
+            not isinstance(self.selection_norm, str) or f"{_base_selection(self.selection)}_norm" not in SELECTIONS
+        ):
+            raise AdapterError(f"router spec {self.family!r}: selection_norm names a bool attribute of the router "
+                               f"(e.g. \"norm_topk_prob\") and needs a selection with a _norm variant "
+                               f"({[s for s in SELECTIONS if s.endswith('_norm')]}), got {self.selection!r}")
+
+    def active(self) -> bool:
+        """Whether this spec applies here: its `requires` holds (always, without one)."""
+        return self.requires is None or requirement_met(self.requires)
+
+    def bind(self, module: Any) -> RouterSpec:
+        """The spec as it applies to one router module: `selection_norm` resolved from the module's attribute."""
+        if self.selection_norm is None:
+            return self
+        flag = getattr(module, self.selection_norm, None)
+        if not isinstance(flag, (bool, int)):
+            raise AdapterError(f"router spec {self.family!r}: {type(module).__name__} has no bool attribute "
+                               f"{self.selection_norm!r} (spec field selection_norm)")
+        base = _base_selection(self.selection)
+        return dataclasses.replace(self, selection=f"{base}_norm" if flag else base, selection_norm=None)
 
     def matches(self, klass: type) -> bool:
         """Whether `klass` itself (not its bases) is one of this spec's classes, by module path and name."""
@@ -119,6 +187,67 @@ class RouterSpec:
 
 
 FIELDS = {f.name for f in dataclasses.fields(RouterSpec)}
+
+
+def _base_selection(selection: str) -> str:
+    return selection[: -len("_norm")] if selection.endswith("_norm") else selection
+
+
+# `requires`: "name", then comma-separated PEP 440 clauses (the subset the fallback comparator understands)
+_REQ = re.compile(r"\s*([A-Za-z0-9][A-Za-z0-9._-]*)\s*(.*?)\s*")
+_CLAUSE = re.compile(r"\s*(~=|===|==|!=|<=|>=|<|>)\s*([0-9][0-9A-Za-z.+!-]*(?:\.\*)?)\s*")
+
+
+def parse_requirement(requirement: str, origin: str = "requires") -> tuple[str, list[tuple[str, str]]]:
+    """(distribution name, [(operator, version)]) of a requirement such as "transformers>=4.45,<5"."""
+    m = _REQ.fullmatch(requirement) if isinstance(requirement, str) else None
+    clauses = [_CLAUSE.fullmatch(c) for c in m.group(2).split(",")] if m and m.group(2) else []
+    if m is None or not all(clauses):
+        raise AdapterError(f"{origin}: requires must be a requirement such as \"transformers>=5\", "
+                           f"got {requirement!r}")
+    return m.group(1), [(c.group(1), c.group(2)) for c in clauses if c is not None]
+
+
+def _release(version: str) -> tuple[int, ...]:
+    """The release numbers of a version ("4.57.1.dev0" -> (4, 57, 1)); pre/dev/local parts are ignored."""
+    m = re.match(r"\d+(?:\.\d+)*", version)
+    return tuple(int(p) for p in m.group(0).split(".")) if m else ()
+
+
+def _clause_holds(op: str, want: str, have: tuple[int, ...]) -> bool:
+    if want.endswith(".*"):  # ==4.57.* / !=4.*: prefix match on the release numbers
+        prefix = _release(want[:-2])
+        return (have[: len(prefix)] == prefix) == (op == "==")
+    w = _release(want)
+    n = max(len(w), len(have))
+    a, b = have + (0,) * (n - len(have)), w + (0,) * (n - len(w))
+    if op == "~=":
+        return a >= b and a[: len(w) - 1] == w[:-1]
+    return {"==": a == b, "===": a == b, "!=": a != b, "<=": a <= b, ">=": a >= b, "<": a < b, ">": a > b}[op]
+
+
+def satisfies(requirement: str, version: str) -> bool:
+    """Whether `version` of the requirement's distribution meets it (packaging where installed, else a comparator)."""
+    _, clauses = parse_requirement(requirement)
+    try:
+        from packaging.requirements import Requirement
+    except ImportError:  # packaging is not a core dependency: release-number comparison covers "pkg>=5" etc.
+        have = _release(version)
+        return all(_clause_holds(op, want, have) for op, want in clauses)
+    return Requirement(requirement).specifier.contains(version, prereleases=True)
+
+
+@functools.cache
+def requirement_met(requirement: str) -> bool:
+    """Whether the installed distribution meets `requirement`; a distribution that is not installed never does."""
+    name, _ = parse_requirement(requirement)
+    try:
+        version = importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return False
+    return satisfies(requirement, version)
+#: "pkg.module:function" for ids_fn in TOML
+_FN_PATH = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_][\w.]*")
 
 
 def spec_from_mapping(d: dict[str, Any], origin: str) -> RouterSpec:
@@ -186,10 +315,26 @@ class Registry:
         self.entries.append((s, 1 + len(self.entries)))
         return s
 
+    def unregister(self, cls: type | str) -> int:
+        """Remove the registrations of a class (or qualified name, or family name); returns how many were removed.
+
+        Shipped specs are matched by family name only, so `unregister("mixtral")` stops moescope hooking Mixtral.
+        """
+        self._ensure_loaded()
+        name = cls if isinstance(cls, str) else f"{cls.__module__}.{cls.__qualname__}"
+        keep = [(s, p) for s, p in self.entries if not (name in s.classes or s.family == name)]
+        removed = len(self.entries) - len(keep)
+        if not removed:
+            known = sorted({s.family for s, _ in self.entries})
+            raise AdapterError(f"unregister_router({name}): no registered class or family of that name; "
+                               f"families: {known}")
+        self.entries = keep
+        return removed
+
     def all(self) -> list[RouterSpec]:
         """Every known spec, highest priority first."""
         self._ensure_loaded()
-        return [s for s, _ in sorted(self.entries, key=lambda sp: -sp[1])]
+        return [s for s, _ in sorted(self.entries, key=lambda sp: -sp[1]) if s.active()]
 
     def resolve(self, klass: type, stop: tuple[type, ...] = (object,)) -> RouterSpec | None:
         """The spec for a class, through its MRO (the class itself first, then its bases; highest priority wins)."""

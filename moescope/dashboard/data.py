@@ -27,6 +27,7 @@ from moescope.analysis import whatif
 from moescope.analysis.live import version_of
 from moescope.analysis.selection import Selection
 from moescope.config import HealthConfig, as_config, default_config_path
+from moescope.format.storage import as_path
 
 T = TypeVar("T")
 
@@ -137,7 +138,7 @@ class DashboardData:
         cache_size: int = 512,
         config: HealthConfig | str | Path | None = None,
     ) -> None:
-        self.root = Path(trace_root)
+        self.root = as_path(trace_root)  # a directory or an object-store URL
         #: Rule settings of the health findings and the threshold lines (default: ./moescope.toml if present).
         self.config: HealthConfig = as_config(config if config is not None else default_config_path())
         # Locked for our own queries too: the dashboard never needs to write, and this makes it impossible.
@@ -598,8 +599,10 @@ class DashboardData:
                 q += " AND rank = ?"
                 params.append(int(rank))
             df = self._df(q + " ORDER BY layer, pos", params)
-            df["experts"] = df["experts"].map(lambda v: [int(x) for x in v] if v is not None else [])
-            df["weights"] = df["weights"].map(lambda v: [float(x) for x in v] if v is not None else [])
+            # a NULL slot reached no expert (dropped): shown as -1, its weight NaN
+            df["experts"] = df["experts"].map(lambda v: [-1 if x is None else int(x) for x in v] if v is not None else [])
+            df["weights"] = df["weights"].map(
+                lambda v: [math.nan if x is None else float(x) for x in v] if v is not None else [])
             df["expert0"] = df["experts"].map(lambda v: v[0] if v else -1)
             df["text"] = df["token_id"].map(token_text)
             return df

@@ -429,7 +429,7 @@ def test_exception_in_a_hook_stops_that_layer_only(tmp_path: Path, monkeypatch: 
         real(self, layer, *a, **kw)
 
     monkeypatch.setattr(hotpath.HotPath, "update", update)
-    with pytest.warns(RuntimeWarning, match=r"capture of layer 1 \(blocks.1.router\) stopped: ValueError: boom"):
+    with pytest.warns(RuntimeWarning, match=r"capture of layer 1 \(blocks.1.router, spec 'toy'\) stopped: ValueError: boom"):
         with moescope.record(m, tmp_path / "r") as rec:
             for s in range(3):
                 rec.step = s
@@ -437,3 +437,6 @@ def test_exception_in_a_hook_stops_that_layer_only(tmp_path: Path, monkeypatch: 
     assert torch.equal(out, before)
     load = tables(tmp_path / "r")["expert_load"]
     assert sorted(load.layer.unique()) == [0] and sorted(load.step.unique()) == [0, 1, 2]
+    man = json.loads((tmp_path / "r" / "manifest.json").read_text())  # the manifest counts the disabled layer
+    assert man["counters"]["disabled_layers"] == [
+        {"layer": 1, "module": "blocks.1.router", "family": "toy", "error": "ValueError: boom"}]

@@ -92,7 +92,7 @@ def test_standard_family_is_one_classes_entry(tmp_path: Path) -> None:
     a, b = S.load_spec_files(tmp_path)
     assert (a.logits, a.weights, a.ids, a.source, a.module) == (0, 1, 2, "output", "mypkg.*")
     assert (a.probs, b.probs) == ("sigmoid", "softmax")  # the entry's own field beats the file's default
-    assert A.describe(a) == "forward hook: ids=output[2], weights=output[1], logits=output[0]"
+    assert A.describe(a) == "forward hook: ids=output[2], weights=output[1], logits=output[0], sigmoid scores"
 
 
 def test_spec_files_must_qualify_their_classes(tmp_path: Path) -> None:
