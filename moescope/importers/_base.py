@@ -113,8 +113,10 @@ class Tables:
     tag: str
     keep_layers: frozenset[int] | None = None
     seen: dict[int, LayerSeen] = field(default_factory=dict)
-    _load: list[tuple[int, int, np.ndarray, np.ndarray | None]] = field(default_factory=list)
-    _stats: list[tuple[int, int, int]] = field(default_factory=list)
+    #: (step, layer) -> [assignments [E], weight sums [E] or None]; one row per key, summed within a batch
+    _load: dict[tuple[int, int], list[Any]] = field(default_factory=dict)
+    #: (step, layer) -> tokens with at least one route
+    _stats: dict[tuple[int, int], int] = field(default_factory=dict)
     _routes: list[dict[str, Any]] = field(default_factory=list)
 
     def wants(self, layer: int) -> bool:
@@ -146,7 +148,7 @@ class Tables:
         total = int(c.sum())
         if total == 0:
             return False
-        self._load.append((step, layer, c, None))
+        self._add_load(step, layer, c, None, where)
         self._see(layer, c.shape[0], top_k, total)
         return True
 
@@ -194,8 +196,8 @@ class Tables:
             if not np.all(np.isfinite(w[valid])):
                 raise TraceError(f"{where}: non-finite routing weight at layer {layer}")
             wsum = np.bincount(ids[valid], weights=w[valid], minlength=n_experts)  # [E]
-        self._load.append((step, layer, counts, wsum))
-        self._stats.append((step, layer, n_tok))
+        self._add_load(step, layer, counts, wsum, where)
+        self._stats[(step, layer)] = self._stats.get((step, layer), 0) + n_tok
         # Routing rows keep each token's valid ids in slot order.
         rows = np.nonzero(routed)[0]
         sub_ids, sub_valid = ids[rows], valid[rows]
@@ -218,39 +220,59 @@ class Tables:
         self._see(layer, n_experts, top_k if top_k is not None else int(lens.max()), int(counts.sum()))
         return n_tok
 
+    def _add_load(self, step: int, layer: int, counts: np.ndarray, wsum: np.ndarray | None, where: str) -> None:
+        """Sum into the (step, layer) row: several requests of one step, or one pass's layers split by rank."""
+        have = self._load.get((step, layer))
+        if have is None:
+            self._load[(step, layer)] = [counts, wsum]
+            return
+        if have[0].shape != counts.shape:
+            raise TraceError(f"{where}: layer {layer} has {counts.shape[0]} experts here and {have[0].shape[0]} "
+                             "earlier in the same step")
+        have[0] = have[0] + counts
+        have[1] = None if have[1] is None or wsum is None else have[1] + wsum
+
+    def take_routes(self) -> Tables:
+        """Move the routing rows into a new batch, keeping the loads here (a step spread over many batches)."""
+        moved = Tables(self.tag, self.keep_layers)
+        moved._routes, self._routes = self._routes, []
+        return moved
+
     @property
     def rows(self) -> int:
         """Rows held so far (expert_load plus routing): readers start a new batch past `BATCH_ROWS`."""
-        return sum(c.shape[0] for _, _, c, _ in self._load) + sum(len(r["step"]) for r in self._routes)
+        return sum(c.shape[0] for c, _ in self._load.values()) + sum(len(r["step"]) for r in self._routes)
 
     def build(self, run: str, rank: int) -> dict[str, pa.Table]:
         """Arrow tables of this batch (columns the source does not measure are NULL, never 0)."""
         out: dict[str, pa.Table] = {}
         if self._load:
-            sizes = [c.shape[0] for _, _, c, _ in self._load]
+            keys = sorted(self._load)
+            loads = [self._load[k] for k in keys]
+            sizes = [c.shape[0] for c, _ in loads]
             n = int(sum(sizes))
-            wsum = [w if w is not None else np.full(c.shape[0], np.nan) for _, _, c, w in self._load]
-            wcol = np.concatenate(wsum)
+            wcol = np.concatenate([w if w is not None else np.full(c.shape[0], np.nan) for c, w in loads])
             out["expert_load"] = pa.table({
                 "run": pa.array([run] * n, pa.string()), "rank": np.full(n, rank, np.int16),
-                "step": np.concatenate([np.full(k, s, np.int64) for (s, _, _, _), k in zip(self._load, sizes)]),
+                "step": np.concatenate([np.full(k, s, np.int64) for (s, _), k in zip(keys, sizes)]),
                 "tag": pa.array([self.tag] * n, pa.string()),
-                "layer": np.concatenate([np.full(k, ly, np.int16) for (_, ly, _, _), k in zip(self._load, sizes)]),
+                "layer": np.concatenate([np.full(k, ly, np.int16) for (_, ly), k in zip(keys, sizes)]),
                 "expert": np.concatenate([np.arange(k, dtype=np.int16) for k in sizes]),
-                "tokens": np.concatenate([c for _, _, c, _ in self._load]),
+                "tokens": np.concatenate([c for c, _ in loads]),
                 "prob_sum": pa.nulls(n, pa.float64()),  # the full router distribution is not in these sources
                 "weight_sum": pa.array(wcol, pa.float64(), mask=np.isnan(wcol)),
             })
         if self._stats:
-            m = len(self._stats)
+            skeys = sorted(self._stats)
+            m = len(skeys)
             nulls = {c: pa.nulls(m, pa.float64()) for c in
                      ("entropy_sum", "lse_sq_sum", "lse_sum", "lse_max", "margin_sum")}
             out["router_stats"] = pa.table({
                 "run": pa.array([run] * m, pa.string()), "rank": np.full(m, rank, np.int16),
-                "step": np.array([s for s, _, _ in self._stats], np.int64),
+                "step": np.array([s for s, _ in skeys], np.int64),
                 "tag": pa.array([self.tag] * m, pa.string()),
-                "layer": np.array([ly for _, ly, _ in self._stats], np.int16),
-                "tokens": np.array([t for _, _, t in self._stats], np.int64),
+                "layer": np.array([ly for _, ly in skeys], np.int16),
+                "tokens": np.array([self._stats[k] for k in skeys], np.int64),
                 **nulls,
                 "nonfinite": pa.nulls(m, pa.int64()),  # logits are not in these sources: not measured
                 "dropped": np.zeros(m, np.int64),
@@ -454,6 +476,7 @@ def write_import(
     seqs: dict[int, int] = {}
     seen: dict[int, LayerSeen] = {}
     steps: set[int] = set()
+    written: set[tuple[int, int, int]] = set()
     try:
         for rank, batch in importer.read(sources, opts, notes, progress):
             for layer, s in batch.seen.items():
@@ -464,6 +487,11 @@ def write_import(
                 mine.assignments += s.assignments
             if not batch.rows:
                 continue
+            for key in batch._load:
+                if (rank, *key) in written:  # a second batch with the same key would double its counts
+                    raise TraceError(f"{sources[0].parent if len(sources) > 1 else sources[0]}: step {key[0]} of "
+                                     f"layer {key[1]} (rank {rank}) appears twice in the source")
+                written.add((rank, *key))
             for name, tbl in batch.build(run, rank).items():
                 if tbl.num_rows:
                     write_part(tmp, name, rank, seqs.setdefault(rank, 0), tbl)

@@ -93,8 +93,7 @@ def read_routed(files: list[Path], opts: ImportOptions, notes: list[str],
             seq += 1
             progress.tick(f"{where}: request {seq}")
             if batch.rows >= BATCH_ROWS:
-                yield 0, batch
-                batch = Tables(opts.tag, opts.layers)
+                yield 0, batch.take_routes()  # the loads of step 0 stay, summed over every request
     yield 0, batch
     dense = [ly for ly, c in unwritten.items() if c and c == rows_per_layer[ly]]
     partly = {ly: c for ly, c in unwritten.items() if c and c < rows_per_layer[ly]}
