@@ -390,7 +390,8 @@ def check_output(
         if layout == "dispatch" and (raw.dim() < 3 or raw.shape[-2] != n):
             raise _fail(spec, f"ids has shape {shape} but ids_layout=\"dispatch\" needs [..., E={n}, C]; set "
                         "n_experts (or ids)")
-        if raw.dtype != torch.bool and raw.numel() and bool(((raw != 0) & (raw != 1)).any()):
+        # 1 within float rounding: a straight-through mask (st-moe: dispatch + combine - combine.detach()) is 1 ± ulp
+        if raw.dtype != torch.bool and raw.numel() and bool(((raw != 0) & ((raw - 1).abs() > 1e-3)).any()):
             raise _fail(spec, f"ids (output[{spec.ids}]) is a {layout} mask with values other than 0 and 1 (gate "
                         "weights?): set `ids` to the 0/1 mask and `weights` to the weights")
         c = raw.shape[-1] if layout == "dispatch" else 1

@@ -506,6 +506,9 @@ def write_import(
         layers = []
         for layer in sorted(seen):
             s = seen[layer]
+            if opts.top_k is not None and s.top_k is not None and s.top_k > opts.top_k:
+                raise CLIError(f"--top-k {opts.top_k}: layer {layer} of the source routes a token to up to "
+                               f"{s.top_k} experts")
             top_k = opts.top_k if opts.top_k is not None else s.top_k
             layers.append({"layer": layer, "module": f"{importer.name}:layer{layer}", "n_experts": s.n_experts,
                            "top_k": top_k, "router_kind": None, "family": importer.name})

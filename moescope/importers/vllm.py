@@ -95,15 +95,16 @@ def read_routed(files: list[Path], opts: ImportOptions, notes: list[str],
             if batch.rows >= BATCH_ROWS:
                 yield 0, batch.take_routes()  # the loads of step 0 stay, summed over every request
     yield 0, batch
-    dense = [ly for ly, c in unwritten.items() if c and c == rows_per_layer[ly]]
-    partly = {ly: c for ly, c in unwritten.items() if c and c < rows_per_layer[ly]}
+    kept = [ly for ly in rows_per_layer if batch.wants(ly)]
+    dense = [ly for ly in kept if unwritten.get(ly) and unwritten[ly] == rows_per_layer[ly]]
+    partly = {ly: unwritten[ly] for ly in kept if 0 < unwritten.get(ly, 0) < rows_per_layer[ly]}
     notes.append(f"{seq} request(s) as sequences of step 0")
     if dense:
         notes.append(f"layers {ranges_text(dense)}: every row zero-filled by vLLM (no router: dense layers), "
                      "left out")
     for ly, c in sorted(partly.items()):
         notes.append(f"layer {ly}: {c} token row(s) repeat an expert id (never written by vLLM), not counted")
-    suspicious = [ly for ly, z in zero_only.items() if z and (opts.layers is None or ly in opts.layers)]
+    suspicious = [ly for ly, z in zero_only.items() if z and batch.wants(ly)]
     if suspicious:
         notes.append(f"layers {ranges_text(suspicious)}: every token on expert 0 with top-1 routing; vLLM also "
                      "leaves dense layers at 0: pass --layers with the MoE layers if these are dense")
