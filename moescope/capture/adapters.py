@@ -279,7 +279,7 @@ def extract_router_output(
         return _from_mask(spec, out, raw_ids, logits, n_experts, top_k)
     dropped = None
     if spec.ids_layout == "k_first":
-        ids = raw_ids.reshape(raw_ids.shape[0], -1).t().long()  # [k, T] -> [T, k]
+        ids = raw_ids.reshape(raw_ids.shape[0], -1).t().long().contiguous()  # [k, T] -> [T, k]
     elif spec.onehot:
         mask = raw_ids.reshape(-1, raw_ids.shape[-1])  # [T, E] one-hot dispatch (zeros: dropped)
         dropped = mask.sum(-1) == 0

@@ -150,9 +150,10 @@ def last_recorded_step(run_dir: Path, rank: int) -> int | None:
 def no_router_message(model: nn.Module) -> str:
     """The error text for a model with no known router."""
     return (
-        f"no MoE router found in {type(model).__name__}: moescope knows {len(A.all_specs())} router specs "
-        "(hooks/*.toml). Register yours, e.g. moescope.register_router(MyRouter, source='output', logits=0, "
-        "weights=1, ids=2, n_experts='num_experts', top_k='top_k') — see README 'Custom models'."
+        f"no MoE router found in {type(model).__name__}: none of the {len(A.all_specs())} router specs that apply "
+        "to the installed versions (hooks/*.toml: transformers 4.x and 5 each have theirs) matches its modules. "
+        "Register yours, e.g. moescope.register_router(MyRouter, source='output', logits=0, "
+        "weights=1, ids=2, n_experts='num_experts', top_k='top_k') — see README 'Custom routers'."
     )
 
 
@@ -797,7 +798,8 @@ class Recorder:
                 seen = True
                 load_host.append((step, tag, li.layer, load))
                 stats_host.append((step, tag, li.layer, st))
-            if not seen and forwards.get((step, tag), 0):
+            # layers whose capture a hook failure stopped are silent for a known reason (warned, in the manifest)
+            if not seen and forwards.get((step, tag), 0) and len(self.disabled_layers) < len(self.layers):
                 self._silent(forwards[(step, tag)])
         rows_host: list[tuple[int, str, int, dict[str, np.ndarray]]] = [
             (step, tag, layer, {k: v.cpu().numpy() for k, v in row.items()}) for step, tag, layer, row in rows

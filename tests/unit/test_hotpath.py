@@ -72,3 +72,22 @@ def test_counts_only_and_no_grid() -> None:
     assert np.isnan(load[:, 1]).all()
     stats = dict(zip(STAT_NAMES, st, strict=True))
     assert stats["tokens"] == 5 and np.isnan(stats["nonfinite"]) and np.isnan(stats["entropy_sum"])
+
+
+def test_ids_outside_the_experts_count_as_dropped_never_as_an_expert() -> None:
+    """-1 (a sentinel), E and E + 3 land in the dropped columns: no expert's count, weight or clamp."""
+    ids = torch.tensor([[0, -1], [3, 4], [7, 2], [-5, -1], [1, 4]])  # E = 4; the last row is padding
+    w = torch.tensor([[0.6, 0.4], [0.5, 0.5], [0.7, 0.3], [0.9, 0.1], [0.8, 0.2]])
+    valid = torch.tensor([1.0, 1.0, 1.0, 1.0, 0.0])
+    grid = Grid()
+    grid.fill(valid)
+    grid.rows[0] = (torch.full((5, K), -1), torch.empty(5, K), torch.full((5, 4), math.nan))
+    hot = HotPath([E], torch.device("cpu"), rows=True)
+    hot.update(0, RouterEvent(None, ids, w), grid)
+    load, st = decode(hot.snapshot()[0].numpy(), E, True)
+    stats = dict(zip(STAT_NAMES, st, strict=True))
+    assert load[:, 0].tolist() == [1, 0, 1, 1]  # experts 0, 2, 3 once each among real tokens
+    np.testing.assert_allclose(load[:, 2], [0.6, 0.0, 0.3, 0.5], rtol=1e-6)
+    assert stats["tokens"] == 4 and stats["dropped"] == 5  # -1, 4, 7, -5, -1 of real tokens
+    # the token rows keep slot columns: 1 + expert, 0 below the range, E + 1 above (the flush writes NULL)
+    assert grid.rows[0][0].tolist() == [[1, 0], [4, 5], [5, 3], [0, 0], [2, 5]]
