@@ -100,7 +100,12 @@ def _need(module: str, pip: str) -> Any:
 
 
 class WandB(MetricSink):
-    """Log each flush to a Weights & Biases run against its own x-axis `moescope/step` (the window's last step)."""
+    """Log each flush to a Weights & Biases run against its own x-axis `moescope/step` (the window's last step).
+
+    W&B keeps one value per key per history row, and a row it has committed refuses later logs at its step.
+    So a flush joins the caller's current row (`commit=False`, committed by the caller's next step or by
+    `finish()`), and only when the previous flush is still waiting in that same row is the row committed first.
+    """
 
     def __init__(self, run: Any = None, *, step_metric: str | None = None, tags: Iterable[str] | None = None,
                  prefix: str = "moescope") -> None:
@@ -110,9 +115,10 @@ class WandB(MetricSink):
         self.run = run
         self.step_metric = step_metric or f"{prefix}/step"
         self._defined: set[int] = set()
+        self._pending: dict[int, int] = {}  # id(run) -> run.step of the row holding our last flush
 
     def write(self, flush: FlushScalars) -> None:
-        """`run.log` the flat metrics with the step as a metric (W&B's own `_step` stays the caller's)."""
+        """`run.log` the flat metrics with the step as a metric, never with `step=` (W&B's `_step` is the caller's)."""
         run = self.run if self.run is not None else self._wandb.run
         if run is None:
             raise RuntimeError("no active W&B run: call wandb.init() before training or pass WandB(run)")
@@ -122,7 +128,10 @@ class WandB(MetricSink):
             run.define_metric(self.step_metric)
             run.define_metric(f"{self.prefix}/*", step_metric=self.step_metric)
             self._defined.add(id(run))
-        run.log({**flush.metrics(self.prefix), self.step_metric: flush.step_end})
+        if self._pending.get(id(run)) == run.step:
+            run.log({}, commit=True)  # nobody committed since our last flush: keep it rather than overwrite it
+        run.log({**flush.metrics(self.prefix), self.step_metric: flush.step_end}, commit=False)
+        self._pending[id(run)] = run.step
 
 
 class MLflow(MetricSink):

@@ -211,22 +211,34 @@ def _wandb_records(data: bytes) -> list[Any]:
     return out
 
 
-def test_wandb_offline_run_holds_each_flush(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("user_logs", [True, False], ids=["beside-user-logs", "alone"])
+def test_wandb_offline_run_holds_each_flush(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, user_logs: bool) -> None:
     wandb = pytest.importorskip("wandb")
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
     run = wandb.init(project="moescope-test", dir=str(tmp_path), settings=wandb.Settings(x_disable_stats=True))
+    model = FixedMoE()
     try:
-        seen = _train(tmp_path / "trace", [moescope.sinks.WandB(run)])
-        run.log({"loss": 1.0})  # the caller's own logging goes on beside moescope's
+        with moescope.record(model, tmp_path / "trace", flush_every=2, sinks=[moescope.sinks.WandB(run)]) as rec:
+            for step, batch in enumerate(BATCHES):
+                if user_logs:  # the caller logs at explicit steps before and after the step change that flushes
+                    run.log({"lr": float(-step)}, step=step)
+                rec.step = step
+                model(torch.tensor([batch]))
+                if user_logs:
+                    run.log({"loss": float(step)}, step=step)
     finally:
         run.finish()
-    _check_dispatched(seen)
-    rows = [r for r in _wandb_history(Path(run.dir).parent) if "moescope/step" in r]
+    history = _wandb_history(Path(run.dir).parent)
+    rows = [r for r in history if "moescope/step" in r]
     assert [r["moescope/step"] for r in rows] == [1, 3]
     for r in rows:
         got = {k: v for k, v in r.items() if k.startswith("moescope/layer")}
         assert got == pytest.approx(_flat(r["moescope/step"]))
+    if user_logs:
+        # None of the caller's values is dropped, and each stays in the row of its step.
+        assert sorted((r["_step"], r.get("lr"), r.get("loss")) for r in history if "loss" in r or "lr" in r) == [
+            (s, -s, s) for s in range(4)]
 
 
 def test_mlflow_file_store_holds_each_flush(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
