@@ -40,22 +40,25 @@ from ._base import (
 )
 
 
-def _stat(path: Path, obj: dict[str, Any], opts: ImportOptions, step0: int, batch: Tables,
-          progress: Progress) -> tuple[int, int]:
-    """A stat dump: one step per buffered pass; returns (passes read, passes with no assignments)."""
+def _stat(path: Path, obj: dict[str, Any], opts: ImportOptions, step0: int, progress: Progress,
+          empty: list[int]) -> Iterator[Tables]:
+    """A stat dump: one step per buffered pass, in batches; passes with no assignments are counted in `empty`."""
     counts = as_array(obj["logical_count"], f"{path}: logical_count")  # [S, L, E]
     if counts.ndim != 3:
         raise TraceError(f"{path}: logical_count should be [passes, layers, experts], got {list(counts.shape)}")
     if opts.num_experts is not None and counts.shape[2] != opts.num_experts:
         raise TraceError(f"{path}: logical_count has {counts.shape[2]} experts, --num-experts says "
                          f"{opts.num_experts}")
-    empty = 0
+    batch = Tables(opts.tag, opts.layers)
     for s in range(counts.shape[0]):
         added = [batch.add_counts(step0 + s, layer, counts[s, layer], f"{path} (pass {s})", opts.top_k)
                  for layer in range(counts.shape[1])]
-        empty += not any(added)
+        empty[0] += not any(added)
         progress.tick(f"{path}: pass {s + 1}/{counts.shape[0]}")
-    return counts.shape[0], empty
+        if batch.rows >= BATCH_ROWS:
+            yield batch
+            batch = Tables(opts.tag, opts.layers)
+    yield batch
 
 
 def _per_token(rec: dict[str, Any], step: int, p2l: np.ndarray, n: int, where: str, batch: Tables) -> None:
@@ -82,7 +85,7 @@ def _per_token(rec: dict[str, Any], step: int, p2l: np.ndarray, n: int, where: s
 def read(files: list[Path], opts: ImportOptions, notes: list[str], progress: Progress) -> Iterator[tuple[int, Tables]]:
     """stat dumps: steps follow the files' order (names carry the dump time); detail dumps: forward_pass_id."""
     step0 = 0
-    empty_total = 0
+    empty = [0]  # passes with no assignments (unused buffer slots), counted by _stat
     modes: set[str] = set()
     mapped = False
     for path in files:
@@ -93,11 +96,10 @@ def read(files: list[Path], opts: ImportOptions, notes: list[str], progress: Pro
                              f"{type(obj).__name__})")
         if "logical_count" in obj:
             modes.add("stat")
-            batch = Tables(opts.tag, opts.layers)
-            n, empty = _stat(path, obj, opts, step0, batch, progress)
-            step0 += n
-            empty_total += empty
-            yield int(obj.get("rank", 0) or 0), batch
+            rank = int(obj.get("rank", 0) or 0)
+            for batch in _stat(path, obj, opts, step0, progress, empty):
+                yield rank, batch
+            step0 += len(obj["logical_count"])
             continue
         if "records" not in obj or "last_physical_to_logical_map" not in obj:
             raise TraceError(f"{path}: not an SGLang expert-distribution dump (no 'logical_count' or "
@@ -138,8 +140,8 @@ def read(files: list[Path], opts: ImportOptions, notes: list[str], progress: Pro
     if "stat" in modes:
         notes.append("stat dumps: steps are the buffered passes in file order (a wrapped circular buffer is not "
                      "in time order); tokens per pass are not in the dump, only assignments")
-    if empty_total:
-        notes.append(f"{empty_total} buffered pass(es) with no assignments (unused buffer slots) left out")
+    if empty[0]:
+        notes.append(f"{empty[0]} buffered pass(es) with no assignments (unused buffer slots) left out")
     if mapped:
         notes.append("physical expert slots summed onto logical experts with the dump's last "
                      "physical-to-logical map (a rebalance during recording is not in the dump)")

@@ -176,6 +176,9 @@ def read_eplb(files: list[Path], opts: ImportOptions, notes: list[str],
                 step += 1
             else:
                 empty += 1
+            if batch.rows >= BATCH_ROWS:
+                yield 0, batch
+                batch = Tables(opts.tag, opts.layers)
         yield 0, batch
     notes.append("steps: the EPLB passes in order, numbered from 0" + (f" ({'; '.join(sorted(hows))})" if hows else ""))
     if empty:

@@ -341,16 +341,22 @@ def test_batching_a_large_source_changes_no_count(tmp_path: Path, monkeypatch: p
     recs = [sglang_per_token_record(p, 0, rng.integers(0, 6, size=(2, 4, 1)), list(range(4)), list(range(4)), [4])
             for p in range(6)]
     sglang_detail(tmp_path / "pt.pt", recs, np.arange(6)[None, :])
-    import_trace("vllm-routed", src, tmp_path / "one", options=ImportOptions(num_experts=6))
-    import_trace("sglang", tmp_path / "pt.pt", tmp_path / "one")
+    sglang_stat(tmp_path / "stat.pt", rng.integers(0, 9, size=(5, 2, 4)))
+    vllm_eplb(tmp_path / "eplb.pt", rng.integers(1, 9, size=(4, 2, 5)), np.array([[0, 1, 2, 0, 1]] * 2), 2)
+
+    def everything(root: Path) -> None:
+        import_trace("vllm-routed", src, root, options=ImportOptions(num_experts=6))
+        for fmt, name in (("sglang", "pt.pt"), ("sglang", "stat.pt"), ("vllm-eplb", "eplb.pt")):
+            import_trace(fmt, tmp_path / name, root)
+
+    everything(tmp_path / "one")
     monkeypatch.setattr(vllm_mod, "BATCH_ROWS", 3)
     monkeypatch.setattr(sglang_mod, "BATCH_ROWS", 3)
-    import_trace("vllm-routed", src, tmp_path / "many", options=ImportOptions(num_experts=6))
-    import_trace("sglang", tmp_path / "pt.pt", tmp_path / "many")
-    for run in ("req", "pt"):
+    everything(tmp_path / "many")
+    for run in ("req", "pt", "stat", "eplb"):
         assert _loads(tmp_path / "many", run) == _loads(tmp_path / "one", run)
-        n_parts = len(list((tmp_path / "many" / run / "routing").glob("*.parquet")))
-        assert n_parts > 1  # really batched
+        table = "routing" if run in ("req", "pt") else "expert_load"
+        assert len(list((tmp_path / "many" / run / table).glob("*.parquet"))) > 1  # really batched
     tr = moescope.open(tmp_path / "many")
     assert _q(tr, "SELECT count(*) FROM routing WHERE run = 'req'").iloc[0, 0] == 5 * 7 * 2
     assert sum(sum(v) for v in _loads(tmp_path / "many", "req").values()) == 5 * 7 * 2 * 2
