@@ -169,6 +169,23 @@ def test_sink_tags_keep_only_those_forwards(tmp_path: Path) -> None:
     assert every.got[0].metrics()["moescope/layer1/min_utilization"] == pytest.approx(4 * 1 / 12)
 
 
+def test_callbacks_pass_sinks_to_their_recorder(tmp_path: Path) -> None:
+    """The Lightning and HF callbacks' shared session takes `sinks=` like any capture option."""
+    from moescope.integrations._base import RecordingSession
+
+    keep, model = Keep(tags=[""]), FixedMoE()
+    session = RecordingSession(tmp_path / "run", sinks=[keep], flush_every=2, alerts=False)
+    session.start(model, 0, None)
+    for step, batch in enumerate(BATCHES):
+        session.set_step(step)
+        model(torch.tensor([batch]))
+        session.end_step()
+    session.close()
+    assert [f.step_end for f in keep.got] == [1, 3]
+    assert [f.metrics() for f in keep.got] == [pytest.approx(_flat(1)), pytest.approx(_flat(3))]
+    assert [m for _, m in session.history] == [f.metrics() for f in keep.got]  # what the trainers' loggers get
+
+
 def test_sinks_must_have_write_flush(tmp_path: Path) -> None:
     with pytest.raises(TypeError, match="has no write_flush"):
         moescope.record(FixedMoE(), tmp_path / "run", sinks=[print])
