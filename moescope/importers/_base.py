@@ -77,7 +77,7 @@ class LayerSeen:
 
 
 class Progress:
-    """Progress lines on stderr for long imports: one per source file, and at most one a second within a file."""
+    """Progress lines on stderr for long imports: the first and last file, and at most one line a second between."""
 
     def __init__(self, total_files: int, quiet: bool = False, stream: Any = None) -> None:
         self.total = total_files
@@ -89,9 +89,9 @@ class Progress:
         self._t0 = time.monotonic()
 
     def file(self, path: Path) -> None:
-        """A source file is about to be read."""
+        """A source file is about to be read: the first and last always shown, the others once a second."""
         self.done += 1
-        self._say(f"[{self.done}/{self.total}] {path}", force=True)
+        self._say(f"[{self.done}/{self.total}] {path}", force=self.done in (1, self.total))
 
     def tick(self, what: str) -> None:
         """Work inside a file; printed when a second has passed since the last line."""
