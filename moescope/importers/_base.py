@@ -1,8 +1,8 @@
 """What every importer shares: options, the table accumulator, id mapping, source listing and the run writer.
 
-An importer reads a producer's files and fills `Tables` (expert_load, router_stats, routing) through three calls:
+An importer reads a producer's files and fills `Tables` (expert_load, router_stats, routing) through two calls:
 `add_routes` for per-token routing (loads, token counts and routing rows all come from the same ids, so the
-tables always agree), `add_counts` for per-expert load counts without tokens, and nothing else. `write_import`
+tables always agree), `add_counts` for per-expert load counts without tokens. `write_import`
 turns the batches into parts with `moescope.format.writer.write_part` (the trace schema is the writer's, never
 redeclared here) and writes the manifest last, in a temporary directory renamed into place, so a failed import
 leaves no half run behind.
