@@ -24,6 +24,7 @@ import pandas as pd
 
 from ..format.compact import visible_parts
 from ..format.schema import TABLES
+from ..format.storage import RemotePath
 from ..format.writer import TraceError
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -37,6 +38,9 @@ def _manifest_stamps(roots: list[Path]) -> dict[str, tuple[int, int]]:
     """Every manifest below the roots with its (mtime_ns, size): one walk that skips the part folders."""
     out: dict[str, tuple[int, int]] = {}
     for root in roots:
+        if isinstance(root, RemotePath):
+            out.update(_remote_manifest_stamps(root))
+            continue
         for dirpath, dirnames, filenames in os.walk(root):
             # Part folders hold only parts; walking them would list every file of a big trace for nothing.
             dirnames[:] = [d for d in dirnames if d not in TABLES and not d.startswith(".")]
@@ -49,6 +53,33 @@ def _manifest_stamps(roots: list[Path]) -> dict[str, tuple[int, int]]:
                         continue
                     out[p] = (st.st_mtime_ns, st.st_size)
     return out
+
+
+def _is_manifest(name: str) -> bool:
+    return name == "manifest.json" or (name.startswith("manifest.rank-") and name.endswith(".json"))
+
+
+def _remote_manifest_stamps(root: RemotePath) -> dict[str, tuple[int, int]]:
+    """`_manifest_stamps` of an object-store root: one listing per folder, part folders skipped."""
+    out: dict[str, tuple[int, int]] = {}
+    fs = root.fs
+    fs.invalidate_cache(root.key)
+    try:
+        for _dir, dirs, files in fs.walk(root.key, detail=True, topdown=True):
+            for d in [d for d in dirs if d in TABLES or d.startswith(".")]:
+                del dirs[d]  # pruned: part folders hold only parts
+            for name, info in files.items():
+                if _is_manifest(name):
+                    out[fs.unstrip_protocol(info["name"])] = (_remote_mtime(info), int(info.get("size") or 0))
+    except FileNotFoundError:
+        pass
+    return out
+
+
+def _remote_mtime(info: dict[str, Any]) -> int:
+    from ..format.storage import _mtime_ns
+
+    return _mtime_ns(info)
 
 
 def _list_parts(run_dir: Path) -> dict[str, list[Path]]:
@@ -304,7 +335,7 @@ def _units_connection(tr: Trace) -> Any:
     import duckdb
 
     from .sqlkit import Raw, render
-    from .trace import _table_view_sql
+    from .trace import _with_parts
 
     state = tr.__dict__.setdefault("_units", {"con": None, "version": None, "parts": [], "sids": {}, "sels": {}})
     if state["con"] is not None and state["version"] == tr.data_version:
@@ -324,7 +355,8 @@ def _units_connection(tr: Trace) -> Any:
         if f in known:
             continue
         # The analysis's own SQL over this one part: a view named `routing` on the private connection.
-        con.execute(f"CREATE OR REPLACE TEMP VIEW routing AS {_table_view_sql('routing', [f], set(tr._columns[f]))}")
+        # a table, not a view: an object-store part is registered for the one statement that reads it
+        _with_parts(con, "routing", [f], set(tr._columns[f]), "CREATE OR REPLACE TEMP TABLE routing AS {select}")
         con.execute(f"CREATE OR REPLACE TEMP TABLE part_units AS {render('drift_units', {'filter': Raw('1 = 1')})}")
         cols = ", ".join(_UNIT_KEY)
         keys = con.execute(f"SELECT DISTINCT {cols} FROM part_units ORDER BY {cols}").fetchall()

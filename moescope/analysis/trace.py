@@ -27,6 +27,7 @@ from ..format.compact import visible_parts
 from ..format.manifest import Manifest, TraceError
 from ..format.reader import check_part, check_parts, check_run_values
 from ..format.schema import TABLES, duckdb_columns
+from ..format.storage import RemotePath, as_path, open_input
 from . import console as _console
 from . import live as _live
 from . import metrics as M
@@ -89,7 +90,7 @@ def discover(roots: Sequence[PathLike]) -> list[RunInfo]:
     """Find every run (a directory holding manifest.json or manifest.rank-R.json) below `roots`, validated."""
     runs: dict[str, RunInfo] = {}
     for root in roots:
-        base = Path(root).expanduser()
+        base = as_path(root).expanduser()
         if not base.exists():
             raise TraceError(f"{root}: no such trace root")
         if not base.is_dir():
@@ -121,15 +122,47 @@ def _check_file(path: Path) -> list[str]:
     return check_part(path)
 
 
-def _table_view_sql(table: str, files: list[Path], present: set[str]) -> str:
+def _table_view_sql(table: str, files: list[Path], present: set[str], source: str | None = None) -> str:
     cols = duckdb_columns(table)
     if not files:
         sel = ", ".join(f"CAST(NULL AS {t}) AS {c}" for c, t in cols)
         return f"SELECT {sel} WHERE 1 = 0"
     # Columns absent from every file (an older writer) become typed NULLs; union_by_name handles the rest.
     sel = ", ".join(c if c in present else f"CAST(NULL AS {t}) AS {c}" for c, t in cols)
+    if source is not None:
+        return f"SELECT {sel} FROM {source}"
     paths = ", ".join(literal(str(p)) for p in files)
     return f"SELECT {sel} FROM read_parquet([{paths}], union_by_name = true)"
+
+
+def _with_parts(con: duckdb.DuckDBPyConnection, table: str, files: list[Any], present: set[str],
+                stmt: str) -> None:
+    """Run `stmt` ("... {select}") over the rows of `files`: local parts by read_parquet; object-store parts read
+    with pyarrow through fsspec and registered for that one statement (DuckDB's httpfs is neither needed nor
+    installed)."""
+    remote = [f for f in files if isinstance(f, RemotePath)]
+    if not remote:
+        con.execute(stmt.format(select=_table_view_sql(table, files, present)))
+        return
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    parts = [pq.read_table(open_input(f)) for f in files]
+    data = pa.concat_tables(parts, promote_options="permissive") if len(parts) > 1 else parts[0]
+    # DuckDB reads half floats from Parquet as FLOAT but cannot import them from Arrow: widen them first.
+    def wide(t: pa.DataType) -> pa.DataType:
+        if pa.types.is_list(t) and pa.types.is_float16(t.value_type):
+            return pa.list_(pa.float32())
+        return pa.float32() if pa.types.is_float16(t) else t
+
+    if any(wide(f.type) != f.type for f in data.schema):
+        data = data.cast(pa.schema([f.with_type(wide(f.type)) for f in data.schema]))
+    name = f"_moescope_parts_{table}"
+    con.register(name, data)
+    try:
+        con.execute(stmt.format(select=_table_view_sql(table, files, present, source=name)))
+    finally:
+        con.unregister(name)
 
 
 #: Below this many bytes of Parquet, `materialize="auto"` loads every table into DuckDB memory at open: a root
@@ -230,10 +263,10 @@ class Trace:
         max_bytes: int = _console.Limits.max_bytes,
         materialize: bool | str = "auto",
     ) -> None:
-        roots = [root] if isinstance(root, (str, os.PathLike)) else list(root)
+        roots = [root] if isinstance(root, (str, os.PathLike, RemotePath)) else list(root)
         if not roots:
             raise TraceError("no trace root given")
-        self.roots: list[Path] = [Path(r).expanduser().resolve() for r in roots]
+        self.roots: list[Path] = [as_path(r).expanduser().resolve() for r in roots]  # type: ignore[misc]
         self.locked = locked
         self.max_rows = int(max_rows)
         self.timeout = float(timeout)
@@ -276,6 +309,8 @@ class Trace:
             materialize = sum(s[0] for s in stamps.values()) < MATERIALIZE_BYTES
         else:
             materialize = bool(self.materialize)
+        if any(isinstance(r, RemotePath) for r in self.roots):
+            materialize = True  # object-store parts are read through pyarrow into memory, never scanned per query
         for table in TABLES:
             files = all_files[table]
             if materialize:
@@ -310,6 +345,10 @@ class Trace:
         present = {c for f in files for c in self._columns[f]}
         return _table_view_sql(table, files, present)
 
+    def _fill(self, table: str, files: list[Path], stmt: str) -> None:
+        """Run `stmt` ("... {select}") over the rows of `files` (see _with_parts)."""
+        _with_parts(self.con, table, files, {c for f in files for c in self._columns[f]}, stmt)
+
     def _load_table(self, table: str, files: list[Path], stamps: dict[Path, tuple[int, int]]) -> None:
         """Keep `table` an in-memory copy of `files`: append new parts, rebuild when a loaded part vanished or moved."""
         con = self.con
@@ -317,11 +356,11 @@ class Trace:
         if loaded is not None and all(stamps.get(f) == s for f, s in loaded.items()):
             new = [f for f in files if f not in loaded]
             if new:
-                con.execute(f"INSERT INTO {table} {self._select(table, new)}")
+                self._fill(table, new, f"INSERT INTO {table} {{select}}")
         else:
             if loaded is None:  # first load, or it was a view until now
                 con.execute(f"DROP VIEW IF EXISTS {table}")
-            con.execute(f"CREATE OR REPLACE TABLE {table} AS {self._select(table, files)}")
+            self._fill(table, files, f"CREATE OR REPLACE TABLE {table} AS {{select}}")
         self._loaded[table] = {f: stamps[f] for f in files}
 
     def _rebuild_views(self) -> None:

@@ -21,6 +21,7 @@ import pandas as pd
 
 from ..analysis.rules import COLUMNS, STATUS_ORDER, Status, severity
 from ..analysis.selection import Selection, check_selection
+from ..format.storage import as_path
 from ..format.writer import TraceError
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -108,18 +109,22 @@ def normalize_findings(df: pd.DataFrame | None) -> pd.DataFrame:
 # --------------------------------------------------------------------------------------------- running
 
 
-def _open(trace: str | os.PathLike[str] | Trace, label: str) -> Trace:
-    """Open a trace root (or run directory); a missing path or unreadable data is a TraceError (exit 3)."""
+def _open(trace: str | os.PathLike[str] | Trace, label: str, engine: str = "duckdb",
+          spark_conf: Mapping[str, str] | None = None) -> Trace:
+    """Open a trace root (or run directory) on `engine`; a missing path or unreadable data is a TraceError (exit 3)."""
     import moescope
 
     if not isinstance(trace, (str, os.PathLike)):
         return trace
-    path = Path(trace)
+    path = as_path(trace)  # a directory or an object-store URL (moescope.format.storage)
     if not path.exists():
         raise TraceError(f"{label}: no such trace (path does not exist)")
     # Opening only discovers files and reads them into views, so any DuckDB error here is the data's fault
     # (e.g. a corrupt data page raises a bare duckdb.Error "Corrupted file?"), never a query bug.
-    return _guard(label, moescope.open, path, broad=True)
+    kwargs: dict[str, Any] = {"engine": engine} if engine != "duckdb" else {}
+    if spark_conf:
+        kwargs["spark_conf"] = dict(spark_conf)
+    return _guard(label, moescope.open, path, broad=True, **kwargs)
 
 
 def _guard(what: str, fn: Any, *args: Any, broad: bool = False, **kwargs: Any) -> Any:
@@ -196,8 +201,13 @@ def run_check(
     run: str | None = None,
     tag: str | None = None,
     reference_tag: str | None = None,
+    engine: str = "duckdb",
+    spark_conf: Mapping[str, str] | None = None,
 ) -> CheckResult:
     """Run the health rules on `trace` (and drift/regressions against `reference`) and collect the findings.
+
+    `engine`: "duckdb", or "spark" to run the same analyses on PySpark (`spark_conf`: its session settings,
+    e.g. {"spark.master": "spark://host:7077"}); the findings are the same.
 
     `fail_on` and `reference` default to the config's [check] table (reference paths there are relative to
     the config file). `tag`/`reference_tag` narrow the drift comparison to data slices (`rec.tag(...)`); with
@@ -224,7 +234,7 @@ def run_check(
     if reference is None and tag is not None and not self_reference:
         raise CheckError("a drift tag needs --reference, or --reference-tag to compare slices of the trace itself")
     with contextlib.ExitStack() as stack:
-        tr = _open(trace, label)
+        tr = _open(trace, label, engine, spark_conf)
         if tr is not trace:  # close what we opened (assert_healthy may run many times in one test session)
             stack.callback(tr.close)
         runs = _runs(tr, label)
@@ -250,7 +260,7 @@ def run_check(
             ref_label = str(reference)
             if not Path(reference).exists():
                 raise TraceError(f"{ref_label}: no such reference trace (path does not exist)")
-            ref = _open(reference, ref_label)
+            ref = _open(reference, ref_label, engine, spark_conf)
             stack.callback(ref.close)
             _runs(ref, ref_label)  # an empty reference is as unreadable as an empty trace
             if reference_tag is not None:
@@ -273,6 +283,7 @@ def run_check(
         "tag": tag,
         "reference_tag": reference_tag,
         "moescope_version": __version__,
+        "engine": engine,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "elapsed_s": round(time.monotonic() - t0, 3),
         "online_alerts": online_alerts,  # what the recorder's alerts table and manifests say (informational)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 from ..errors import CLIError
 
@@ -48,8 +47,9 @@ def run(args: argparse.Namespace) -> int:
     """Check the arguments, build the app and serve it until interrupted."""
     from .. import dashboard
     from ..format.manifest import TraceError
+    from ..format.storage import as_path
 
-    if not Path(args.trace).exists():  # before dash is imported; the exit code is the classifier's (3)
+    if not as_path(args.trace).exists():  # before dash is imported; the exit code is the classifier's (3)
         raise TraceError(f"{args.trace}: no such trace root")
     if not 0 < args.port < 65536:
         raise CLIError(f"--port must be between 1 and 65535, got {args.port}", 2)

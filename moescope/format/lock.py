@@ -5,6 +5,10 @@ dies (SIGKILL, OOM), so a lock left by a dead recorder is taken over without any
 file holds the owner's pid, host and start time (for the refusal message), followed by a reserve of
 `RESERVE_BYTES` that the owner gives back on a full disk so the final manifest can still be written.
 Where `fcntl` is missing (Windows), a lock whose pid is not alive on this host is taken over instead.
+
+An object store (`s3://...`) has no locks: the lock is an object naming its owner, written at start and deleted
+at close. Finding another owner's lock object cannot tell a live recorder from a crashed one, so it is a warning
+naming that owner, not a refusal: one recorder per run URL and rank is then the user's job.
 """
 
 from __future__ import annotations
@@ -13,10 +17,12 @@ import json
 import os
 import socket
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
 from .manifest import TraceError
+from .storage import RemotePath, as_path
 
 try:
     import fcntl
@@ -53,12 +59,13 @@ class RunLock:
 
     def __init__(self, run_dir: str | os.PathLike[str], rank: int = 0, reserve: int = RESERVE_BYTES, *,
                  name: str | None = None, role: str = "recorded") -> None:
-        self.path = Path(run_dir) / (name or lock_name(rank))
+        self.path: Path | RemotePath = as_path(run_dir) / (name or lock_name(rank))
         self.reserve = int(reserve)
         #: what the owner does, for the refusal message ("recorded", "compacted")
         self.role = role
         self._fd: int | None = None
         self._head_len = 0
+        self._remote_held = False
 
     def owner(self) -> dict[str, Any]:
         """What the lock file says about its owner ({} when unreadable)."""
@@ -82,6 +89,8 @@ class RunLock:
 
     def acquire(self) -> RunLock:
         """Take the lock (a dead owner's lock is taken over); RunLocked if a live recorder holds it."""
+        if isinstance(self.path, RemotePath):
+            return self._acquire_remote()
         self.path.parent.mkdir(parents=True, exist_ok=True)
         for _ in range(5):  # the file can be unlinked by its closing owner between our open and our lock
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -101,6 +110,21 @@ class RunLock:
             return self
         raise self._refuse()
 
+    def _acquire_remote(self) -> RunLock:
+        o = self.owner()
+        if o:
+            warnings.warn(f"moescope: {self.path.parent}: object stores have no locks; found {self.path.name} of "
+                          f"pid {o.get('pid', '?')} on {o.get('host', '?')} since {o.get('since', '?')} (a live "
+                          "recorder of this rank, or one that crashed): recording anyway", RuntimeWarning, stacklevel=4)
+        self.path.write_bytes(self._head())
+        self._remote_held = True
+        return self
+
+    def _head(self) -> bytes:
+        return json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
+                           "since": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                           **({"role": self.role} if self.role != "recorded" else {})}).encode() + b"\n"
+
     def _lock_fd(self, fd: int) -> bool:
         if fcntl is not None:
             try:
@@ -118,9 +142,7 @@ class RunLock:
 
     def _write_owner(self) -> None:
         assert self._fd is not None
-        head = json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
-                           "since": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                           **({"role": self.role} if self.role != "recorded" else {})}).encode() + b"\n"
+        head = self._head()
         self._head_len = len(head)
         os.ftruncate(self._fd, 0)
         os.pwrite(self._fd, head, 0)
@@ -141,6 +163,13 @@ class RunLock:
 
     def release(self) -> None:
         """Remove the lock file and drop the lock; safe to call twice."""
+        if self._remote_held:
+            self._remote_held = False
+            try:
+                self.path.unlink(missing_ok=True)
+            except OSError:
+                pass
+            return
         if self._fd is None:
             return
         fd, self._fd = self._fd, None
@@ -153,7 +182,7 @@ class RunLock:
     @property
     def held(self) -> bool:
         """True while this object owns the lock."""
-        return self._fd is not None
+        return self._fd is not None or self._remote_held
 
     def __enter__(self) -> RunLock:
         return self.acquire()

@@ -25,6 +25,7 @@ import pyarrow.parquet as pq
 
 from .manifest import Manifest, TraceError
 from .schema import FORMAT_VERSION, META_KEY, TABLES
+from .storage import as_path, open_input
 
 #: Columns every part of a table must have (what every version of the writer wrote).
 REQUIRED = {
@@ -33,9 +34,10 @@ REQUIRED = {
     "routing": ("run", "rank", "step", "tag", "layer", "experts"),
     "expert_similarity": ("run", "step", "layer", "expert_a", "expert_b", "metric", "value"),
     "expert_spectra": ("run", "step", "layer", "expert", "sigma"),
+    "router_precision": ("run", "rank", "step", "tag", "layer", "sampled", "flipped"),
 }
 #: Counts that are never negative or NULL; sums that are always finite (NaN/Inf tokens add nothing to them).
-COUNTS = {"tokens", "nonfinite", "dropped"}
+COUNTS = {"tokens", "nonfinite", "dropped", "sampled", "flipped"}
 #: Counts that may be NULL: not measured (router_stats.nonfinite of a `stats=False` recording).
 NULLABLE_COUNTS = {"nonfinite"}
 SUMS = {"prob_sum", "weight_sum", "entropy_sum", "lse_sq_sum", "lse_sum", "margin_sum"}
@@ -68,7 +70,7 @@ def _first_line(e: BaseException) -> str:
 
 def verify_part(path: str | os.PathLike[str]) -> None:
     """Read every page of a part with checksum verification, ignoring the cache; TraceError naming it if broken."""
-    p = Path(path)
+    p = as_path(path)
     with _LOCK:
         for key in [k for k in _VERIFIED if k[0] == str(p)]:
             del _VERIFIED[key]
@@ -81,7 +83,7 @@ def check_part(path: str | os.PathLike[str], verify_pages: bool = True) -> list[
     Raises a one-line TraceError naming the file when it is truncated, not Parquet, from a newer format,
     or when a page fails its checksum or cannot be decoded.
     """
-    p = Path(path)
+    p = as_path(path)
     try:
         st = p.stat()
     except OSError as e:
@@ -92,7 +94,7 @@ def check_part(path: str | os.PathLike[str], verify_pages: bool = True) -> list[
     if known is not None:
         return list(known.names)
     try:
-        pf = pq.ParquetFile(p, page_checksum_verification=verify_pages)
+        pf = pq.ParquetFile(open_input(p), page_checksum_verification=verify_pages)
         schema = pf.schema_arrow
     except Exception as e:  # pyarrow raises several types for broken files
         raise TraceError(f"{p}: corrupt or truncated Parquet file ({_first_line(e)})") from None
@@ -177,7 +179,7 @@ def part_info(path: Path) -> PartInfo:
         known = _VERIFIED.get((str(path), st.st_size, st.st_mtime_ns))
     if known is not None:
         return known
-    md = pq.read_metadata(path)
+    md = pq.read_metadata(open_input(path))
     return PartInfo(list(md.schema.to_arrow_schema().names), _ranges(md), md.num_rows)
 
 

@@ -132,7 +132,7 @@ def write_manifest(run_dir: str | Path, manifest: Manifest | dict[str, Any], ran
     """Write a run's manifest atomically; a dict is validated through `Manifest` first (one schema)."""
     if not isinstance(manifest, Manifest):
         manifest = Manifest.from_dict({"format": FORMAT, "version": FORMAT_VERSION, **manifest},
-                                      Path(run_dir) / manifest_name(rank))
+                                      as_path(run_dir) / manifest_name(rank))
     return manifest.write(run_dir, rank)
 
 
