@@ -13,7 +13,7 @@ from .errors import CLIError, classify, debug
 __all__ = ["main", "build_parser", "CLIError", "COMMANDS"]
 
 #: Command modules in the order `--help` lists them; each defines `register(subparsers)`.
-COMMANDS = ["demo", "check", "sql", "report", "dashboard", "watch", "inspect", "whatif", "compact", "import_"]
+COMMANDS = ["demo", "check", "sql", "report", "dashboard", "watch", "inspect", "whatif", "compact", "import_", "explain"]
 
 
 class _Parser(argparse.ArgumentParser):

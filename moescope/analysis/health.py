@@ -116,6 +116,16 @@ def health(
             raise
         except Exception as e:
             rows.append(_error(spec.name, None, e))
+    for spec in rules("table"):
+        rc = cfg.rule(spec.name)
+        if not rc.enabled:
+            continue
+        try:
+            rows += spec.evaluate(rc, getattr(M, spec.metric)(con, sel), runs)
+        except TraceError:
+            raise
+        except Exception as e:
+            rows.append(_error(spec.name, None, e))
     return _frame(rows)
 
 

@@ -144,6 +144,11 @@ def clones(con: duckdb.DuckDBPyConnection, sel: Selection, metrics: Sequence[str
     return run_analysis(con, "clones", {"filter": sel.filter(tag=False), "metrics": Raw(m)})
 
 
+def precision(con: duckdb.DuckDBPyConnection, sel: Selection) -> pd.DataFrame:
+    """Per run × layer: tokens sampled for the float32 re-route, how many changed experts, flip_rate."""
+    return run_analysis(con, "precision", {"filter": sel.filter()})
+
+
 def gini(counts: Sequence[float] | np.ndarray) -> float:
     """Gini of a count vector by the catalogue's definition Σ_i Σ_j |c_i − c_j| / (2 N² mean(c)) (reference)."""
     c = np.asarray(counts, dtype=float)

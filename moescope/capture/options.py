@@ -39,6 +39,9 @@ class CaptureOptions:
     tokens_every: int = 1  # token rows (`routing`) only on steps that are multiples of this (1 = every step)
     reduce: str = "global"  # "global": counts summed over `group` at each flush, its rank 0 writes; "none": per rank
     group: Any = None  # torch.distributed process group of reduce="global" (None = the whole world)
+    flight_steps: int = 0  # flight recorder: keep the last N steps' router evidence on the device (0 = off)
+    flight_tokens: int = 64  # flight recorder: token rows sampled per layer and step (the first ones of the step)
+    precision_check: bool = False  # at each flush, share of sampled tokens whose experts change in float32
 
     def __post_init__(self) -> None:
         if not 0.0 <= float(self.tokens) <= 1.0:
@@ -55,6 +58,9 @@ class CaptureOptions:
             if not callable(getattr(sink, "write_flush", None)):
                 raise TypeError(f"sinks: {sink!r:.80} has no write_flush(tables) method; use moescope.sinks.WandB, "
                                 "MLflow, TensorBoard, Prometheus or a subclass of moescope.sinks.MetricSink")
+        if int(self.flight_steps) < 0 or int(self.flight_tokens) < 1:
+            raise ValueError(f"flight_steps must be >= 0 and flight_tokens >= 1, got {self.flight_steps}, "
+                             f"{self.flight_tokens}")
         if float(self.max_queue_mb) <= 0:
             raise ValueError(f"max_queue_mb must be > 0, got {self.max_queue_mb}")
         if int(self.max_rows_per_flush) < 0:

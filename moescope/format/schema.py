@@ -6,6 +6,8 @@ import pyarrow as pa
 
 FORMAT = "moescope-trace"
 FORMAT_VERSION = 1
+#: The folder of a run's flight dumps (capture/flight.py writes them, analysis/explain.py reads them).
+FLIGHT_DIR = "flight"
 #: Parquet key-value metadata key carrying the schema version in every file.
 META_KEY = b"moescope.format_version"
 
@@ -37,7 +39,7 @@ ROUTER_STATS = pa.schema(
         pa.field("lse_max", pa.float64()),  # max_t logsumexp(logits_t): logit growth shows here first
         pa.field("margin_sum", pa.float64()),  # Σ_t p(1) - p(2)
         pa.field("nonfinite", pa.int64()),  # tokens with NaN/Inf router logits
-        pa.field("dropped", pa.int64()),  # tokens over capacity, where the model reports it (else 0)
+        pa.field("dropped", pa.int64()),  # routes that reached no expert (sentinel ids, empty slots) + one-hot drops
     ]
 )
 
@@ -100,6 +102,16 @@ ALERTS = pa.schema(
     ]
 )
 
+#: Precision sensitivity (record(..., precision_check=True)): at each flush the flight sample of the latest step
+#: is routed again by the router in its own dtype and as a float32 copy (same inputs, same weights).
+ROUTER_PRECISION = pa.schema(
+    _KEYS
+    + [
+        pa.field("sampled", pa.int64()),  # tokens routed both ways
+        pa.field("flipped", pa.int64()),  # of those, tokens whose set of experts differs in float32
+    ]
+)
+
 TABLES: dict[str, pa.Schema] = {
     "expert_load": EXPERT_LOAD,
     "router_stats": ROUTER_STATS,
@@ -107,6 +119,7 @@ TABLES: dict[str, pa.Schema] = {
     "expert_similarity": EXPERT_SIMILARITY,
     "expert_spectra": EXPERT_SPECTRA,
     "alerts": ALERTS,
+    "router_precision": ROUTER_PRECISION,
 }
 
 #: DuckDB column types for building empty views of tables a run did not write.

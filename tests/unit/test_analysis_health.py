@@ -118,7 +118,7 @@ def test_clone_rule(make_run, trace_root):
 
 def test_disabled_rules_and_unknown_run(tr):
     cfg = HealthConfig()
-    for name in ("dead_expert", "load_cv", "maxvio", "z_loss", "nonfinite", "overconfidence", "clones"):
+    for name in ("dead_expert", "load_cv", "maxvio", "z_loss", "nonfinite", "overconfidence", "clones", "precision"):
         cfg.rule(name).enabled = False
     h = tr.health(run="a", config=cfg)
     assert set(h["rule"]) == {"collapse"}

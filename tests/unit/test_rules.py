@@ -237,7 +237,7 @@ def test_cli_exits_2_with_one_line(tr, trace_root: Path, tmp_path: Path, capsys:
 def test_registry_order_is_report_order() -> None:
     # Findings, alerts and the example toml list rules in this order; an import sorter must not reshuffle it.
     assert list(REGISTRY) == ["dead_expert", "load_cv", "maxvio", "collapse", "z_loss", "nonfinite",
-                              "overconfidence", "clones"]
+                              "overconfidence", "clones", "precision"]
     assert [s.name for s in rules(online=True)] == ["dead_expert", "load_cv", "maxvio", "collapse", "nonfinite",
                                                     "overconfidence"]
 

@@ -23,6 +23,9 @@ from . import overconfidence  # noqa: F401
 from . import similarity  # noqa: F401  (clones)
 
 # isort: split
+from . import precision  # noqa: F401  (precision sensitivity)
+
+# isort: split
 from .base import (
     COLUMNS,
     REGISTRY,

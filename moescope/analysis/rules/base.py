@@ -279,7 +279,8 @@ class RuleSpec:
     scope "window": `evaluate(config, cell, min_tokens) -> finding row` for one run × layer × window (the
       online alerts evaluate these on each flush too);
     scope "series": `evaluate(config, cells) -> rows` over the windows of one run × layer in step order;
-    scope "snapshot": `evaluate(config, frame, runs) -> rows` over expert-similarity snapshots.
+    scope "snapshot": `evaluate(config, frame, runs) -> rows` over expert-similarity snapshots;
+    scope "table": `evaluate(config, frame, runs) -> rows` over the frame `analysis.metrics.<metric>(con, sel)`.
     """
 
     name: str

@@ -1,0 +1,161 @@
+"""The flight recorder and `moescope explain` (issue 17 items 1-3): each cause planted in a tiny model, and the
+explanation must name it with its numbers; the dump is compared with what the router itself returned."""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("safetensors")
+
+from torch import nn  # noqa: E402
+from toy_moe import ToyMoE  # noqa: E402
+
+import moescope  # noqa: E402
+from moescope.analysis.explain import explain, read_dump, select_dumps  # noqa: E402
+from moescope.cli import main  # noqa: E402
+
+
+class BiasRouter(nn.Module):
+    """Softmax top-k router with a bias, returning (logits [T, E], weights [T, k], ids [T, k])."""
+
+    def __init__(self, hidden: int = 16, n_experts: int = 8, top_k: int = 2) -> None:
+        super().__init__()
+        self.n_experts, self.top_k = n_experts, top_k
+        self.proj = nn.Linear(hidden, n_experts, bias=True)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        logits = self.proj(x)  # [T, E]
+        w, ids = torch.topk(torch.softmax(logits.float(), -1), self.top_k, -1)  # [T, k]
+        return logits, w, ids
+
+
+moescope.register_router(BiasRouter, n_experts="n_experts", top_k="top_k", family="bias-router")
+
+
+class BiasMoE(nn.Module):
+    """Embedding → one BiasRouter layer (the experts are irrelevant to routing evidence)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(64, 16)
+        self.router = BiasRouter()
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        h = self.emb(input_ids)  # [B, S, H]
+        self.router(h.reshape(-1, 16))
+        return h
+
+
+def _quiet(fn):  # noqa: ANN001, ANN202
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return fn()
+
+
+def test_dump_on_demand_holds_what_the_router_returned(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    m = ToyMoE().eval()
+    seen: list[tuple[torch.Tensor, torch.Tensor]] = []  # (input rows, ids) of the first router call of each step
+    router = m.blocks[1].router
+    h = router.register_forward_hook(lambda mod, a, out: seen.append((a[0].detach().clone(), out[2].clone())))
+    g = torch.Generator().manual_seed(1)
+    with moescope.record(m, tmp_path / "r", flight_steps=3, flight_tokens=5) as rec, torch.no_grad():
+        for step in range(5):
+            rec.step = step
+            m(torch.randint(0, 64, (2, 8), generator=g))
+        path = rec.dump_flight()
+    h.remove()
+    d = read_dump(path)
+    assert d.meta["layers"][1]["steps"] == [2, 3, 4]  # the ring keeps the last 3 steps
+    ids = d.layer(1, "ids")  # [15, 2]: 5 sampled rows × 3 steps
+    want = torch.cat([seen[s][1][:5] for s in (2, 3, 4)]).numpy()
+    assert ids.shape == (15, 2) and (ids == want).all()
+    assert (d.layer(1, "x") == torch.cat([seen[s][0][:5] for s in (2, 3, 4)]).numpy()).all()
+    assert (d.layer(1, "ids_native") == d.layer(1, "ids_fp32")).all()  # float32 model: no flips
+    assert json.loads((tmp_path / "r" / "manifest.json").read_text())["counters"]["flight_dumps"] == [path.name]
+
+
+def test_inf_input_is_traced_to_its_position(tmp_path: Path) -> None:
+    """Token 7's embedding holds Inf: the nonfinite alert dumps, and explain names the positions and the input."""
+    torch.manual_seed(0)
+    m = ToyMoE(n_layers=1).eval()
+    with torch.no_grad():
+        m.emb.weight[7, 0] = float("inf")
+    x = torch.randint(8, 64, (2, 8))
+    x[1, 3] = 7  # sequence 1, position 3
+    with moescope.record(m, tmp_path / "r", flight_steps=2, flight_tokens=16, flush_every=1) as rec, torch.no_grad():
+        for step in range(3):
+            rec.step = step
+            _quiet(lambda: m(x))
+    dumps = select_dumps(tmp_path / "r")
+    assert dumps[0].meta["reason"] == "nonfinite"
+    found = {f.kind: f for f in explain(dumps[0])}
+    f = found["nonfinite"]
+    assert f.numbers["tokens"] == f.numbers["upstream"] == 2  # one bad token per step, 2 steps in the ring
+    assert "seq 1 pos 3 (token 7)" in f.text and "router input" in f.text
+
+
+def test_bf16_temperature_flips_are_counted(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A bf16 router whose logits are scaled ×2000 (a temperature that saturates bf16): near-ties flip in fp32."""
+    torch.manual_seed(0)
+    m = ToyMoE(n_layers=1).eval()
+    with torch.no_grad():
+        m.blocks[0].router.proj.weight.mul_(2000.0)
+    m = m.to(torch.bfloat16)
+    g = torch.Generator().manual_seed(2)
+    with moescope.record(m, tmp_path / "r", flight_steps=2, flight_tokens=64, precision_check=True,
+                         flush_every=1) as rec, torch.no_grad():
+        for step in range(2):
+            rec.step = step
+            m(torch.randint(0, 64, (4, 16), generator=g))
+        rec.dump_flight()
+    d = select_dumps(tmp_path / "r")[0]
+    nat, f32 = d.layer(0, "ids_native"), d.layer(0, "ids_fp32")
+    truth = int((nat != f32).any(-1).sum())  # sorted sets from the dump, recomputed here
+    found = {f.kind: f for f in explain(d)}
+    assert truth > 0 and found["precision"].numbers["flipped"] == truth
+    assert "instead of bfloat16" in found["precision"].text
+    assert found["logit_range"].severity == "problem" and "resolves steps of" in found["logit_range"].text
+    # the per-flush metric saw flips as well, and the health rule warns
+    tr = moescope.open(tmp_path / "r")
+    flipped, sampled = tr.sql("SELECT sum(flipped), sum(sampled) FROM router_precision").fetchall()[0]
+    assert sampled == 128 and flipped > 0
+    h = tr.health()
+    assert set(h.loc[h["rule"] == "precision", "status"]) == {"WARN"}
+    assert main(["explain", str(tmp_path / "r")]) == 1
+    assert "would route to other experts" in capsys.readouterr().out
+
+
+def test_hot_bias_is_named(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    m = BiasMoE().eval()
+    with torch.no_grad():
+        m.router.proj.bias[3] = 10.0
+    g = torch.Generator().manual_seed(3)
+    with moescope.record(m, tmp_path / "r", flight_steps=2, flight_tokens=32, flush_every=2) as rec, torch.no_grad():
+        for step in range(4):
+            rec.step = step
+            _quiet(lambda: m(torch.randint(0, 64, (8, 32), generator=g)))
+    d = select_dumps(tmp_path / "r")[0]
+    assert d.meta["reason"] in ("collapse", "dead_expert")
+    found = {f.kind: f for f in explain(d)}
+    assert found["bias"].numbers["expert"] == 3 and found["bias"].numbers["value"] == pytest.approx(10.0)
+    assert "proj.bias[3] = +10" in found["bias"].text
+    assert found["load"].numbers["experts"][0] == 3
+
+
+def test_explain_usage_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    torch.manual_seed(0)
+    m = ToyMoE().eval()
+    with moescope.record(m, tmp_path / "r") as rec, torch.no_grad():
+        m(torch.randint(0, 64, (2, 8)))
+        with pytest.raises(moescope.capture.recorder.RecordError, match="flight_steps"):
+            rec.dump_flight()
+    assert main(["explain", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err
+    assert "no flight dump" in err and err.count("\n") == 1
