@@ -21,6 +21,7 @@ import math
 import os
 import threading
 import time
+import weakref
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
@@ -41,20 +42,20 @@ HELP = {
 }
 
 _memo_lock = threading.Lock()
-_memo: tuple[pa.Table, frozenset[str] | None, FlushScalars | None] | None = None
+_memo: tuple[weakref.ref[pa.Table], frozenset[str] | None, FlushScalars | None] | None = None
 
 
 def _scalars_of(tables: Mapping[str, pa.Table], tags: frozenset[str] | None) -> FlushScalars | None:
-    """`flush_scalars` once per flush, however many sinks read it (the last flush's table is kept for identity)."""
+    """`flush_scalars` once per flush, however many sinks read it (a weak reference: the table is not kept)."""
     global _memo
     load = tables.get("expert_load")
     if load is None:
         return None
     with _memo_lock:
-        if _memo is not None and _memo[0] is load and _memo[1] == tags:
+        if _memo is not None and _memo[0]() is load and _memo[1] == tags:
             return _memo[2]
         fs = flush_scalars(tables, tags)
-        _memo = (load, tags, fs)
+        _memo = (weakref.ref(load), tags, fs)
         return fs
 
 
@@ -144,7 +145,7 @@ class MLflow(MetricSink):
         self._mlflow = _need("mlflow", "mlflow-skinny")
         self.run_id = run_id
         self.tracking_uri = tracking_uri
-        self._client: Any = None
+        self._clients: dict[str, Any] = {}  # tracking URI -> MlflowClient
 
     def write(self, flush: FlushScalars) -> None:
         """One `log_batch` per flush (chunked at MLflow's 1,000 metrics per batch)."""
@@ -156,12 +157,15 @@ class MLflow(MetricSink):
             if active is None:
                 raise RuntimeError("no active MLflow run: call mlflow.start_run() or pass MLflow(run_id)")
             run_id = active.info.run_id
-        if self._client is None:
-            self._client = self._mlflow.tracking.MlflowClient(self.tracking_uri)
+        # Resolved at each flush, so a set_tracking_uri() after the sink was built is followed.
+        uri = self.tracking_uri or self._mlflow.get_tracking_uri()
+        if uri not in self._clients:
+            self._clients[uri] = self._mlflow.tracking.MlflowClient(uri)
+        client = self._clients[uri]
         ts = int(time.time() * 1000)
         batch = [Metric(k, float(v), ts, flush.step_end) for k, v in flush.metrics(self.prefix).items()]
         for i in range(0, len(batch), 1000):
-            self._client.log_batch(run_id, metrics=batch[i:i + 1000])
+            client.log_batch(run_id, metrics=batch[i:i + 1000])
 
 
 class TensorBoard(MetricSink):

@@ -169,6 +169,29 @@ def test_sink_tags_keep_only_those_forwards(tmp_path: Path) -> None:
     assert every.got[0].metrics()["moescope/layer1/min_utilization"] == pytest.approx(4 * 1 / 12)
 
 
+def test_hand_built_flush_and_one_computation_for_all_sinks(monkeypatch: pytest.MonkeyPatch) -> None:
+    import pyarrow as pa
+
+    import moescope.integrations.sinks as S
+
+    load = pa.table({"run": ["r"] * 4, "rank": pa.array([2] * 4, pa.int16()), "step": [7] * 4, "tag": [""] * 4,
+                     "layer": pa.array([5] * 4, pa.int16()), "expert": pa.array(range(4), pa.int16()),
+                     "tokens": [3, 1, 0, 0]})
+    calls = []
+    real = S.flush_scalars
+    monkeypatch.setattr(S, "flush_scalars", lambda t, tags: calls.append(tags) or real(t, tags))
+    sinks = [Keep(), Keep(), Keep(tags=["val"])]
+    for sink in sinks:
+        sink.write_flush({"expert_load": load})
+    assert len(calls) == 2  # the two sinks reading every tag share one computation
+    (f,) = sinks[0].got
+    assert (f.run, f.rank, f.step_start, f.step_end) == ("r", 2, 7, 7) and sinks[1].got == [f]
+    assert f.metrics() == pytest.approx({"moescope/layer5/load_cv": math.sqrt(1.5), "moescope/layer5/maxvio": 2.0,
+                                         "moescope/layer5/entropy_norm": _h(.75, .25),
+                                         "moescope/layer5/dead_experts": 2.0, "moescope/layer5/min_utilization": 0.0})
+    assert sinks[2].got == []  # no "val" forwards: nothing to log, not a row of NaN
+
+
 def test_callbacks_pass_sinks_to_their_recorder(tmp_path: Path) -> None:
     """The Lightning and HF callbacks' shared session takes `sinks=` like any capture option."""
     from moescope.integrations._base import RecordingSession
