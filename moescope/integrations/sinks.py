@@ -124,8 +124,8 @@ class WandB(MetricSink):
         if run is None:
             raise RuntimeError("no active W&B run: call wandb.init() before training or pass WandB(run)")
         if id(run) not in self._defined:
-            # Lightning's WandbLogger pattern: a custom x-axis, so log() never passes step= and never
-            # conflicts with (or is dropped against) the steps the caller logs with.
+            # A custom x-axis (as Lightning's WandbLogger does): the window's step is a metric of the row, so
+            # log() needs no step= and W&B's own row counter stays the caller's.
             run.define_metric(self.step_metric)
             run.define_metric(f"{self.prefix}/*", step_metric=self.step_metric)
             self._defined.add(id(run))
