@@ -98,7 +98,7 @@ def test_lightning_example_needs_only_the_lightning_extra(tmp_path: Path, monkey
 
 def test_custom_router_example_runs_and_records_what_the_router_chose(tmp_path: Path) -> None:
     torch = pytest.importorskip("torch")
-    code = next(b for b in blocks(section("### Supported models and custom routers"), "python") if "MyRouter" in b)
+    code = next(b for b in blocks(section("### Custom routers"), "python") if "MyRouter" in b)
     ns: dict = {"__name__": "readme_custom_router"}
     exec(compile(code, "README.md (custom router)", "exec"), ns)
     moescope, nn = ns["moescope"], ns["nn"]
@@ -110,7 +110,6 @@ def test_custom_router_example_runs_and_records_what_the_router_chose(tmp_path: 
         model(x)
     got = moescope.open(tmp_path).sql("SELECT expert, sum(tokens) AS n FROM expert_load GROUP BY expert").df()
     want = torch.bincount(torch.cat(seen), minlength=8)
-    assert {int(e): int(n) for e, n in zip(got["expert"], got["n"])} == {
-        e: int(n) for e, n in enumerate(want.tolist()) if n
-    }
+    # every expert has a row, an idle one with 0 (x is unseeded: an expert may get no token)
+    assert {int(e): int(n) for e, n in zip(got["expert"], got["n"])} == dict(enumerate(want.tolist()))
     assert int(got["n"].sum()) == 3 * 5 * 2  # every token, top-2

@@ -538,3 +538,70 @@ def test_no_warning_for_a_correct_spec(tmp_path: Path, registry: None) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         record(Model(KFirstGate()), tmp_path / "r")
+
+
+# -- README "Custom routers": every worked example records what its router returned -----------------------------
+
+README = Path(__file__).resolve().parents[2] / "README.md"
+
+
+def readme_examples() -> dict[str, str]:
+    """The python blocks of README "### Custom routers" marked `# layout: NAME`, by NAME."""
+    text = README.read_text().split("### Custom routers\n", 1)[1]
+    text = re.split(r"^#{2,3} ", text, maxsplit=1, flags=re.M)[0]  # up to the next heading
+    found = {}
+    for code in re.findall(r"```python\n(.*?)```", text, flags=re.S):
+        m = re.match(r"# layout: (\w+)\n", code)
+        if m:
+            found[m.group(1)] = code
+    return found
+
+
+def test_readme_has_one_example_per_layout() -> None:
+    assert sorted(readme_examples()) == sorted(["topk", "k_first", "routing_map", "dispatch", "logits_from",
+                                                "ids_fn"])
+
+
+class Harness(nn.Module):
+    """input_ids [B, S] → embedding [B, S, 16] → the router, given [T, 16], [B, S, 16] or [S, B, 16]."""
+
+    def __init__(self, router: nn.Module, shape: str) -> None:
+        super().__init__()
+        self.emb, self.router, self.shape = nn.Embedding(V, 16), router, shape
+
+    def forward(self, input_ids: torch.Tensor) -> Any:
+        h = self.emb(input_ids)  # [B, S, 16]
+        x = {"tokens": h.reshape(-1, 16), "batch": h, "seq_first": h.transpose(0, 1)}[self.shape]
+        return self.router(x)
+
+
+@pytest.mark.parametrize("layout", ["topk", "k_first", "routing_map", "dispatch", "logits_from", "ids_fn"])
+def test_readme_example_records_what_the_router_returned(layout: str, tmp_path: Path, registry: None) -> None:
+    ns: dict[str, Any] = {"__name__": f"readme_custom_{layout}"}
+    exec(compile(readme_examples()[layout], f"README.md (Custom routers, {layout})", "exec"), ns)
+    (cls,) = [v for v in ns.values() if isinstance(v, type) and issubclass(v, nn.Module)
+              and v.__module__ == ns["__name__"]]
+    shape = {"dispatch": "batch", "routing_map": "seq_first"}.get(layout, "tokens")
+    torch.manual_seed(0)
+    model = Harness(cls(), shape)
+    x = torch.randint(0, V, (B, SEQ), generator=torch.Generator().manual_seed(2))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a correct spec: no warning, no layer stopped
+        with moescope.record(model, tmp_path / "r", tokens=1.0), torch.no_grad():
+            out = model(x)
+    n, k = 8, 2
+    if layout in ("routing_map", "dispatch"):
+        chosen = out[1] if layout == "routing_map" else out[0].reshape(-1, n, out[0].shape[-1]).any(-1)  # [T, E]
+        want, dropped = chosen.sum(0), int((k - chosen.sum(-1)).sum())
+        assert dropped > 0 or layout == "routing_map"  # the capacity cut real routes
+    else:
+        ids = {"topk": lambda: out[2], "k_first": lambda: out[2].t(), "logits_from": lambda: out[1],
+               "ids_fn": lambda: out["assignment"].reshape(-1, k)}[layout]()  # [T, k]
+        want, dropped = torch.bincount(ids[ids >= 0], minlength=n), int((ids < 0).sum())
+        assert dropped > 0 or layout in ("topk", "logits_from")
+    got = load(tmp_path / "r")
+    assert got["tokens"].tolist() == want.tolist()
+    st = stats(tmp_path / "r")
+    assert (st["tokens"], st["dropped"]) == (B * SEQ, dropped)
+    nulls = sum(r["experts"].count(None) for r in read(tmp_path / "r", "routing"))
+    assert nulls == dropped  # the routing table and router_stats agree on every dropped slot
