@@ -10,7 +10,8 @@ right padding. Ground truth comes from this test's own forward hooks on the rout
 batch-first rows by this test's code: per token, the experts it was dispatched to, their weights, the routes that
 were not dispatched. The trace is read back with pyarrow and must match per token (routing rows), per expert
 (``expert_load.tokens`` and ``weight_sum``), per layer (``router_stats.tokens`` and ``dropped``) and, where the
-spec reads the router's probabilities, ``prob_sum``; where it reads none, ``prob_sum`` must be absent, not invented.
+spec reads the router's probabilities, ``prob_sum``, entropy and margin (and the z-loss numerator where it reads the
+real logits); where it reads none, ``prob_sum`` must be absent, not invented (a strict xfail pins that known bug).
 
 Shims (only where a framework cannot run as installed on a CPU-only torch, each applied for the test only):
 Megatron-Core moves the router weights to ``torch.cuda.current_device()`` at every call and creates its expert-bias
@@ -88,6 +89,7 @@ class Call:
     ids: torch.Tensor  # [T, k] long: the experts the token was dispatched to, -1 for a route not dispatched
     weights: torch.Tensor  # [T, k] float32: the combine weight of each dispatched route (0 where ids is -1)
     probs: torch.Tensor | None = None  # [T, E] the router's probabilities, where the spec reads them
+    logits: torch.Tensor | None = None  # [T, E] the router's logits, where the spec reads them (st-moe)
 
 
 def _pad_rows(mask: torch.Tensor, dense_w: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -140,11 +142,11 @@ def truth_dispatch(mod: Any, args: Any, out: Any, extra: dict[str, Any]) -> Call
     mask = dispatch.reshape(-1, e, dispatch.shape[-1]).ne(0).any(-1)  # [T, E]
     dense = combine.reshape(-1, e, combine.shape[-1]).float().sum(-1)  # [T, E]
     k = int(getattr(mod, "top_n", 2))
-    probs = None
+    probs = logits = None
     if "logits" in extra:  # st-moe: softmax of its to_gates output, as the gate computes raw_gates (no noise)
-        logits = extra.pop("logits")
-        probs = torch.softmax(logits.reshape(-1, e).float(), -1)
-    return Call(*_pad_rows(mask, dense, k), probs)
+        logits = extra.pop("logits").reshape(-1, e).float()  # [T, E]
+        probs = torch.softmax(logits, -1)
+    return Call(*_pad_rows(mask, dense, k), probs, logits)
 
 
 # -- the cases ---------------------------------------------------------------------------------------------------
@@ -456,8 +458,18 @@ def check_trace(case: Case, run: Path, calls: dict[str, list[Call]]) -> dict[str
                 assert call.probs is not None
                 want_p = call.probs[valid].double().sum(0).numpy()
                 np.testing.assert_allclose(lo.prob_sum.to_numpy(), want_p, rtol=1e-5, atol=1e-5)
+                # entropy and top-1 − top-2 margin of the probabilities, normalised per token (sigmoid scores)
+                pn = call.probs[valid].double()
+                pn = pn / pn.sum(-1, keepdim=True)
+                top2 = pn.topk(2, -1).values
+                assert math.isclose(float(st.entropy_sum.iloc[0]), float(torch.special.entr(pn).sum()), rel_tol=1e-4)
+                assert math.isclose(float(st.margin_sum.iloc[0]), float((top2[:, 0] - top2[:, 1]).sum()),
+                                    rel_tol=1e-4)
             else:
                 seen["prob_sum_written"] += int(lo.prob_sum.notna().sum())
+            if call.logits is not None:  # the z-loss numerator of the real logits
+                lse_sq = float(torch.logsumexp(call.logits[valid].double(), -1).square().sum())
+                assert math.isclose(float(st.lse_sq_sum.iloc[0]), lse_sq, rel_tol=1e-5)
             if case.differs:
                 ref = torch.topk(call.probs[valid], case.top_k, -1).indices.sort(-1).values
                 seen["differs"] += int((ids.sort(-1).values != ref).any(-1).sum())
