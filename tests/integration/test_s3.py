@@ -214,3 +214,40 @@ def test_no_locks_on_s3_is_a_warning_and_compaction_refuses(s3: str) -> None:
         first.close()
     with pytest.raises(CompactUsageError, match="needs a local run directory"):
         compact_run(url)
+
+
+def test_watch_and_dashboard_serve_s3(s3: str, tmp_path: Path) -> None:
+    """`moescope watch --once` and `moescope dashboard` on an s3:// root, as separate processes."""
+    pytest.importorskip("dash")
+    import socket
+    import time
+    import urllib.request
+
+    url = f"{s3}/served/run-f"
+    _record(url, steps=3)
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    watch = subprocess.run([sys.executable, "-m", "moescope", "watch", f"{s3}/served", "--once"],
+                           capture_output=True, text=True, env=env, timeout=300)
+    assert watch.returncode == 0, watch.stderr
+    assert "run-f" in watch.stdout and "finished · step 2" in watch.stdout, watch.stdout
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = int(sock.getsockname()[1])
+    proc = subprocess.Popen([sys.executable, "-m", "moescope", "dashboard", f"{s3}/served", "--port", str(port),
+                             "--refresh", "0"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/_dash-layout", timeout=10) as r:
+                    layout = r.read().decode()
+                break
+            except OSError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.5)
+        assert "finished \\u00b7 step 2" in layout  # the header's live state, read from the S3 trace
+    finally:
+        proc.terminate()
+        out, _ = proc.communicate(timeout=30)
+    assert f"serving {s3}/served on http://127.0.0.1:{port}/" in out, out
