@@ -47,12 +47,13 @@ def one_line(e: BaseException) -> str:
 def _usage_types() -> tuple[type[BaseException], ...]:
     """Exceptions that mean the user asked for something wrong (imported lazily: only on the error path)."""
     from .analysis.console import QueryError
+    from .analysis.dialects import UnsupportedError
     from .analysis.rules.base import RangeError
     from .analysis.selection import SelectionError
     from .check.run import CheckError
     from .config import ConfigError
 
-    return (ConfigError, RangeError, SelectionError, CheckError, QueryError)
+    return (ConfigError, RangeError, SelectionError, CheckError, QueryError, UnsupportedError)
 
 
 #: DuckDB errors about the query itself, never about the files it read.

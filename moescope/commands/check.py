@@ -21,6 +21,7 @@ examples:
   moescope check traces --reference traces-main/run-a --format junit -o moescope.xml
   moescope check traces --format github          # annotations + $GITHUB_STEP_SUMMARY
   moescope check traces/run-a --reference-tag english --tag code   # drift between two data slices
+  moescope check traces --engine spark --spark-conf spark.master=spark://head:7077   # the same rules on Spark
 """
 
 
@@ -73,6 +74,21 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="drift: the reference's data slice; without --reference the trace is its own reference "
         "(e.g. --reference-tag english --tag code)",
     )
+    p.add_argument(
+        "--engine",
+        choices=("duckdb", "spark"),
+        default="duckdb",
+        help="SQL engine that runs the analyses: duckdb (default, in this process) or spark (PySpark, the same "
+        "analyses/*.sql translated; needs moescope[spark] and Java)",
+    )
+    p.add_argument(
+        "--spark-conf",
+        action="append",
+        metavar="KEY=VALUE",
+        default=[],
+        help="--engine spark: a Spark setting, repeatable (spark.master=yarn, spark.executor.memory=8g, ...); "
+        "without spark.master the analyses run on this machine's cores (local[*])",
+    )
     p.add_argument("-v", "--verbose", action="store_true", help="text format: list passing findings too")
     p.set_defaults(func=cmd_check)
 
@@ -92,6 +108,14 @@ def cmd_check(args: argparse.Namespace) -> int:
     if args.min_tokens is not None and args.min_tokens < 0:
         raise CLIError(f"--min-tokens must be >= 0, got {args.min_tokens}", 2)
     config = _config_path(args.config)
+    spark_conf = {}
+    for item in args.spark_conf:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise CLIError(f"--spark-conf takes KEY=VALUE, got {item!r}", 2)
+        spark_conf[key.strip()] = value.strip()
+    if spark_conf and args.engine != "spark":
+        raise CLIError("--spark-conf needs --engine spark", 2)
     # ConfigError, CheckError, SelectionError (exit 2) and TraceError (exit 3): moescope.errors.classify decides.
     result = run_check(
         args.trace,
@@ -102,6 +126,8 @@ def cmd_check(args: argparse.Namespace) -> int:
         run=args.run,
         tag=args.tag,
         reference_tag=args.reference_tag,
+        engine=args.engine,
+        spark_conf=spark_conf or None,
     )
     text = format_text(result, verbose=args.verbose) if args.format == "text" else render(result, args.format)
     if args.output:
