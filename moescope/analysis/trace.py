@@ -198,6 +198,7 @@ def _runs_frame(runs: list[RunInfo]) -> pd.DataFrame:
                     "moescope_version": m.moescope_version,
                     "model_class": m.model.class_name,
                     "n_params": m.model.n_params,
+                    "tokenizer": m.model.tokenizer,  # how token ids decode (moescope.analysis.vocab); None: ids
                     "n_layers": len(m.layers),
                     "token_fraction": m.capture.tokens,
                     "flush_interval": m.capture.flush_every,
@@ -212,7 +213,7 @@ def _runs_frame(runs: list[RunInfo]) -> pd.DataFrame:
     for col in ("n_params", "dropped_records", "world_size"):
         df[col] = pd.to_numeric(df[col], errors="coerce").astype("Int64")
     df["closed"] = df["closed"].astype("boolean")
-    for col in ("flush_interval",):
+    for col in ("flush_interval", "tokenizer"):
         df[col] = df[col].map(lambda v: None if v is None else str(v)).astype("object")
     return df
 

@@ -6,6 +6,7 @@ No torch here, so the callbacks can validate their arguments before a model exis
 from __future__ import annotations
 
 import difflib
+import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, fields, replace
 from typing import Any
@@ -42,6 +43,9 @@ class CaptureOptions:
     flight_steps: int = 0  # flight recorder: keep the last N steps' router evidence on the device (0 = off)
     flight_tokens: int = 64  # flight recorder: token rows sampled per layer and step (the first ones of the step)
     precision_check: bool = False  # at each flush, share of sampled tokens whose experts change in float32
+    #: how to decode token ids (manifest model.tokenizer): an HF tokenizer's name or path, "bytes", or a tokenizer
+    #: object (its name_or_path is kept); None = auto: the reference model's bytes, else config._name_or_path
+    tokenizer: Any = None
 
     def __post_init__(self) -> None:
         if not 0.0 <= float(self.tokens) <= 1.0:
@@ -58,6 +62,7 @@ class CaptureOptions:
             if not callable(getattr(sink, "write_flush", None)):
                 raise TypeError(f"sinks: {sink!r:.80} has no write_flush(tables) method; use moescope.sinks.WandB, "
                                 "MLflow, TensorBoard, Prometheus or a subclass of moescope.sinks.MetricSink")
+        object.__setattr__(self, "tokenizer", tokenizer_name(self.tokenizer))
         if int(self.flight_steps) < 0 or int(self.flight_tokens) < 1:
             raise ValueError(f"flight_steps must be >= 0 and flight_tokens >= 1, got {self.flight_steps}, "
                              f"{self.flight_tokens}")
@@ -87,3 +92,30 @@ class CaptureOptions:
                 hint = f" (did you mean {near[0]!r}?)" if near else ""
                 raise TypeError(f"unknown capture option {name!r}{hint}; options: {', '.join(known)}")
         return replace(options or cls(), **values)
+
+
+def tokenizer_name(tokenizer: Any) -> str | None:
+    """What the manifest keeps of a `tokenizer=` option: the string itself, or a tokenizer object's name_or_path.
+
+    A local directory is kept as an absolute path, so the trace decodes from wherever it is opened.
+    """
+    if tokenizer is None:
+        return None
+    name = tokenizer if isinstance(tokenizer, str) else getattr(tokenizer, "name_or_path", None)
+    if not isinstance(name, str) or not name.strip():
+        kind = "an empty string" if isinstance(tokenizer, str) else f"a {type(tokenizer).__name__} without a name_or_path"
+        raise ValueError(f"tokenizer must be an HF tokenizer's name or path, 'bytes', or a tokenizer object with a "
+                         f"name_or_path; got {kind}")
+    if name != "bytes" and os.path.isdir(name):
+        return os.path.abspath(name)
+    return name
+
+
+def auto_tokenizer(model: Any) -> str | None:
+    """The tokenizer a model implies: "bytes" for moescope's byte-level reference model, an HF model's
+    config._name_or_path when set; None when nothing says (ids are then shown as ids, never guessed)."""
+    cfg = getattr(model, "config", None)
+    if type(model).__module__ == "moescope.reference.model" and getattr(cfg, "vocab_size", None) == 256:
+        return "bytes"
+    name = getattr(cfg, "_name_or_path", None)
+    return tokenizer_name(name) if isinstance(name, str) and name.strip() else None

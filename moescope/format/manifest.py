@@ -84,6 +84,12 @@ def _str(v: Any) -> str:
     return v
 
 
+def _name(v: Any) -> str:
+    if not isinstance(v, str) or not v.strip():
+        raise _Bad("a non-empty string")
+    return v
+
+
 def _bool(v: Any) -> bool:
     if not isinstance(v, bool):
         raise _Bad("true or false")
@@ -123,6 +129,8 @@ class ModelInfo:
 
     class_name: str | None = None
     n_params: int | None = None
+    #: how to decode its token ids: "bytes" (ids are bytes), an HF tokenizer's name or path; None: not recorded
+    tokenizer: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -251,7 +259,8 @@ class Manifest:
         if version > FORMAT_VERSION:
             raise TraceError(f"trace format v{version} is newer than this moescope (v{FORMAT_VERSION})")
         model_d = dict(_take(d, "model", _dict, "", default={}))
-        model = ModelInfo(_take(model_d, "class", _str, "model."), _take(model_d, "n_params", _int, "model."), model_d)
+        model = ModelInfo(_take(model_d, "class", _str, "model."), _take(model_d, "n_params", _int, "model."),
+                          tokenizer=_take(model_d, "tokenizer", _name, "model."), extra=model_d)
         layers_raw = _take(d, "layers", _list, "", default=[])
         layers = [_layer(v, i) for i, v in enumerate(layers_raw)]
         cap_d = dict(_take(d, "capture", _dict, "", default={}))

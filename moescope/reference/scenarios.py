@@ -154,7 +154,7 @@ def _recorder(model: MoEModel, run_dir: Path, record: bool, seed: int, meta: dic
         return contextlib.nullcontext(_NoRecorder())
     import moescope
 
-    return moescope.record(model, run_dir, tokens=0.25, flush_every=10, seed=seed, meta=meta)
+    return moescope.record(model, run_dir, tokens=0.25, flush_every=10, seed=seed, meta=meta, tokenizer="bytes")
 
 
 def _snapshot(model: MoEModel, run_dir: Path, step: int) -> bool:
