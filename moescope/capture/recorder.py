@@ -35,7 +35,7 @@ from ..format.writer import TraceWriter, set_aside_torn, step_ranges
 from . import adapters as A
 from .flight import FLIGHT_RULES, FlightRing, dump, precision_flips
 from .hotpath import STAT_NAMES, Grid, HotPath, decode, in_backward
-from .options import CaptureOptions
+from .options import CaptureOptions, auto_tokenizer
 
 _STAT_NAMES = STAT_NAMES
 #: Forward parameters that carry token ids: a module taking one of these is where a forward's token grid is read.
@@ -197,6 +197,8 @@ class Recorder:
         self.on_full = opts.on_full
         self.max_rows_per_flush = int(opts.max_rows_per_flush)
         self.meta = dict(opts.meta or {})
+        # How the trace decodes token ids (manifest model.tokenizer); never guessed: None when nothing says.
+        self.tokenizer: str | None = opts.tokenizer or auto_tokenizer(self.model)
         self.on_flush = opts.on_flush
         self.sinks = tuple(opts.sinks)
         self.sink_errors: dict[str, int] = {}  # failed write_flush calls per sink name (manifest counters.extra)
@@ -1007,7 +1009,7 @@ class Recorder:
             updated=now_utc(),
             closed=closed,
             moescope_version=__version__,
-            model=ModelInfo(type(self.model).__name__, int(n_params)),
+            model=ModelInfo(type(self.model).__name__, int(n_params), tokenizer=self.tokenizer),
             layers=[LayerEntry(**li.to_manifest()) for li in self.layers],
             capture=CaptureSettings(
                 tokens=self.tokens,
