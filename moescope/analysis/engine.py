@@ -8,6 +8,7 @@ from typing import Any
 import duckdb
 import pandas as pd
 
+from ..format.storage import as_path
 from ..format.writer import TraceError
 from .sqlkit import render
 
@@ -89,6 +90,9 @@ def translate(e: Exception, con: duckdb.DuckDBPyConnection | None = None) -> Exc
         return e
     # Only now, on the error path, is it worth reading every file to find the broken one.
     found = find_corrupt_file(con) if con is not None else None
+    if found is not None and not as_path(found[0]).exists():
+        return TraceError(f"{found[0]}: vanished since the trace was opened (compacted or removed); refresh() or "
+                          "open the trace again")
     if found is not None:
         return TraceError(f"{found[0]}: corrupt Parquet data ({found[1]}; DuckDB: {msg})")
     if "parquet" in msg.lower():

@@ -332,7 +332,9 @@ def _plan(root: Path, up_to_step: int | None, live: list[int]) -> list[tuple[str
             stat_seqs = {s for first, last, _ in tables["router_stats"] for s in range(first, last + 1)}
             commit = max(load_seqs & stat_seqs, default=-1)
         if rank in live and up_to_step is not None:
-            flushed = [s for _, _, p in tables.get("expert_load", []) if (s := _max_step(p)) is not None
+            # a rank that writes token rows only (reduce="global": another rank writes the counts) has no commit mark
+            marks = tables.get("expert_load") or tables.get("routing") or []
+            flushed = [s for _, _, p in marks if (s := _max_step(p)) is not None
                        and (commit is None or _seq_range(p.name)[2] <= commit)]  # type: ignore[index]
             if not flushed or max(flushed) < up_to_step:
                 have = f"up to step {max(flushed)}" if flushed else "no step yet"
