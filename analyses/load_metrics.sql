@@ -56,7 +56,8 @@ SELECT k.run, k.layer, k.win, w.window_start, w.window_end,
        r.lse_sq_sum AS lse_sq_sum,
        r.nonfinite,
        r.dropped,
-       r.dropped / NULLIF(r.tokens, 0) AS drop_rate
+       -- dropped counts routes (slots) that reached no expert: its rate is per route, of tokens × k
+       r.dropped / NULLIF(r.tokens * li.top_k, 0) AS drop_rate
 FROM cell_keys k
 JOIN wins w ON w.run = k.run AND w.win = k.win
 JOIN layer_info li ON li.run = k.run AND li.layer = k.layer

@@ -7,7 +7,8 @@
 -- {{group_size}} consecutive tokens in (seq, pos) order for 'tokens'.
 -- drop_rate counts dropped assignments; token_drop_rate tokens that lost any choice; full_drop_rate tokens
 -- that lost every choice (they skip the layer); first_choice_drop_rate tokens that lost their first choice.
--- reported_drop_rate is router_stats.dropped / tokens where the model reported drops (else NULL).
+-- reported_drop_rate is router_stats.dropped (routes) / (tokens × k) where the model reported drops
+-- (else NULL).
 -- Parameters: filter (Raw), mode, group_size, layer_rows (Raw: (run, layer, n_experts, top_k) tuples),
 -- factor_rows (Raw: (capacity_factor) tuples), window, n_windows.
 
@@ -85,9 +86,12 @@ GROUP BY t.run, t.layer, w.win, t.capacity_factor
 -- stage: wc_router
 SELECT r.run, r.layer, w.win,
        SUM(r.tokens) AS routed_tokens,
-       CASE WHEN SUM(r.dropped) > 0 THEN SUM(r.dropped) * 1.0 / NULLIF(SUM(r.tokens), 0) END AS reported_drop_rate
+       -- router_stats.dropped counts routes: per route, like drop_rate
+       CASE WHEN SUM(r.dropped) > 0 THEN SUM(r.dropped) * 1.0 / NULLIF(SUM(r.tokens) * MAX(l.top_k), 0) END
+           AS reported_drop_rate
 FROM rs r
 JOIN step_win w ON w.run = r.run AND w.step = r.step
+JOIN wc_layers l ON l.run = r.run AND l.layer = r.layer
 GROUP BY r.run, r.layer, w.win
 
 -- stage: whatif_capacity

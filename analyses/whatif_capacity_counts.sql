@@ -61,9 +61,12 @@ GROUP BY o.run, o.layer, w.win, o.capacity_factor
 -- stage: wc_router
 SELECT r.run, r.layer, w.win,
        SUM(r.tokens) AS routed_tokens,
-       CASE WHEN SUM(r.dropped) > 0 THEN SUM(r.dropped) * 1.0 / NULLIF(SUM(r.tokens), 0) END AS reported_drop_rate
+       -- router_stats.dropped counts routes: per route, like drop_rate
+       CASE WHEN SUM(r.dropped) > 0 THEN SUM(r.dropped) * 1.0 / NULLIF(SUM(r.tokens) * MAX(l.top_k), 0) END
+           AS reported_drop_rate
 FROM rs r
 JOIN step_win w ON w.run = r.run AND w.step = r.step
+JOIN wc_layers l ON l.run = r.run AND l.layer = r.layer
 GROUP BY r.run, r.layer, w.win
 
 -- stage: whatif_capacity_counts

@@ -139,7 +139,7 @@ def capacity_drops(
     drop_rate); "auto" replays routing where a run has it, except for group "batch" on a token sample (a
     batch of only the recorded sequences is too small), where counts answer. A run that cannot answer gets
     one row per layer with source "none" and the reason in `note`. `coverage` = recorded / routed tokens;
-    `reported_drop_rate` = router_stats.dropped / tokens where the model reported drops. `tag` and `steps`
+    `reported_drop_rate` = router_stats.dropped / (tokens·k) where the model reported drops (routes). `tag` and `steps`
     (inclusive) narrow the selection.
     """
     c = _con(con)
@@ -578,7 +578,7 @@ def _requests(lists: Sequence[Sequence[int]] | Any) -> list[list[int]]:
     for experts in lists:
         seen: list[int] = []
         for e in experts:
-            if e is None:  # a slot that reached no expert (stored NULL)
+            if e is None or e != e:  # a slot that reached no expert: stored NULL (NaN once in a float array)
                 continue
             e = int(e)
             if e >= 0 and e not in seen:

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+import numpy as np
 import pandas as pd
 
 import moescope
@@ -60,6 +61,11 @@ def bucket_width(lo: int, hi: int, max_points: int = MAX_STEP_POINTS) -> int:
 def worst_status(statuses: Any) -> str:
     """The worst of some finding statuses (ERROR > FAIL > WARN > SKIP > PASS); '' when there are none."""
     return _rules.worst(statuses, default="")
+
+
+def _null(x: Any) -> bool:
+    """Whether a list element read from DuckDB is NULL (None, a masked element or NaN, by the result's dtype)."""
+    return x is None or x is np.ma.masked or x != x
 
 
 def token_text(token_id: Any) -> str:
@@ -600,10 +606,10 @@ class DashboardData:
                 params.append(int(rank))
             df = self._df(q + " ORDER BY layer, pos", params)
             # a NULL slot reached no expert (dropped): shown as -1, its weight NaN
-            df["experts"] = df["experts"].map(lambda v: [-1 if x is None else int(x) for x in v] if v is not None else [])
+            df["experts"] = df["experts"].map(lambda v: [-1 if _null(x) else int(x) for x in v] if v is not None else [])
             df["weights"] = df["weights"].map(
-                lambda v: [math.nan if x is None else float(x) for x in v] if v is not None else [])
-            df["expert0"] = df["experts"].map(lambda v: v[0] if v else -1)
+                lambda v: [math.nan if _null(x) else float(x) for x in v] if v is not None else [])
+            df["expert0"] = df["experts"].map(lambda v: next((e for e in v if e >= 0), -1))  # first expert reached
             df["text"] = df["token_id"].map(token_text)
             return df
 

@@ -59,7 +59,7 @@ def test_load_metrics_known_answers(tr):
     assert row["z_loss"] == pytest.approx(2.0)
     assert row["router_entropy"] == pytest.approx(0.5)
     assert row["router_margin"] == pytest.approx(0.2)
-    assert row["drop_rate"] == pytest.approx(0.1)
+    assert row["drop_rate"] == pytest.approx(50 / (500 * 2))  # dropped routes per route: of T·k
     assert row["top_m_share"] == pytest.approx(0.8)  # m = max(k, N/4) = 2 busiest: 800 of 1000
     assert row["m90"] == 3
     assert row["expected_per_expert"] == pytest.approx(2 * 500 / 4)

@@ -605,3 +605,26 @@ def test_readme_example_records_what_the_router_returned(layout: str, tmp_path: 
     assert (st["tokens"], st["dropped"]) == (B * SEQ, dropped)
     nulls = sum(r["experts"].count(None) for r in read(tmp_path / "r", "routing"))
     assert nulls == dropped  # the routing table and router_stats agree on every dropped slot
+
+
+def test_dropped_slots_are_no_expert_in_the_analyses(tmp_path: Path, registry: None) -> None:
+    """NULL routing slots: the trace validates, and coactivation, the cache what-if and the dashboard's token
+    view never see an expert that was not reached."""
+    from moescope.analysis import whatif
+    from moescope.dashboard.data import DashboardData
+
+    moescope.register_router(KFirstGate, ids_layout="k_first", sentinel=-1, n_experts="num_experts", top_k="k")
+    torch.manual_seed(0)
+    (out,), _, mask = record(Model(KFirstGate()), tmp_path / "r")
+    ids = out[2].t()[mask.reshape(-1).bool()]  # [T_valid, k]
+    tr = moescope.open(tmp_path)
+    n_null, n_slots = tr.sql("SELECT count(*) - count(expert), count(*) FROM assignments").fetchall()[0]
+    assert (n_null, n_slots) == (int((ids < 0).sum()), ids.numel())
+    co = tr.coactivation()
+    assert set(co.expert_a) | set(co.expert_b) <= {0, 1, 2, 3}
+    pairs = co[(co.expert_a == 0) & (co.expert_b == 3)].n_ab.sum()  # tokens that reached both 0 and 3
+    assert pairs == sum(1 for a, b in ids.tolist() if {a, b} == {0, 3})
+    hits = whatif.cache_hit_rates(tr.cursor(), sizes=[1], policies=("lru",))
+    assert int(hits["requests"].iloc[0]) == int((ids >= 0).sum())  # every reached expert is one request
+    tok = DashboardData(tmp_path).token_routing("r", 0, 0)
+    assert [e for row in tok["experts"] for e in row].count(-1) == int((out[2].t()[:SEQ] < 0).sum())

@@ -126,8 +126,8 @@ def test_capacity_known_answer_per_step(cap_root: Path) -> None:
     assert r["token_drop_rate"] == 1.0 and r["full_drop_rate"] == 0
     assert r["first_choice_drop_rate"] == pytest.approx(0.25)
     assert s0.loc[2.0, "dropped_assignments"] == 0
-    # the model reported 1 dropped token of 4 at step 0, none at step 1
-    assert s0.loc[1.0, "reported_drop_rate"] == pytest.approx(0.25)
+    # the model reported 1 dropped route of 4 tokens × 2 at step 0, none at step 1
+    assert s0.loc[1.0, "reported_drop_rate"] == pytest.approx(1 / 8)
     s1 = df[df["window_start"] == 1].set_index("capacity_factor")
     assert s1.loc[1.0, "dropped_assignments"] == 0
     # cf 0.5 at step 1: each expert gets one first and one second choice, capacity 1 -> 4 second choices dropped
@@ -142,7 +142,7 @@ def test_capacity_whole_run_window(cap_root: Path) -> None:
     r = df.iloc[0]
     assert (r["window_start"], r["window_end"]) == (0, 1)
     assert r["drop_rate"] == pytest.approx(1 / 16)
-    assert r["reported_drop_rate"] == pytest.approx(1 / 8)
+    assert r["reported_drop_rate"] == pytest.approx(1 / 16)  # 1 route of 8 tokens × 2
     only1 = whatif.capacity_drops(_con(cap_root), run="tok", factors=(1.0,), steps=(1, 1)).iloc[0]
     assert (only1["window_start"], only1["dropped_assignments"], only1["tokens"]) == (1, 0, 4)
 
