@@ -49,7 +49,9 @@ WORKER = textwrap.dedent(
     groups = None
     if world == 4:  # two reduce groups, {{0, 1}} and {{2, 3}} (e.g. the data-parallel groups of two stages)
         groups = [dist.new_group([0, 1]), dist.new_group([2, 3])]
-    modes = [("none", {{"reduce": "none"}}), ("global", {{}})]
+    # "rowcap": the token-row cap flushes after every forward, a different number of times per rank (rank 0 runs
+    # one forward more): those flushes write rows only, without a collective, so the group never waits
+    modes = [("none", {{"reduce": "none"}}), ("global", {{}}), ("rowcap", {{"max_rows_per_flush": 1}})]
     if groups is not None:
         modes.append(("group", {{"group": groups[rank // 2]}}))
     for mode, kw in modes:
@@ -165,6 +167,12 @@ def test_reduced_trace_is_the_sum_of_the_per_rank_traces(tmp_path: Path, world: 
     assert _q(f"SELECT {rows} FROM '{glob}/routing/*.parquet' ORDER BY ALL") == \
         _q(f"SELECT {rows} FROM '{none}/routing/*.parquet' ORDER BY ALL")
     assert {r[0] for r in _q(f"SELECT DISTINCT rank FROM '{glob}/routing/*.parquet'")} == set(range(world))
+    cap = tmp_path / "rowcap" / "run"
+    assert len(list((cap / "routing").glob("*.parquet"))) > len(list((glob / "routing").glob("*.parquet")))
+    assert _q(f"SELECT {rows} FROM '{cap}/routing/*.parquet' ORDER BY ALL") == \
+        _q(f"SELECT {rows} FROM '{glob}/routing/*.parquet' ORDER BY ALL")
+    counts = "SELECT rank, step, tag, layer, expert, tokens FROM '{}/expert_load/*.parquet' ORDER BY ALL"
+    assert _q(counts.format(cap)) == _q(counts.format(glob))
 
     if world == 4:  # group=: each group's first rank writes its group's sums
         grp = tmp_path / "group" / "run"
