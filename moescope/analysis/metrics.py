@@ -114,6 +114,17 @@ def vocab_specialization(
     return df if by_token else with_token_coverage(df, token_steps(con, sel))
 
 
+def expert_tokens(
+    con: duckdb.DuckDBPyConnection, sel: Selection, window: Window = "all", min_count: int = 5, top: int = 10
+) -> pd.DataFrame:
+    """Per expert (needs routing): its `top` token ids by the share of their occurrences routed to it (place 1..top),
+    assignments, occurrences, share, chance (k/N), token_ids_seen (ids seen >= min_count times that it took)."""
+    if int(top) < 1 or int(min_count) < 1:
+        raise ValueError(f"top and min_count must be >= 1, got {top} and {min_count}")
+    params = {"filter": sel.filter(), "min_count": int(min_count), "top": int(top), **window_params(window)}
+    return run_analysis(con, "expert_tokens", params)
+
+
 def saturation(
     con: duckdb.DuckDBPyConnection,
     checkpoint: Selection,

@@ -528,11 +528,23 @@ class Trace:
 
     def vocab_specialization(
         self, run: Any = None, window: Window = "all", *, tag: Any = None, steps: tuple[int, int] | None = None,
-        layer: Any = None, min_count: int = 5, by_token: bool = False,
+        layer: Any = None, min_count: int = 5, by_token: bool = False, per_expert: bool = False, top: int = 10,
     ) -> pd.DataFrame:
         """Per run × layer × window: token_ids, tokens, specialization, weighted_specialization, chance (k/N);
-        token_steps, covers."""
-        return M.vocab_specialization(self.cursor(), self._sel(run, tag, steps, layer), window, min_count, by_token)
+        token_steps, covers.
+
+        per_expert=True: per run × layer × window × expert, the `top` token ids it takes most (by the share of
+        each id's occurrences routed to it), decoded with the run's tokenizer (`texts`), their `share` vs
+        `chance`, its `tags` shares and a sentence (`text`); see moescope.analysis.vocab.expert_view.
+        """
+        sel = self._sel(run, tag, steps, layer)
+        if per_expert:
+            from .vocab import expert_view, run_decoders
+
+            tokens = M.expert_tokens(self.cursor(), sel, window, min_count, top)
+            domains = M.domain_specialization(self.cursor(), sel, window)
+            return expert_view(tokens, domains, run_decoders(self, sorted(set(tokens["run"]))), min_count)
+        return M.vocab_specialization(self.cursor(), sel, window, min_count, by_token)
 
     def saturation(
         self,
