@@ -270,3 +270,79 @@ def test_damaged_part_is_an_error_and_nothing_changes(tmp_path: Path) -> None:
     with pytest.raises(TraceError, match="part-0-000001.parquet"):
         compact_run(run)
     assert _parts(run) == before
+
+
+def test_readers_exact_while_a_live_recorder_and_a_compaction_run(tmp_path: Path) -> None:
+    """A recorder (process 1) writes a step per flush; a compaction (process 2) merges up to a flushed step; this
+    process reads in a loop. Every snapshot holds whole steps only, each equal to what the routers dispatched."""
+    pytest.importorskip("torch")
+    run = tmp_path / "run"
+    truth_file = tmp_path / "truth.json"
+    tests_dir = str(Path(__file__).resolve().parents[1])
+    recorder = textwrap.dedent(f"""
+        import json, sys, time
+        import torch
+        sys.path.insert(0, {tests_dir!r})
+        import moescope
+        from toy_moe import ToyMoE, ToyRouter
+        torch.manual_seed(0)
+        model = ToyMoE().eval()
+        routers = [m for m in model.modules() if isinstance(m, ToyRouter)]
+        truth, cur = {{}}, [0]
+        def hook(mod, args, out):
+            for e in out[2].reshape(-1).tolist():
+                key = f"{{cur[0]}},{{routers.index(mod)}},{{e}}"
+                truth[key] = truth.get(key, 0) + 1
+        for r in routers:
+            r.register_forward_hook(hook)
+        with moescope.record(model, {str(run)!r}, tokens=1.0, flush_every=1) as rec:
+            for s in range(40):
+                cur[0] = rec.step = s
+                with torch.no_grad():
+                    model(torch.randint(0, 64, (2, 5), generator=torch.Generator().manual_seed(s)))
+                time.sleep(0.1)
+        json.dump(truth, open({str(truth_file)!r}, "w"))
+    """)
+    compactor = textwrap.dedent(f"""
+        import json, time
+        from moescope.format import compact
+        compact._at = lambda s: time.sleep(0.3)
+        res = compact.compact_run({str(run)!r}, up_to_step=8, grace_s=1.0)
+        print(json.dumps({{"live": res.live_ranks, "merged": res.merged}}))
+    """)
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    rec = subprocess.Popen([sys.executable, "-c", recorder], env=env)
+    snapshots: list[dict[tuple[int, int, int], int]] = []
+    comp = None
+    try:
+        deadline = time.monotonic() + 240
+        while not (run / "manifest.json").exists() or not list((run / "expert_load").glob("part-0-00001*")):
+            assert rec.poll() is None and time.monotonic() < deadline
+            time.sleep(0.1)
+        live = moescope.open(tmp_path, materialize=False)
+        comp = subprocess.Popen([sys.executable, "-c", compactor], env=env, stdout=subprocess.PIPE, text=True)
+        while rec.poll() is None and time.monotonic() < deadline:
+            live.refresh()
+            snapshots.append({(s, ly, e): n for s, ly, e, n in live.sql(
+                "SELECT step, layer, expert, sum(tokens) FROM expert_load GROUP BY ALL").fetchall() if n})
+        assert rec.wait(timeout=60) == 0
+        out, _ = comp.communicate(timeout=120)
+        assert comp.returncode == 0
+        live.close()
+    finally:
+        rec.kill()
+        if comp is not None:
+            comp.kill()
+    done = json.loads(out)
+    assert done["live"] == [0] and "expert_load/part-0-000000-000008.parquet" in done["merged"]
+    truth = {tuple(int(x) for x in k.split(",")): v for k, v in json.loads(truth_file.read_text()).items()}
+    assert len(snapshots) >= 5
+    for snap in snapshots:
+        steps = {s for s, _, _ in snap}
+        assert steps == set(range(len(steps)))  # a prefix of the steps: nothing missing in between
+        assert snap == {k: v for k, v in truth.items() if k[0] in steps}  # each step whole, nothing twice
+    compact_run(run)
+    with moescope.open(tmp_path) as tr:
+        final = {(s, ly, e): n for s, ly, e, n in tr.sql(
+            "SELECT step, layer, expert, sum(tokens) FROM expert_load GROUP BY ALL").fetchall() if n}
+    assert final == truth
