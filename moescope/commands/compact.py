@@ -11,7 +11,7 @@ EXAMPLES = """examples:
   moescope compact traces/run-a --up-to-step 5000   a run being recorded: the flushes up to step 5000
   moescope compact traces/run-a --grace 60          keep the replaced parts 60 s for readers scanning part files
 
-A reader never sees a row missing or twice, also when compaction is killed: the next `moescope open`
+A reader never sees a row missing or twice, also when compaction is killed: the next `moescope.open`
 counts the same rows and the next `moescope compact` finishes or undoes the killed one.
 """
 

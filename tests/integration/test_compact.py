@@ -98,6 +98,12 @@ def test_cli_compact(tmp_path: Path) -> None:
     bad = subprocess.run([sys.executable, "-m", "moescope", "compact", str(tmp_path)], capture_output=True,
                          text=True, env=env, timeout=120)
     assert bad.returncode == 2 and "not a moescope run directory" in bad.stderr
+    from moescope.format.lock import RunLock
+
+    with RunLock(tmp_path / "run", 0):  # what a live recorder of rank 0 holds
+        live = subprocess.run([sys.executable, "-m", "moescope", "compact", str(tmp_path / "run")],
+                              capture_output=True, text=True, env=env, timeout=120)
+    assert live.returncode == 2 and "rank(s) 0 are being recorded" in live.stderr, live.stderr
 
 
 def _kill_script(run: Path, stage: str, grace: float = 0.0) -> str:
