@@ -13,6 +13,7 @@ EPILOG = """\
 examples:
   moescope report traces
   moescope report traces --run run-a --window 500 --config moescope.toml
+  moescope report traces --experts --top 8    # what each expert takes, as text (token-level runs)
 """
 
 _MARK = {"PASS": "ok", "SKIP": "skip", "WARN": "WARN", "FAIL": "FAIL", "ERROR": "ERROR"}
@@ -33,6 +34,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--config", metavar="PATH", help="health-rule thresholds (moescope.toml)")
     p.add_argument("--window", metavar="W", default=None,
                    help='step window: "thirds" (default), "all", or a width in steps')
+    p.add_argument("--experts", action="store_true",
+                   help="also list, per layer and expert, the tokens it takes most (decoded with the run's "
+                   "tokenizer, else shown as #id), its share vs chance k/N and its shares by tag")
+    p.add_argument("--top", type=int, default=5, metavar="N", help="tokens listed per expert with --experts (5)")
+    p.add_argument("--min-count", type=int, default=5, metavar="C",
+                   help="with --experts, only token ids seen at least C times (5)")
     p.set_defaults(func=run)
 
 
@@ -67,8 +74,27 @@ def _table(rows: list[dict[str, Any]]) -> list[str]:
     return [" ".join(v.rjust(w) for v, w in zip(line, widths)) for line in [heads, *cells]]
 
 
-def render_report(tr: Any, runs: list[str] | None = None, config: Any = None, window: Any = None) -> str:
-    """The text of `moescope report` (separate from printing, so tests and the dashboard can reuse it)."""
+def render_experts(tr: Any, run: str, top: int = 5, min_count: int = 5) -> list[str]:
+    """The --experts lines of one run: per layer and expert, what it takes (vocab.expert_view's sentences)."""
+    from ..analysis.vocab import run_decoders
+
+    view = tr.vocab_specialization(run=run, per_expert=True, top=top, min_count=min_count)
+    if view.empty:
+        return ["  what each expert takes: no token-level routing in this run (record with tokens=F to keep "
+                f"whole sequences), or no token id seen {min_count}+ times"]
+    out = [f"  what each expert takes (token ids seen {min_count}+ times, ranked by the share of their "
+           "occurrences routed to the expert):"]
+    note = run_decoders(tr, [run])[run].note
+    if note:
+        out.append(f"    ({note})")
+    out += [f"    {line}" for line in view["text"]]
+    return out
+
+
+def render_report(tr: Any, runs: list[str] | None = None, config: Any = None, window: Any = None,
+                  experts: bool = False, top: int = 5, min_count: int = 5) -> str:
+    """The text of `moescope report` (separate from printing, so tests and the dashboard can reuse it);
+    experts=True adds each run's per-expert token lines."""
     from ..analysis.metrics import describe_steps
     from ..analysis.rules import STATUS_ORDER, severity
     from ..config import as_config
@@ -141,6 +167,8 @@ def render_report(tr: Any, runs: list[str] | None = None, config: Any = None, wi
         if len(skips):
             reasons = skips["message"].str.replace(r"^layer \d+: ", "", regex=True).value_counts()
             out.append(f"    ({len(skips)} skipped: {reasons.index[0]}{' …' if len(reasons) > 1 else ''})")
+        if experts:
+            out += render_experts(tr, run, top, min_count)
         out.append("")
     from ..analysis.live import alert_summary
 
@@ -165,6 +193,9 @@ def run(args: argparse.Namespace) -> int:
     unknown = [r for r in args.run or [] if r not in tr.runs]
     if unknown:
         raise CLIError(f"no run {unknown[0]!r} in {args.trace} (runs: {', '.join(tr.runs)})")
-    text = render_report(tr, args.run, args.config, window)  # errors: moescope.errors.classify (cli.main)
+    if args.top < 1 or args.min_count < 1:
+        raise CLIError(f"--top and --min-count must be >= 1, got {args.top} and {args.min_count}")
+    text = render_report(tr, args.run, args.config, window, experts=args.experts, top=args.top,
+                         min_count=args.min_count)  # errors: moescope.errors.classify (cli.main)
     sys.stdout.write(text)
     return 0
