@@ -6,6 +6,12 @@ from typing import Any
 
 import pytest
 
+from moescope.capture.specs import requirement_met
+
+#: transformers 5 is installed: the v5 router modules exist (tests of v5-only layouts skip otherwise; the 4.x
+#: families are tested by tests/integration/test_hf_v4_families.py in CI's transformers 4.57 environment)
+TRANSFORMERS_V5 = requirement_met("transformers>=5")
+
 
 def tiny_mixtral(seed: int = 0, top_k: int = 2) -> Any:
     """Two MoE layers, 4 experts, top-k: the smallest model with a known transformers router."""
@@ -33,6 +39,9 @@ def plant_collapse(model: Any) -> None:
         # Channel 0 of every embedding is large, so after RMSNorm it dominates each router's input.
         model.get_input_embeddings().weight[:, 0] += 50.0
         for mod in model.modules():
-            if type(mod).__name__ == "MixtralTopKRouter":
-                mod.weight.zero_()
-                mod.weight[:, 0] = torch.tensor([5.0, 5.0, -5.0, -5.0])
+            # v5: the router module; 4.x: the sparse MoE block's gate Linear (same [E, H] weight)
+            name = type(mod).__name__
+            gate = mod if name == "MixtralTopKRouter" else mod.gate if name == "MixtralSparseMoeBlock" else None
+            if gate is not None:
+                gate.weight.zero_()
+                gate.weight[:, 0] = torch.tensor([5.0, 5.0, -5.0, -5.0])

@@ -136,6 +136,6 @@ def run(args: argparse.Namespace) -> int:
         print(f"router-like modules with no spec: {', '.join(suspicious)} — register them with "
               "moescope.register_router(...)")
     if not rows:
-        print("no router recognised: see README 'Custom models' for moescope.register_router")
+        print("no router recognised: see README 'Custom routers' for moescope.register_router")
         return 1
     return 0

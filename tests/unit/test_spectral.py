@@ -15,6 +15,7 @@ torch = pytest.importorskip("torch")
 from torch import nn  # noqa: E402
 
 import moescope  # noqa: E402
+from moescope.capture.specs import requirement_met  # noqa: E402
 from moescope.capture.spectral import SpectralError, find_expert_layers, linear_cka  # noqa: E402
 from moescope.capture.spectral_maths import chance_overlap, overlap_matrix, snapshot_state_dict  # noqa: E402
 from moescope.format.schema import EXPERT_SIMILARITY, EXPERT_SPECTRA, META_KEY  # noqa: E402
@@ -273,7 +274,16 @@ def test_spectra_known_answer(tmp_path):
 # ----------------------------------------------------------------------------------------------- layouts
 
 
+# transformers 5's fused expert layouts; under 4.x these families keep other layouts (GPT-OSS [E, H, 2I], DBRX's
+# experts take ids), which these tests do not describe — spectral on 4.x GPT-OSS/DBRX experts is not verified
+V5_EXPERTS = pytest.mark.skipif(
+    not requirement_met("transformers>=5"),
+    reason="transformers 5 expert layouts (fused Mixtral, GPT-OSS, DBRX); 4.x is installed",
+)
+
+
 @pytest.mark.hf
+@V5_EXPERTS
 def test_fused_and_modulelist_layouts_agree(tmp_path):
     model = hf_model("mixtral")  # transformers v5 fused experts
     layers = find_expert_layers(model)
@@ -296,6 +306,7 @@ def test_fused_and_modulelist_layouts_agree(tmp_path):
 
 
 @pytest.mark.hf
+@V5_EXPERTS
 def test_gpt_oss_transposed_interleaved_layout(tmp_path):
     model = hf_model("gpt_oss")
     (ly, _) = find_expert_layers(model)
@@ -330,6 +341,7 @@ def test_qwen3_moe_found(tmp_path):
 
 
 @pytest.mark.hf
+@V5_EXPERTS
 def test_dbrx_flat_experts(tmp_path):
     model = hf_model("dbrx")  # w1/v1/w2 as 2-D [E·I, H] parameters
     layers = find_expert_layers(model)
@@ -485,6 +497,7 @@ def test_offline_bf16_fused_names_and_pt(tmp_path):
 
 
 @pytest.mark.hf
+@V5_EXPERTS
 def test_offline_gpt_oss_reads_config_for_interleaving(tmp_path):
     model = hf_model("gpt_oss")
     model.save_pretrained(tmp_path / "ckpt")
