@@ -628,3 +628,41 @@ def test_dropped_slots_are_no_expert_in_the_analyses(tmp_path: Path, registry: N
     assert int(hits["requests"].iloc[0]) == int((ids >= 0).sum())  # every reached expert is one request
     tok = DashboardData(tmp_path).token_routing("r", 0, 0)
     assert [e for row in tok["experts"] for e in row].count(-1) == int((out[2].t()[:SEQ] < 0).sum())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("layout", ["k_first", "routing_map"])
+def test_compiled_equals_eager(layout: str, tmp_path: Path, registry: None) -> None:
+    """The new layouts add no data-dependent branch: a model compiled after record() writes the eager trace,
+    with no recompile while the step changes."""
+    from torch._dynamo.utils import counters
+
+    if layout == "k_first":
+        moescope.register_router(KFirstGate, ids_layout="k_first", sentinel=-1, n_experts="num_experts", top_k="k")
+        make = lambda: Model(KFirstGate())  # noqa: E731
+    else:
+        moescope.register_router(MapRouter, ids_layout="routing_map", ids=1, weights=0, logits_from="gate",
+                                 top_k="topk", n_experts="num_experts", token_layout="seq_first")
+        make = lambda: Model(MapRouter(), seq_first=True)  # noqa: E731
+    x, mask = inputs()
+    traces = []
+    for name, compiled in (("eager", False), ("compiled", True)):
+        torch._dynamo.reset()
+        counters.clear()
+        torch.manual_seed(0)
+        model = make().eval()
+        with moescope.record(model, tmp_path / name, tokens=1.0) as rec, torch.no_grad():
+            run = torch.compile(model) if compiled else model
+            for step in range(4):
+                rec.step = step
+                run(x, attention_mask=mask)
+                if step == 0:
+                    warm = counters["stats"]["unique_graphs"]
+            assert counters["stats"]["unique_graphs"] == warm  # no recompile after the first step
+        traces.append({t: sorted(read(tmp_path / name, t), key=lambda r: [str(v) for v in r.values()])
+                       for t in ("expert_load", "router_stats", "routing")})
+    eager, comp = traces
+    assert [r["tokens"] for r in comp["expert_load"]] == [r["tokens"] for r in eager["expert_load"]]
+    assert [r["dropped"] for r in comp["router_stats"]] == [r["dropped"] for r in eager["router_stats"]]
+    assert [r["experts"] for r in comp["routing"]] == [r["experts"] for r in eager["routing"]]
+    assert sum(r["dropped"] for r in eager["router_stats"]) > 0
