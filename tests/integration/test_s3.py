@@ -251,3 +251,23 @@ def test_watch_and_dashboard_serve_s3(s3: str, tmp_path: Path) -> None:
         proc.terminate()
         out, _ = proc.communicate(timeout=30)
     assert f"serving {s3}/served on http://127.0.0.1:{port}/" in out, out
+
+
+def test_resume_on_s3_sets_a_torn_flush_aside(s3: str) -> None:
+    """A crash between a flush's tables on S3: the resumed recorder sets the lone part aside (copy + delete)."""
+    url = f"{s3}/torn/run-g"
+    _record(url, steps=2)  # flush_every=2: one flush, part number 0 (steps 0 and 1)
+    run = as_path(url)
+    lone = run / "router_stats" / "part-0-000001.parquet"
+    lone.write_bytes((run / "router_stats" / "part-0-000000.parquet").read_bytes())  # router_stats only: torn
+    torch.manual_seed(0)
+    model = ToyMoE().eval()
+    with pytest.warns(RuntimeWarning, match="cut short"), moescope.record(model, url, resume=True) as rec:
+        with torch.no_grad():
+            model(torch.randint(0, 64, (2, 5)))
+    assert rec.torn_parts == ["router_stats/part-0-000001.parquet.torn"]
+    names = [k.split("/", 3)[-1] for k in _keys(url)]
+    assert "router_stats/part-0-000001.parquet.torn" in names  # set aside; part number 1 is the resumed flush
+    with moescope.open(url) as tr:
+        rows = tr.sql("SELECT step, count(*) FROM router_stats GROUP BY step ORDER BY step").fetchall()
+    assert rows == [(0, 2), (1, 2), (2, 2)]  # each step once per layer: the torn copy is not counted
