@@ -119,6 +119,14 @@ def find_routers(model: nn.Module) -> list[LayerInfo]:
         has_experts = A.get_submodule(model, experts_path) is not None
         if spec.source == "experts_input" and not has_experts:
             raise RecordError(f"router {name}: spec {spec.family!r} reads the experts input but {experts_path} is missing")
+        if spec.logits_from is not None and A.get_submodule(mod, spec.logits_from) is None:
+            raise RecordError(f"router {name}: spec {spec.family!r} has logits_from={spec.logits_from!r} but "
+                              f"{type(mod).__name__} has no such submodule")
+        if spec.ids_fn is not None:
+            try:
+                A.resolve_fn(spec)  # a misspelt "pkg.module:function" fails here, before any forward
+            except A.AdapterError as e:
+                raise RecordError(f"router {name}: {e}") from None
         found.append(
             LayerInfo(len(found), name, spec.family, int(n), int(k), spec.router_kind, spec,
                       experts_path if has_experts else None)
@@ -444,11 +452,8 @@ class Recorder:
                 assert info.experts_module is not None
                 experts = self.model.get_submodule(info.experts_module)
                 h.add(experts.register_forward_pre_hook(experts_hook, with_kwargs=True))
-            if info.spec.logits_from is not None:
-                src = A.get_submodule(self.model.get_submodule(info.module), info.spec.logits_from)
-                if src is None:
-                    raise RecordError(f"router {info.module}: spec {info.spec.family!r} has logits_from="
-                                      f"{info.spec.logits_from!r} but the router has no such submodule")
+            if info.spec.logits_from is not None:  # find_routers checked that the submodule exists
+                src = self.model.get_submodule(info.module).get_submodule(info.spec.logits_from)
                 h.add(src.register_forward_hook(self._logits_hooks[info.layer]))
 
     def _entry_modules(self) -> dict[str, nn.Module]:

@@ -666,3 +666,16 @@ def test_compiled_equals_eager(layout: str, tmp_path: Path, registry: None) -> N
     assert [r["dropped"] for r in comp["router_stats"]] == [r["dropped"] for r in eager["router_stats"]]
     assert [r["experts"] for r in comp["routing"]] == [r["experts"] for r in eager["routing"]]
     assert sum(r["dropped"] for r in eager["router_stats"]) > 0
+
+
+@pytest.mark.parametrize(("fields", "message"), [
+    ({"logits_from": "gates"}, "spec 'ScoreRouter' has logits_from='gates' but ScoreRouter has no such submodule"),
+    ({"ids_fn": "moescope:no_such_fn"}, "ids_fn 'moescope:no_such_fn' cannot be imported"),
+])
+def test_a_spec_that_cannot_apply_is_an_error_at_start(fields: dict[str, Any], message: str, tmp_path: Path,
+                                                       registry: None) -> None:
+    from moescope.capture.recorder import RecordError
+
+    moescope.register_router(ScoreRouter, weights=0, ids=1, **fields)
+    with pytest.raises(RecordError, match=re.escape(message)):
+        moescope.record(Model(ScoreRouter()), tmp_path / "r").start()
