@@ -34,7 +34,7 @@ MANTISSA = {"torch.float32": 23, "torch.bfloat16": 7, "torch.float16": 10, "torc
 #: Largest finite value of each dtype.
 FMAX = {"torch.float32": 3.4028235e38, "torch.bfloat16": 3.3895314e38, "torch.float16": 65504.0,
         "torch.float64": 1.7976931348623157e308}
-#: Fair-share multiple above which an expert "took the load" in the sample.
+#: Fair-share multiple (of k/N of the tokens) above which an expert "took the load" in the sample.
 HOT_SHARE_X = 2.0
 
 
@@ -199,7 +199,7 @@ def explain_layer(d: Dump, info: dict[str, Any]) -> list[Finding]:
             out.append(Finding("logit_range", "problem",
                                f"layer {layer}: router logits reach {mmax:.4g}, where {name} resolves steps of "
                                f"{res:.3g}; for {ties} of {len(gap)} sampled tokens the top-{k} is decided by rounding "
-                               f"({int(saturated.sum())} with the {k}th and {k + 1}th probabilities equal: a saturated "
+                               f"({int(saturated.sum())} with probabilities #{k} and #{k + 1} equal: a saturated "
                                f"{info.get('probs') or 'softmax'}; the rest with a logit gap at or below the resolution). "
                                "A router temperature or logit scale that saturates the dtype", nums))
         elif limit is not None and mmax > 0.01 * limit:
@@ -215,31 +215,35 @@ def explain_layer(d: Dump, info: dict[str, Any]) -> list[Finding]:
         flips = int((np.sort(nat, -1) != np.sort(f32, -1)).any(-1).sum())
         share = flips / len(nat)
         name = dtype.split(".")[-1]
-        text = (f"layer {layer}: {flips} of {len(nat)} sampled tokens ({share:.1%}) would route to other experts if "
-                f"the router ran in float32 instead of {name}" if flips else
-                f"layer {layer}: running the router in float32 instead of {name} changes no sampled token's experts")
+        if name in ("float32", "float64"):
+            text = f"layer {layer}: the router runs in {name} already (no lower-precision rounding to measure)"
+        elif flips:
+            text = (f"layer {layer}: {flips} of {len(nat)} sampled tokens ({share:.1%}) would route to other experts "
+                    f"if the router ran in float32 instead of {name}")
+        else:
+            text = f"layer {layer}: running the router in float32 instead of {name} changes no sampled token's experts"
         out.append(Finding("precision", "problem" if flips else "note", text,
                            {"flipped": flips, "sampled": int(len(nat)), "share": share, "dtype": dtype}))
-    # 5. which experts took the load, and a bias that favours them
+    # 5. which experts took the load (share of the sampled tokens routed to each; fair share k/N), and a bias
     valid = (ids >= 0) & (ids < n)
-    counts = np.bincount(ids[valid].astype(np.int64), minlength=n)[:n]  # [E]
+    counts = np.bincount(ids[valid].astype(np.int64), minlength=n)[:n]  # [E] assignments
     total = int(counts.sum())
     if total:
-        fair = 1.0 / n
-        share = counts / total
-        hot = np.flatnonzero(share > HOT_SHARE_X * fair)
+        fair = k / n
+        share = counts / n_rows  # [E]: share of the sampled tokens that went to each expert
+        hot = np.flatnonzero(share > min(HOT_SHARE_X * fair, (1 + fair) / 2))
         order = hot[np.argsort(-share[hot])]
         dead = np.flatnonzero(counts == 0)
         if len(order):
             listed = ", ".join(f"expert {int(e)} {share[e]:.0%}" for e in order[:4])
-            text = (f"layer {layer}: {share[order].sum():.0%} of the sampled assignments went to {len(order)} of {n} "
-                    f"experts ({listed}; fair share {fair:.1%} each)"
+            text = (f"layer {layer}: {len(order)} of {n} experts took far more than their fair share of the sampled "
+                    f"tokens ({listed} of the tokens; fair share k/N = {fair:.1%})"
                     + (f"; {len(dead)} expert(s) took none: {', '.join(map(str, dead[:8].tolist()))}" if len(dead) else ""))
             out.append(Finding("load", "problem", text, {"experts": order.tolist(), "shares": share[order].tolist(),
-                                                         "dead": dead.tolist()}))
+                                                         "fair": fair, "dead": dead.tolist()}))
         else:
             out.append(Finding("load", "note", f"layer {layer}: no expert took more than {HOT_SHARE_X:g}× its fair share "
-                               f"({fair:.1%}) of the sampled assignments"
+                               f"(k/N = {fair:.1%}) of the sampled tokens"
                                + (f"; {len(dead)} took none" if len(dead) else ""), {"dead": dead.tolist()}))
         for pname, val in d.params(layer).items():
             v = np.asarray(val).reshape(-1)
@@ -253,7 +257,7 @@ def explain_layer(d: Dump, info: dict[str, Any]) -> list[Finding]:
                 out.append(Finding("bias", "problem",
                                    f"layer {layer}: the router's {pname}[{top}] = {v[top]:+.3g} leads the other "
                                    f"experts' median by {lead:.3g} ({lead / spread:.0f}× their spread), and expert {top} "
-                                   f"takes {share[top]:.0%} of the sample: a hot bias",
+                                   f"takes {share[top]:.0%} of the sampled tokens: a hot bias",
                                    {"param": pname, "expert": top, "value": float(v[top]), "lead": lead}))
     settings = info.get("settings") or {}
     if settings:

@@ -150,6 +150,19 @@ def _topk_sets(module: nn.Module, spec: A.RouterSpec, x: torch.Tensor, n: int, k
     return ev.ids.sort(-1).values
 
 
+def _unhooked(module: nn.Module) -> nn.Module:
+    """A deep copy of `module` with every forward hook of it and its submodules removed."""
+    twin = copy.deepcopy(module)
+    for m in twin.modules():
+        m._forward_hooks.clear()
+        m._forward_pre_hooks.clear()
+        for name in ("_forward_hooks_with_kwargs", "_forward_hooks_always_called", "_forward_pre_hooks_with_kwargs"):
+            d = getattr(m, name, None)
+            if d is not None:
+                d.clear()
+    return twin
+
+
 def precision_flips(module: nn.Module, spec: A.RouterSpec, x: torch.Tensor, n: int, k: int
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
     """For input rows x [R, H]: (ids in the model's dtype [R, k], ids in float32 [R, k], flipped [R] bool).
@@ -158,9 +171,10 @@ def precision_flips(module: nn.Module, spec: A.RouterSpec, x: torch.Tensor, n: i
     copy. A token flips when its set of experts differs: the share of flips is how much the dtype decides.
     """
     dtype = next((p.dtype for p in module.parameters()), x.dtype)
-    native = _topk_sets(module, spec, x.to(dtype), n, k)
-    ref = copy.deepcopy(module).float()
-    fp32 = _topk_sets(ref, spec, x.float(), n, k)
+    # A copy without hooks: calling the live router would run moescope's own hooks and count these rows as routing.
+    twin = _unhooked(module)
+    native = _topk_sets(twin, spec, x.to(dtype), n, k)
+    fp32 = _topk_sets(twin.float(), spec, x.float(), n, k)
     if native is None or fp32 is None:
         return None
     return native, fp32, (native != fp32).any(-1)

@@ -159,3 +159,32 @@ def test_explain_usage_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]
     assert main(["explain", str(tmp_path / "r")]) == 2
     err = capsys.readouterr().err
     assert "no flight dump" in err and err.count("\n") == 1
+
+
+def test_dumps_and_precision_reroutes_are_not_counted_as_routing(tmp_path: Path) -> None:
+    """Re-routing the flight sample (dump, precision check) must not run moescope's own hooks: counts stay exact."""
+    torch.manual_seed(0)
+    m = ToyMoE().eval()
+    truth: dict[int, torch.Tensor] = {}
+    step = {"now": 0}
+
+    def own(mod: nn.Module, a: tuple[torch.Tensor, ...], out: tuple[torch.Tensor, ...]) -> None:
+        c = torch.bincount(out[2].reshape(-1), minlength=8)
+        truth[step["now"]] = truth.get(step["now"], torch.zeros(8, dtype=torch.long)) + c
+
+    h = m.blocks[0].router.register_forward_hook(own)
+    g = torch.Generator().manual_seed(4)
+    with moescope.record(m, tmp_path / "r", flight_steps=2, precision_check=True, flush_every=1) as rec, \
+            torch.no_grad():
+        for s in range(4):
+            rec.step = step["now"] = s
+            m(torch.randint(0, 64, (2, 8), generator=g))
+            if s == 1:
+                step["now"] = -1  # anything the dump runs through the router lands here, not in a step
+                rec.dump_flight()
+    h.remove()
+    tr = moescope.open(tmp_path / "r")
+    got = tr.sql("SELECT step, expert, tokens FROM expert_load WHERE layer = 0 ORDER BY step, expert").fetchall()
+    want = [(s, e, int(truth[s][e])) for s in range(4) for e in range(8) if truth[s][e] > 0]
+    assert [r for r in got if r[2] > 0] == want
+    assert tr.sql("SELECT count(*) FROM router_precision").fetchall()[0][0] == 4 * 2  # a row per flush and layer
