@@ -33,6 +33,38 @@ def _strip(tok: pd.DataFrame, layer: int) -> Any:
     return html.Div(spans, className="ms-tokstrip", id="tok-strip")
 
 
+#: Tokens listed per expert in the "what each expert takes" table.
+TOP_TOKENS = 8
+
+
+def _experts_table(data: Any, run: str, layer: int) -> Any:
+    """Per expert of `layer`: the tokens it takes most (decoded), its share vs chance k/N, its shares by tag."""
+    view = data.expert_tokens(run, top=TOP_TOKENS)
+    note = data.decoder(run).note
+    rows = view[view["layer"] == layer] if len(view) else view
+    if rows.empty:
+        return C.message(f"Layer {layer}: no token id seen 5+ times in the token-level rows of {run!r}.", "info")
+    head = html.Tr([html.Th(h) for h in ("expert", "takes", "share", "chance", "tags")])
+    body = []
+    for r in rows.itertuples():
+        more = " …" if int(r.token_ids_seen) > len(r.texts) else ""
+        toks = [html.Code(t, className="ms-tokcode", title=f"token {i}: {s:.0%} of its occurrences")
+                for t, i, s in zip(r.texts, r.token_ids, r.token_shares)]
+        tags = ", ".join(f"{t or 'untagged'} {v:.2f}" for t, v in (r.tags or {}).items())
+        body.append(html.Tr([
+            html.Td([html.Span(className="ms-swatch", style={"backgroundColor": F.expert_color(int(r.expert))}),
+                     f"E{int(r.expert)}"]),
+            html.Td([*toks, more] if toks else "–"),
+            html.Td("–" if pd.isna(r.share) else f"{r.share:.2f}"),
+            html.Td(f"{r.chance:.3g}"),
+            html.Td(tags or "–"),
+        ], title=r.text))
+    parts = [html.Table([html.Thead(head), html.Tbody(body)], className="ms-exptable", id="tok-experts")]
+    if note:
+        parts.insert(0, C.message(note, "info", id="tok-decoder-note"))
+    return html.Div(parts)
+
+
 def seq_key(rank: Any, tag: Any, seq: Any) -> str:
     """The URL value naming a sequence of a step: 'RANK:TAG:SEQ' (tags may hold ':', ranks and seqs do not)."""
     return f"{int(rank)}:{tag}:{int(seq)}"
@@ -60,8 +92,9 @@ def layout(**query: Any) -> html.Div:
 
 
 def _page(data: Any, state: Any, query: dict[str, Any]) -> html.Div:
-    head = C.header("Tokens", "Which experts each token went to, in every layer (token-level traces only). "
-                    "Bytes are shown as characters: ␣ space, ↵ newline.")
+    head = C.header("Tokens", "Which experts each token went to, in every layer (token-level traces only), and "
+                    "what each expert takes. Token ids are decoded with the run's tokenizer (␣ space, ↵ newline); "
+                    "a run that records none shows ids as #id.")
     if state.run is None or state.layer is None:
         return html.Div([head, C.message("This trace has no MoE layers to show.", "warn")])
     run, layer = state.run, state.layer
@@ -102,6 +135,12 @@ def _page(data: Any, state: Any, query: dict[str, Any]) -> html.Div:
             C.card(
                 C.guard("token strip", lambda: _strip(tok, layer)),
                 title=f"Layer {layer}: the sequence coloured by first-choice expert (hover a token for all experts)",
+            ),
+            C.card(
+                C.guard("expert tokens", lambda: _experts_table(data, run, layer)),
+                title=f"Layer {layer}: what each expert takes (the token ids, seen 5+ times in the whole run, with "
+                      "the largest share of their occurrences routed to it; share vs chance k/N; share of its "
+                      "load by tag)",
             ),
         ]
     )

@@ -19,6 +19,17 @@ def _dead_below(data: Any) -> float | None:
     return rc.fail_below if rc.enabled else None
 
 
+def _precision_card(data: Any, run: str, layer: int, steps: Any) -> Any:
+    """The float32 flip rate per layer (record(..., precision_check=True)); nothing when the run has no rows."""
+    prec = data.precision(run, steps)
+    if prec.empty:
+        return None
+    rc = data.config.rule("precision")
+    warn = rc.warn_above if rc.enabled else None
+    return C.card(C.guard("precision", lambda: C.figure(
+        data, "util-precision", (run, layer, steps, warn), lambda: F.precision_bars(prec, layer, warn))))
+
+
 def layout(**query: Any) -> html.Div:
     """The utilization page for the URL's query parameters."""
     data, state = C.page_state(query)
@@ -51,5 +62,6 @@ def layout(**query: Any) -> html.Div:
             ),
             C.card(C.guard("layer heatmap", lambda: C.figure(
                 data, "util-layers", key, lambda: F.layer_expert_heatmap(data.layer_utilization(run, steps), layer)))),
+            C.guard("precision", lambda: _precision_card(data, run, layer, steps)),
         ]
     )

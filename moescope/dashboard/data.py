@@ -9,6 +9,7 @@ Aggregates over the big token-level table are computed once per run and kept.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import threading
@@ -27,6 +28,7 @@ from moescope.analysis import rules as _rules
 from moescope.analysis import whatif
 from moescope.analysis.live import version_of
 from moescope.analysis.selection import Selection
+from moescope.analysis.vocab import Decoder, decoder_for
 from moescope.config import HealthConfig, as_config, default_config_path
 from moescope.format.storage import as_path
 
@@ -68,20 +70,10 @@ def _null(x: Any) -> bool:
     return x is None or x is np.ma.masked or x != x
 
 
-def token_text(token_id: Any) -> str:
-    """How a token shows on screen: its byte as a character for ids < 256 (visible whitespace), else '#id'."""
-    try:
-        t = int(token_id)
-    except (TypeError, ValueError):
-        return "?"
-    if 0 <= t < 256:
-        special = {9: "⇥", 10: "↵", 13: "␍", 32: "␣"}
-        if t in special:
-            return special[t]
-        if 33 <= t < 127:
-            return chr(t)
-        return f"\\x{t:02x}"  # control bytes and UTF-8 fragments: unambiguous hex
-    return f"#{t}"
+def token_text(token_id: Any, decoder: Decoder | None = None) -> str:
+    """How a token shows on screen: its run's decoder's text (`DashboardData.decoder`); without a decoder
+    '#id', since an id is never guessed to be a byte."""
+    return (decoder or decoder_for(None)).text(token_id)
 
 
 @dataclass
@@ -610,10 +602,90 @@ class DashboardData:
             df["weights"] = df["weights"].map(
                 lambda v: [math.nan if _null(x) else float(x) for x in v] if v is not None else [])
             df["expert0"] = df["experts"].map(lambda v: next((e for e in v if e >= 0), -1))  # first expert reached
-            df["text"] = df["token_id"].map(token_text)
+            dec = self.decoder(run)
+            df["text"] = df["token_id"].map(lambda t: token_text(t, dec))
             return df
 
         return self._cached(("token_routing", run, int(step), int(seq), tag, rank), compute, runs=run)
+
+    def decoder(self, run: str) -> Decoder:
+        """How `run`'s token ids show: its manifest's tokenizer (bytes, an HF tokenizer found locally), else ids."""
+        try:
+            source = (self.trace.manifest(run).get("model") or {}).get("tokenizer")
+        except KeyError:  # not a run of this trace: nothing says how its ids decode
+            source = None
+        return decoder_for(source)
+
+    def expert_tokens(self, run: str, steps: tuple[int, int] | None = None, top: int = 8,
+                      min_count: int = 5) -> pd.DataFrame:
+        """Per layer × expert of `run`: the tokens it takes most, decoded, share vs chance, tag shares and the
+        sentence (Trace.vocab_specialization(per_expert=True) over the selected steps, one window)."""
+        return self._cached(
+            ("expert_tokens", run, steps, int(top), int(min_count)),
+            lambda: self.trace.vocab_specialization(run=run, window="all", steps=steps, per_expert=True, top=top,
+                                                    min_count=min_count),
+            runs=run,
+        )
+
+    # -- precision sensitivity and flight dumps (the Utilization and Flight pages) ----------------------
+
+    def precision(self, run: str, steps: tuple[int, int] | None = None) -> pd.DataFrame:
+        """Per layer of `run`: sampled, flipped, flip_rate of the float32 re-route (empty: not recorded)."""
+        from moescope.analysis.metrics import precision
+
+        sel = Selection.of(_clean({"run": run, "steps": steps}))
+        return self._cached(("precision", run, steps), lambda: precision(self.trace.cursor(), sel), runs=run)
+
+    def flight_dumps(self) -> pd.DataFrame:
+        """Every flight dump under the trace's runs, oldest first: run, name, step, rank, reason, alerts, layers,
+        error (a dump whose meta.json cannot be read is listed with why). Not cached: dumps appear at any time."""
+        from moescope.analysis.explain import find_dumps
+
+        rows = []
+        for run, run_dir in self.trace.run_dirs.items():
+            if not isinstance(run_dir, Path):  # an object-store run: dumps are read from local folders only
+                continue
+            for path in find_dumps([run_dir]):
+                row: dict[str, Any] = {"run": run, "name": path.name, "step": None, "rank": None, "reason": "",
+                                       "alerts": "", "layers": "", "error": "", "path": str(path)}
+                try:
+                    meta = json.loads((path / "meta.json").read_text(encoding="utf-8"))
+                    alerts = meta.get("alerts") or []
+                    row.update(step=int(meta["step"]), rank=int(meta.get("rank", 0)), reason=str(meta["reason"]),
+                               alerts="; ".join(f"{a.get('status')} {a.get('rule')}: {a.get('message')}"
+                                                for a in alerts),
+                               layers=", ".join(str(ly["layer"]) for ly in meta["layers"]))
+                except (OSError, ValueError, KeyError, TypeError) as e:
+                    row["error"] = f"{path / 'meta.json'}: not a readable flight dump ({type(e).__name__})"
+                rows.append(row)
+        cols = ["run", "name", "step", "rank", "reason", "alerts", "layers", "error", "path"]
+        return pd.DataFrame(rows, columns=cols)
+
+    def flight_findings(self, run: str, name: str) -> tuple[str, pd.DataFrame]:
+        """One dump's heading and its `moescope explain` findings, problems first: severity, kind, text, numbers.
+
+        A dump that is not in the trace is a KeyError; a damaged one a TraceError naming the file."""
+        from moescope.analysis.explain import explain, find_dumps, read_dump
+
+        run_dir = self.trace.run_dirs.get(run)
+        paths = [p for p in find_dumps([run_dir]) if p.name == name] if isinstance(run_dir, Path) else []
+        if not paths:
+            raise KeyError(f"no flight dump {name!r} in run {run!r}")
+        path = paths[0]
+        stamp = (path / "evidence.safetensors").stat().st_mtime_ns if (path / "evidence.safetensors").exists() else 0
+
+        def compute() -> tuple[str, pd.DataFrame]:
+            d = read_dump(path)
+            findings = sorted(explain(d), key=lambda f: f.severity != "problem")  # problems of every layer first
+            alerts = d.meta.get("alerts") or []
+            head = f"{name}: written at step {d.step} ({d.meta.get('reason', '?')}" + (
+                f": {alerts[0].get('message')}" if alerts else "") + ")"
+            df = pd.DataFrame([{"severity": f.severity, "kind": f.kind, "text": f.text,
+                                "numbers": ", ".join(f"{k}={_short(v)}" for k, v in f.numbers.items())}
+                               for f in findings], columns=["severity", "kind", "text", "numbers"])
+            return head, df
+
+        return self.cache.get(("flight_findings", str(path), stamp), compute)
 
     # -- systems what-ifs (the Systems page) ---------------------------------------------------------
 
@@ -696,6 +768,15 @@ class DashboardData:
         elif truncated:
             msg += f" (cut at {n} rows)"
         return SqlResult(frame=df, message=msg, ok=True, truncated=truncated, seconds=dt)
+
+
+def _short(v: Any) -> str:
+    """A finding's number for a table cell: 4 significant digits, lists cut at 8 items."""
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(_short(x) for x in v[:8]) + (", …" if len(v) > 8 else "") + "]"
+    return str(v)
 
 
 def _runs_of(*sels: Mapping[str, Any] | None) -> list[str] | None:

@@ -482,6 +482,31 @@ def drift_bars(drift: pd.DataFrame, tv_threshold: float = 0.05) -> go.Figure:
     return fig
 
 
+def precision_bars(prec: pd.DataFrame, layer: int | None = None, warn_above: float | None = None) -> go.Figure:
+    """Per layer: the share of sampled tokens whose experts change when the router runs in float32 (flip rate),
+    the selected layer highlighted, the precision rule's WARN line."""
+    title = "Precision sensitivity: tokens that change experts in float32"
+    if prec.empty:
+        return empty_figure(title, "not recorded (record(..., precision_check=True))")
+    df = prec.sort_values("layer")
+    x = [f"L{int(v)}" for v in df["layer"]]
+    colors = [status_color("WARN") if warn_above is not None and pd.notna(r) and r > warn_above else "#4269d0"
+              for r in df["flip_rate"]]
+    line = [2 if layer is not None and int(v) == int(layer) else 0 for v in df["layer"]]
+    fig = _fig(title, "layer", "flip rate", height=300)
+    fig.add_trace(go.Bar(x=x, y=df["flip_rate"], marker={"color": colors, "line": {"width": line, "color": INK}},
+                         customdata=df[["flipped", "sampled"]].to_numpy(), name="flip rate",
+                         hovertemplate="%{x}<br>%{customdata[0]} of %{customdata[1]} sampled tokens flipped"
+                                       "<br>flip rate %{y:.2%}<extra></extra>"))
+    if warn_above is not None:
+        fig.add_hline(y=warn_above, line={"color": status_color("WARN"), "dash": "dot", "width": 1},
+                      annotation_text=f"WARN above {warn_above:.2%}", annotation_position="top right",
+                      annotation_font={"size": 11, "color": MUTED})
+    fig.update_yaxes(tickformat=".1%", rangemode="tozero")
+    fig.update_xaxes(categoryorder="array", categoryarray=x)
+    return fig
+
+
 def expert_deltas(base: pd.DataFrame, cur: pd.DataFrame, layer: int) -> go.Figure:
     """Per expert in one layer: current minus baseline share of assignments (percentage points)."""
     title = f"Layer {layer}: change in each expert's share of assignments (current − baseline)"

@@ -192,7 +192,7 @@ def make_trace(
                 "run": run,
                 "created": "2026-01-01T00:00:00Z",
                 "moescope_version": "synthetic",
-                "model": {"class": "Synthetic", "n_params": 0},
+                "model": {"class": "Synthetic", "n_params": 0, "tokenizer": "bytes"},  # its token ids are bytes
                 "layers": [
                     {"layer": i, "module": f"layers.{i}.moe.router", "n_experts": shape.experts,
                      "top_k": shape.top_k, "router_kind": "softmax_topk"}

@@ -106,9 +106,12 @@ def test_worst_status_and_token_text() -> None:
     assert D.worst_status(["PASS", "WARN", "SKIP"]) == "WARN"
     assert D.worst_status(["PASS", "ERROR", "FAIL"]) == "ERROR"
     assert D.worst_status([]) == ""
-    assert [D.token_text(t) for t in (65, 32, 10, 9, 0, 200, 300, None)] == [
+    from moescope.analysis.vocab import decoder_for
+
+    assert [D.token_text(t, decoder_for("bytes")) for t in (65, 32, 10, 9, 0, 200, 300, None)] == [
         "A", "␣", "↵", "⇥", "\\x00", "\\xc8", "#300", "?"
     ]
+    assert D.token_text(65) == "#65"  # a run that records no tokenizer: an id is never guessed to be a byte
 
 
 def test_drift_sides() -> None:
