@@ -49,7 +49,7 @@ from moescope.capture.recorder import RecordError, find_routers  # noqa: E402
 
 pytestmark = pytest.mark.hf
 
-from transformers import AutoModelForCausalLM  # noqa: E402
+from transformers import AutoModel, AutoModelForCausalLM  # noqa: E402
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING  # noqa: E402
 
 B, S, E, K = 3, 7, 8, 2  # batch, sequence length, experts, top-k of every tiny model
@@ -92,7 +92,7 @@ class Case:
     """One 4.x family: how to build it and where this test reads its ground truth."""
 
     model_type: str
-    truth: str = "dispatch"  # "dispatch", "dispatch_grouped", "experts_args" or "router" (module docstring)
+    truth: str = "dispatch"  # "dispatch", "dispatch_grouped", "experts_args", "router", "scores"
     gate: str | None = "gate"  # the block's nn.Linear gate, hooked for the logits (None: no logits to compare)
     overrides: dict[str, Any] = field(default_factory=dict)
     router_logits: bool = False  # output_router_logits returns the gate logits
@@ -100,6 +100,8 @@ class Case:
     aux: bool = False  # aux_loss is load_balancing_loss_func over those logits: recomputable from the trace
     norm: bool | None = None  # the block's norm_topk_prob, set both ways across cases (selection_norm)
     setup: Callable[[Any], None] | None = None
+    base: bool = False  # build the base model (AutoModel: text towers of multimodal families)
+    probs: str = "softmax"  # the family's router probabilities (prob_sum in expert_load)
 
 
 def _bias(model: Any) -> None:
@@ -112,6 +114,7 @@ def _bias(model: Any) -> None:
 
 
 MIX = {"router_logits": True, "aux": True}
+MROPE = {"rope_scaling": {"rope_type": "default", "mrope_section": [2, 1, 1]}}  # text towers: 3-D rope of head_dim 8
 CASES: dict[str, Case] = {
     "mixtral": Case("mixtral", **MIX),
     "minimax": Case("minimax", overrides={"layer_types": ["full_attention", "full_attention"]}, **MIX),
@@ -151,6 +154,11 @@ CASES: dict[str, Case] = {
     "ernie4_5_moe": Case("ernie4_5_moe", overrides={"moe_num_experts": E, "moe_k": K, "moe_num_shared_experts": 1,
                                                     "moe_layer_start_index": 0}, setup=_bias, router_logits=True,
                          biased=True),
+    "qwen3_vl_moe": Case("qwen3_vl_moe_text", truth="experts_args", base=True, overrides=MROPE),
+    "glm4v_moe": Case("glm4v_moe_text", gate=None, base=True, setup=_bias,
+                      overrides={"rope_scaling": {"rope_type": "default", "mrope_section": [1, 1, 0]}}),
+    "llama4": Case("llama4_text", truth="scores", gate=None, probs="sigmoid",
+                   overrides={"intermediate_size_mlp": 64, "interleave_moe_layer_step": 1}),
     "granitemoe": Case("granitemoe", truth="router", gate=None),
     "granitemoeshared": Case("granitemoeshared", truth="router", gate=None),
     "jetmoe": Case("jetmoe", truth="router", gate=None),
@@ -169,7 +177,7 @@ def build(case: Case) -> Any:
         kw["norm_topk_prob"] = case.norm
     kw.update(case.overrides)
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(cls(**kw)).eval()
+    model = (AutoModel if case.base else AutoModelForCausalLM).from_config(cls(**kw)).eval()
     if case.setup is not None:
         case.setup(model)
     return model
@@ -240,6 +248,9 @@ def truth_hooks(model: Any, case: Case, calls: dict[str, list[dict[str, Any]]]) 
         elif case.truth == "experts_args":
             handles.append(block.register_forward_pre_hook(_new_call(name, calls)))
             handles.append(block.experts.register_forward_pre_hook(_experts_args(name, case, calls), with_kwargs=True))
+        elif case.truth == "scores":
+            # Llama 4: the router's scores [T, E] (sigmoid of the top-k logits, 0 elsewhere) scale the experts' input
+            handles.append(block.router.register_forward_hook(_scores(name, calls)))
         else:
             handles.append(block.register_forward_hook(_sorted_router(name, calls)))
         if case.gate is not None:
@@ -281,10 +292,23 @@ def _experts_args(name: str, case: Case, calls: dict[str, list[dict[str, Any]]])
         if case.model_type == "gpt_oss":  # experts(hidden, router_indices=ids [T, k], routing_weights=[T, E] dense)
             ids, dense = kwargs["router_indices"], kwargs["routing_weights"]
             w = dense.reshape(ids.shape[0], -1).gather(-1, ids)
+        elif case.model_type == "qwen3_vl_moe_text":  # experts(hidden, router_weights [T, E] dense, router_indices)
+            ids, dense = args[2], args[1]
+            w = dense.reshape(ids.shape[0], -1).gather(-1, ids)
         else:  # DBRX: experts(x, weights [T, E], top_weights [T, k], top_experts [T, k])
             ids, w = args[3], args[2]
         order = torch.argsort(ids, dim=-1)
         calls[name][-1].update(ids=ids.gather(-1, order), weights=w.gather(-1, order).detach())
+
+    return hook
+
+
+def _scores(name: str, calls: dict[str, list[dict[str, Any]]]) -> Callable[..., None]:
+    def hook(module: Any, args: Any, out: Any) -> None:
+        scores, logits = out  # [T, E] each
+        ids = torch.sort(torch.topk((scores != 0).float(), K, dim=-1).indices, dim=-1).values  # [T, K]
+        assert bool(((scores != 0).sum(-1) == K).all())
+        calls[name].append({"ids": ids, "weights": scores.gather(-1, ids).detach(), "logits": logits.detach()})
 
     return hook
 
@@ -353,7 +377,7 @@ def check_trace(case: Case, run: Path, calls: dict[str, list[dict[str, Any]]], o
     for entry, block in zip(layers, blocks):
         # moescope hooks the block itself or its router child: either way the layer is this block's
         assert entry["module"] == block or entry["module"].startswith(block + "."), (entry["module"], block)
-        assert (entry["n_experts"], entry["top_k"]) == (E + int(case.overrides.get("zero_expert_num", 0)), K)
+        assert (entry["n_experts"], entry["top_k"]) == (E + case.overrides.get("zero_expert_num", 0), K)
     routing, load, stats = read(run, "routing"), read(run, "expert_load"), read(run, "router_stats")
     for step, (_x, mask) in enumerate(batches()):
         valid = mask.reshape(-1).bool()  # [B*S]
@@ -373,7 +397,8 @@ def check_trace(case: Case, run: Path, calls: dict[str, list[dict[str, Any]]], o
             if "logits" in truth:
                 lse_sq = torch.logsumexp(truth["logits"][valid], -1).pow(2).sum().item()
                 assert math.isclose(float(st.lse_sq_sum.iloc[0]), lse_sq, rel_tol=1e-5), f"{block}: z-loss sum"
-                probs = torch.softmax(truth["logits"][valid], -1)  # [T, E]
+                lv = truth["logits"][valid]
+                probs = torch.sigmoid(lv) if case.probs == "sigmoid" else torch.softmax(lv, -1)  # [T, E]
                 ps = lo.prob_sum.to_numpy()
                 np.testing.assert_allclose(ps, probs.sum(0).numpy(), rtol=1e-4, atol=1e-5)
             else:  # the router returns no logits: none are invented (no z-loss sum, no probability mass)
@@ -475,3 +500,86 @@ def test_phimoe_in_training_stops_capture_not_the_forward(tmp_path: Path) -> Non
     manifest = json.loads((tmp_path / "t" / "manifest.json").read_text())
     disabled = manifest["counters"].get("disabled_layers", [])
     assert sorted(d["layer"] for d in disabled) == [0, 1], manifest["counters"]
+
+
+def test_switch_transformers_v4_dispatch_and_dropped(tmp_path: Path) -> None:
+    """Switch (4.x): the one-hot dispatch after capacity is stored as the router returned it; a dropped token keeps
+    the expert it chose (argmax of its logits) and is counted in router_stats.dropped."""
+    from transformers import SwitchTransformersConfig, SwitchTransformersEncoderModel
+
+    cfg = SwitchTransformersConfig(
+        vocab_size=128, d_model=32, d_ff=64, d_kv=8, num_heads=4, num_layers=2, num_sparse_encoder_layers=1,
+        num_decoder_layers=1, num_sparse_decoder_layers=1, num_experts=4, expert_capacity=3,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = SwitchTransformersEncoderModel(cfg).eval()
+    calls: dict[str, list[Any]] = {}
+
+    def hook(name: str) -> Callable[..., None]:
+        def h(module: Any, args: Any, out: Any) -> None:
+            calls.setdefault(name, []).append(tuple(t.detach().clone() for t in out))  # (mask, max prob, logits)
+
+        return h
+
+    routers = {n: m for n, m in model.named_modules() if type(m).__name__ == "SwitchTransformersTop1Router"}
+    handles = [m.register_forward_hook(hook(n)) for n, m in routers.items()]
+    x = torch.randint(3, 100, (2, 8), generator=torch.Generator().manual_seed(0))
+    with moescope.record(model, tmp_path / "sw", tokens=1.0), torch.no_grad():
+        model(input_ids=x)
+    for h in handles:
+        h.remove()
+    layers = json.loads((tmp_path / "sw" / "manifest.json").read_text())["layers"]
+    assert [e["module"] for e in layers] == list(routers) and all(e["top_k"] == 1 for e in layers)
+    routing, stats = read(tmp_path / "sw", "routing"), read(tmp_path / "sw", "router_stats")
+    n_dropped = 0
+    for entry in layers:
+        mask, max_prob, logits = calls[entry["module"]][0]
+        mask, logits = mask.reshape(-1, 4), logits.reshape(-1, 4)
+        dropped = mask.sum(-1) == 0  # [T]: over capacity
+        ids = torch.where(dropped, logits.argmax(-1), mask.argmax(-1))
+        rows = routing[routing.layer == entry["layer"]].sort_values(["seq", "pos"])
+        got = torch.as_tensor(np.stack(rows.experts.to_numpy()).astype(np.int64)).reshape(-1)
+        assert torch.equal(got, ids)
+        got_w = torch.as_tensor(np.stack(rows.weights.to_numpy()).astype(np.float32)).reshape(-1)
+        assert torch.equal(got_w, max_prob.reshape(-1).half().float())
+        assert int(stats[stats.layer == entry["layer"]].dropped.iloc[0]) == int(dropped.sum())
+        n_dropped += int(dropped.sum())
+    assert n_dropped > 0, "capacity 3 over 8 tokens should drop some: the dropped path went untested"
+
+
+@pytest.mark.parametrize("block_cls", ["Qwen3OmniMoeThinkerTextSparseMoeBlock", "Qwen3OmniMoeTalkerTextSparseMoeBlock"])
+@pytest.mark.parametrize("norm", [False, True])
+def test_qwen3_omni_blocks_alone_are_read_exactly(block_cls: str, norm: bool) -> None:
+    """Qwen3-Omni's text blocks (the family needs a whole multimodal model end to end): the block alone, fed random
+    hidden states, is read by its spec exactly as the one-hot expert probe sees it dispatched."""
+    from transformers.models.qwen3_omni_moe import configuration_qwen3_omni_moe as conf
+    from transformers.models.qwen3_omni_moe import modeling_qwen3_omni_moe as mod
+
+    from moescope.capture import adapters as A
+
+    cfg_cls = conf.Qwen3OmniMoeTalkerTextConfig if "Talker" in block_cls else conf.Qwen3OmniMoeTextConfig
+    params = set(inspect.signature(cfg_cls.__init__).parameters)
+    cfg = cfg_cls(**{k: v for k, v in {**TINY, "norm_topk_prob": norm}.items() if k in params})
+    cfg.shared_expert_intermediate_size = 32  # the talker block reads it; 4.57's talker config does not declare it
+    torch.manual_seed(0)
+    block = getattr(mod, block_cls)(cfg).eval()
+    spec = A.resolve(block)
+    assert spec is not None and spec.family == "qwen3_omni_moe"
+    assert spec.selection == ("softmax_topk_norm" if norm else "softmax_topk")
+    calls: dict[str, list[dict[str, Any]]] = {"b": []}
+    handles = [e.register_forward_hook(_onehot_out(i)) for i, e in enumerate(block.experts)]
+    for attr in ("shared_expert", "shared_experts"):
+        if isinstance(getattr(block, attr, None), torch.nn.Module):
+            handles.append(getattr(block, attr).register_forward_hook(_zeros_out))
+    handles += [block.register_forward_pre_hook(_new_call("b", calls)), block.register_forward_hook(_dispatched("b", calls))]
+    hidden = torch.randn(2, 5, cfg.hidden_size)
+    with torch.no_grad():
+        out = block(hidden)
+    for h in handles:
+        h.remove()
+    n, k = A.router_shape(block, spec, None)
+    assert (n, k) == (E, K)
+    ev = A.extract_router_output(spec, out, n, k, module=block, args=(hidden,))
+    o = torch.argsort(ev.ids, dim=-1)
+    assert torch.equal(ev.ids.gather(-1, o), calls["b"][0]["ids"])
+    assert torch.equal(ev.weights.gather(-1, o), calls["b"][0]["weights"].float())
