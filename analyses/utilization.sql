@@ -40,14 +40,16 @@ JOIN step_win w ON r.run = w.run AND r.step = w.step
 GROUP BY r.run, r.layer, w.win
 
 -- stage: cells
-SELECT run, layer, win, SUM(c) AS assignments
+-- has_prob: the window recorded router probabilities at all (NULL prob_sum: a spec or importer that reads none);
+-- only then does an expert without rows have P_e = 0, else P_e (and the aux loss) stay unknown, never 0
+SELECT run, layer, win, SUM(c) AS assignments, COUNT(prob_sum) > 0 AS has_prob
 FROM load_w
 GROUP BY run, layer, win
 
 -- stage: dense
 SELECT c.run, c.layer, c.win, x.expert, li.n_experts, li.top_k,
        COALESCE(l.c, 0) AS c,
-       COALESCE(l.prob_sum, 0) AS prob_sum,
+       CASE WHEN c.has_prob THEN COALESCE(l.prob_sum, 0) END AS prob_sum,
        COALESCE(NULLIF(r.tokens, 0), c.assignments / li.top_k) AS t
 FROM cells c
 JOIN layer_info li ON li.run = c.run AND li.layer = c.layer

@@ -196,3 +196,22 @@ def test_similarity_reader(make_run, trace_root):
     assert list(df.columns) == ["run", "step", "layer", "expert_a", "expert_b", "metric", "value"]
     assert len(df) == 2
     assert list(tr.similarity(run="s", metric="cka")["value"]) == [0.95]
+
+
+def test_no_router_probabilities_leave_aux_loss_unknown(make_run, trace_root):
+    """A run whose spec (or importer) read no probabilities stores NULL prob_sum: P_e and the aux loss are unknown,
+    never 0 (an expert without rows gets P_e = 0 only where the window recorded probabilities at all)."""
+    el = load_frame([(0, 0, [60, 40, 0, 0])])
+    el = el[el["expert"] < 2].assign(prob_sum=None)
+    make_run("np", layers=[layer_spec(0, 4, 2)], expert_load=el,
+             router_stats=stats_frame([{"step": 0, "layer": 0, "tokens": 50}]))
+    make_run("p", layers=[layer_spec(0, 4, 2)], expert_load=load_frame([(0, 0, [60, 40, 0, 0])],
+                                                                        prob=[[30, 20, 0, 0]]),
+             router_stats=stats_frame([{"step": 0, "layer": 0, "tokens": 50}]))
+    tr = moescope.open(trace_root)
+    u = tr.utilization(run="np").sort_values("expert")
+    assert u["mean_prob"].isna().all() and np.allclose(u["utilization"], [2.4, 1.6, 0.0, 0.0])
+    lm = tr.load_metrics(window="all")
+    aux = dict(zip(lm["run"], lm["aux_loss"]))
+    assert math.isnan(aux["np"]) or aux["np"] is None
+    assert aux["p"] == pytest.approx(4 * (0.6 * 0.6 + 0.4 * 0.4))  # N Σ f_e P_e with P = prob_sum / T
