@@ -78,6 +78,8 @@ class FlightRing:
         """Copy the first S tokens of one router call into the current slot (once per layer and step; eager)."""
         if self.step is None or self._written.get(layer) == self.step or x is None:
             return
+        if x.is_cuda and torch.cuda.is_current_stream_capturing():
+            return  # a CUDA graph would replay this slot choice forever: the ring is eager-only
         ids, w = ev.ids, ev.weights  # [T, k]
         t = ids.shape[0]
         xs = x.detach().reshape(-1, x.shape[-1])  # [T, H]
