@@ -45,3 +45,29 @@ def routing_frame(rows: Iterable[dict[str, Any]]) -> pd.DataFrame:
     return pd.DataFrame(out)
 
 
+
+
+def flight_dump(run_dir: Any, name: str, step: int, logits: Any, ids: Any, token_ids: Sequence[int] | None = None,
+                n_experts: int = 4, reason: str = "alert", alerts: Sequence[dict[str, Any]] = ()) -> Any:
+    """A one-layer flight dump written as capture/flight.py writes one (evidence.safetensors + meta.json) from
+    logits [R, E] and dispatched ids [R, k]; router inputs are ones [R, 3], rows one sequence of R tokens at `step`."""
+    import json
+    from pathlib import Path
+
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    logits, ids = np.asarray(logits, np.float32), np.asarray(ids, np.int64)
+    rows = len(logits)
+    folder = Path(run_dir) / "flight" / name
+    folder.mkdir(parents=True)
+    tok = np.asarray(token_ids if token_ids is not None else range(rows), np.int64)
+    save_file({"layer0.x": np.ones((rows, 3), np.float32), "layer0.logits": logits, "layer0.ids": ids,
+               "layer0.weights": np.full(ids.shape, 1.0 / ids.shape[1], np.float32), "layer0.token_ids": tok,
+               "layer0.step": np.full(rows, step), "layer0.row": np.arange(rows), "layer0.seq_len": np.full(rows, rows)},
+              str(folder / "evidence.safetensors"))
+    meta = {"format": "moescope-flight", "version": 1, "reason": reason, "step": step, "rank": 0, "alerts": list(alerts),
+            "layers": [{"layer": 0, "n_experts": n_experts, "top_k": int(ids.shape[1]), "param_dtype": "torch.float32",
+                        "probs": "softmax", "steps": [step], "rows": rows}]}
+    (folder / "meta.json").write_text(json.dumps(meta))
+    return folder

@@ -3,7 +3,6 @@ a flight dump written the way capture/flight.py writes one (safetensors + meta.j
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -12,9 +11,9 @@ import pandas as pd
 import pytest
 
 pytest.importorskip("dash")
-safetensors_numpy = pytest.importorskip("safetensors.numpy")
+pytest.importorskip("safetensors")
 
-from trace_helpers import layer_spec, load_frame, routing_frame  # noqa: E402
+from trace_helpers import flight_dump, layer_spec, load_frame, routing_frame  # noqa: E402
 
 from moescope import dashboard as glue  # noqa: E402
 
@@ -23,20 +22,9 @@ D = glue.data
 
 def _dump(run_dir: Path, name: str, step: int) -> Path:
     """A one-layer dump of 4 sampled tokens at `step`; token 42 (seq 0, pos 2) has NaN logits, finite input."""
-    folder = run_dir / "flight" / name
-    folder.mkdir(parents=True)
-    logits = np.array([[1.0, 0.5, 0.2, 0.1], [0.3, 1.2, 0.1, 0.0], [np.nan] * 4, [0.9, 0.1, 0.8, 0.0]], np.float32)
-    tensors = {"layer0.x": np.ones((4, 3), np.float32), "layer0.logits": logits,  # x [R, H], logits [R, E]
-               "layer0.ids": np.array([[0, 1], [1, 0], [0, 1], [0, 2]], np.int64),  # [R, k]
-               "layer0.weights": np.full((4, 2), 0.5, np.float32), "layer0.token_ids": np.array([40, 41, 42, 43]),
-               "layer0.step": np.full(4, step), "layer0.row": np.arange(4), "layer0.seq_len": np.full(4, 8)}
-    safetensors_numpy.save_file(tensors, str(folder / "evidence.safetensors"))
-    meta = {"format": "moescope-flight", "version": 1, "reason": "alert", "step": step, "rank": 0,
-            "alerts": [{"rule": "nonfinite", "status": "FAIL", "layer": 0, "message": "layer 0: 1 non-finite"}],
-            "layers": [{"layer": 0, "n_experts": 4, "top_k": 2, "param_dtype": "torch.float32", "probs": "softmax",
-                        "steps": [step], "rows": 4}]}
-    (folder / "meta.json").write_text(json.dumps(meta))
-    return folder
+    logits = [[1.0, 0.5, 0.2, 0.1], [0.3, 1.2, 0.1, 0.0], [np.nan] * 4, [0.9, 0.1, 0.8, 0.0]]  # [R, E]
+    return flight_dump(run_dir, name, step, logits, [[0, 1], [1, 0], [0, 1], [0, 2]], token_ids=[40, 41, 42, 43],
+                       alerts=[{"rule": "nonfinite", "status": "FAIL", "layer": 0, "message": "layer 0: 1 non-finite"}])
 
 
 def _app_layout(root: Path, page: str, **query: str) -> str:
