@@ -41,13 +41,16 @@ def is_url(x: object) -> bool:
 
 
 def storage_options() -> dict[str, Any]:
-    """The fsspec options of `MOESCOPE_STORAGE_OPTIONS` ({} when unset); a malformed value is a ValueError."""
+    """The fsspec options of `MOESCOPE_STORAGE_OPTIONS` ({} when unset); a malformed value is an OSError (usage)."""
     raw = os.environ.get(OPTIONS_ENV, "").strip()
     if not raw:
         return {}
-    opts = json.loads(raw)
+    try:
+        opts = json.loads(raw)
+    except ValueError:
+        opts = None
     if not isinstance(opts, dict):
-        raise ValueError(f"{OPTIONS_ENV} must be a JSON object, got {raw[:60]!r}")
+        raise OSError(f"{OPTIONS_ENV} must be a JSON object like '{{\"anon\": true}}', got {raw[:60]!r}")
     return opts
 
 

@@ -139,6 +139,9 @@ def test_check_and_report_read_s3(s3: str, tmp_path: Path) -> None:
     assert norm(rep.stdout, f"{s3}/cli") == norm(loc.stdout, str(tmp_path)) and "run run-b" in rep.stdout
     missing = cli("check", f"{s3}/no-such-prefix")
     assert missing.returncode == 3 and "no such trace" in missing.stderr
+    env["MOESCOPE_STORAGE_OPTIONS"] = "{not json"
+    bad = cli("check", f"{s3}/cli")
+    assert bad.returncode == 2 and "MOESCOPE_STORAGE_OPTIONS must be a JSON object" in bad.stderr
 
 
 def test_live_refresh_and_dashboard_data_on_s3(s3: str, tmp_path: Path) -> None:
