@@ -113,11 +113,7 @@ def scan_files(tr: Trace) -> bool:
         tr._manifest_stamps = stamps
         changed = True
     for info in tr._runs:
-        try:
-            listing = _list_parts(info.path)
-        except TraceError as e:  # a compaction record that kept changing: keep what is known, retry next time
-            tr.refresh_error = str(e)
-            continue
+        listing = _list_parts(info.path)  # TraceError (a bad compaction record): refresh() keeps what is known
         for table in TABLES:
             listed = listing.get(table, [])
             known = info.files.get(table, [])

@@ -352,3 +352,20 @@ def test_readers_exact_while_a_live_recorder_and_a_compaction_run(tmp_path: Path
         final = {(s, ly, e): n for s, ly, e, n in tr.sql(
             "SELECT step, layer, expert, sum(tokens) FROM expert_load GROUP BY ALL").fetchall() if n}
     assert final == truth
+
+
+def test_damaged_compaction_record_is_an_error_naming_it(tmp_path: Path) -> None:
+    from moescope.format.manifest import TraceError
+
+    want = _build(tmp_path, steps=3, ranks=1)
+    run = tmp_path / "run"
+    compact_run(run)
+    live = moescope.open(tmp_path)
+    (run / RECORD).write_text('{"generation": "x"')  # torn by hand: never written this way (atomic replace)
+    try:
+        assert live.refresh() is False and RECORD in (live.refresh_error or "")
+        assert _totals(live) == want  # keeps serving what it had
+    finally:
+        live.close()
+    with pytest.raises(TraceError, match="unreadable compaction record"):
+        moescope.open(tmp_path)
