@@ -140,8 +140,13 @@ def run_decoders(trace: Any, runs: Iterable[str] | None = None) -> dict[str, Dec
     return out
 
 
+def quoted(text: str) -> str:
+    """A token in backticks, as Markdown quotes code: `` ` `` for a token holding a backtick."""
+    return f"`` {text} ``" if "`" in text else f"`{text}`"
+
+
 def _quoted(texts: list[str]) -> str:
-    return ", ".join(f"`{t}`" for t in texts)
+    return ", ".join(quoted(t) for t in texts)
 
 
 def describe_expert(row: Mapping[str, Any], min_count: int | None = None) -> str:

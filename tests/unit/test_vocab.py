@@ -9,7 +9,7 @@ import pytest
 from trace_helpers import layer_spec, load_frame, routing_frame
 
 import moescope
-from moescope.analysis.vocab import NO_TOKENIZER, byte_text, decoder_for, visible
+from moescope.analysis.vocab import NO_TOKENIZER, byte_text, decoder_for, quoted, visible
 from moescope.format.manifest import Manifest, TraceError
 
 # token 65 ('A'): expert 0 in 4 of 4 occurrences, 1 in 2, 2 in 1, 3 in 1;
@@ -66,6 +66,7 @@ def test_bytes_decoder_and_visible_text() -> None:
     d = decoder_for("bytes")
     assert d.texts([65, 32, 10, 9, 0, 200, 300, -1, None]) == ["A", "␣", "↵", "⇥", "\\x00", "\\xc8", "#300", "#-1", "?"]
     assert byte_text(127) == "\\x7f" and visible(" def\n") == " def↵" and visible("  ") == "␣␣"
+    assert quoted("`") == "`` ` ``" and quoted(" def") == "` def`"
 
 
 def test_manifest_tokenizer_is_validated(tmp_path: Path) -> None:
