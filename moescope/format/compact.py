@@ -19,8 +19,11 @@ the chain reaches nothing (the sources count), after it the merged part (the sou
 compaction killed at any point leaves a state readers count exactly; the next compaction rolls it back (before
 step 3: temporaries deleted, entries dropped) or forward (after it: sources deleted, entries dropped).
 
-Locks: one compaction per run (`RUN/.moescope-compact.lock`); every rank without a live recorder is locked for the
-duration (a recorder that starts meanwhile is refused, naming the compaction). A rank being recorded is compacted
+Ranks are merged one after another, each committed (and, without a grace period, cleaned up) before the next: the
+record holds one rank's entries at a time, and a run of 1,024 ranks never holds 1,024 open lock files.
+
+Locks: one compaction per run (`RUN/.moescope-compact.lock`); each rank's lock is held while its parts are merged (a
+recorder that starts then is refused, naming the compaction). A rank being recorded is compacted
 only up to `up_to_step`, which must be a step it has flushed, and only whole flushes (part numbers both
 expert_load and router_stats hold): a torn last flush stays for a resumed recorder to set aside.
 """
@@ -40,7 +43,7 @@ import pyarrow.parquet as pq
 
 from .lock import RunLock, RunLocked
 from .manifest import TraceError
-from .reader import check_part, part_info
+from .reader import check_parts, part_info
 from .schema import FORMAT_VERSION, META_KEY, TABLES
 from .storage import AnyPath, RemotePath, as_path, list_names, write_atomic
 from .writer import _PART_RE, MERGED_RE, ROW_GROUP_ROWS, _write_parquet
@@ -252,62 +255,104 @@ def compact_run(
         raise CompactUsageError(f"{run_dir}: not a moescope run directory (no manifest.json)")
     say = progress or (lambda _msg: None)
     res = CompactResult(str(root))
-    held: list[RunLock] = []
     clock = RunLock(root, name=COMPACT_LOCK, reserve=0, role="compacted")
     clock.acquire()  # RunLocked names the other compaction
-    held.append(clock)
     try:
         _recover(root, grace_s, time.time(), res)
         res.parts_before, res.bytes_before = _count(root)
-        for rank in sorted(_ranks(root)):
-            lock = RunLock(root, rank, reserve=0, role="compacted")
+        ranks = sorted(_ranks(root))
+        for rank in ranks:  # probed one at a time: a run of 1,024 ranks must not hold 1,024 open files
+            probe = RunLock(root, rank, reserve=0, role="compacted")
             try:
-                lock.acquire()
-                held.append(lock)
+                probe.acquire()
+                probe.release()
             except RunLocked:
                 res.live_ranks.append(rank)
         if res.live_ranks and up_to_step is None:
             raise CompactUsageError(
                 f"{run_dir}: rank(s) {', '.join(map(str, res.live_ranks))} are being recorded; compact a running "
                 "run with up_to_step (--up-to-step STEP), a step every rank has flushed")
-        plan = _plan(root, up_to_step, res.live_ranks)
+        plan = _plan(root, up_to_step, res.live_ranks)  # one listing; later parts are never among its sources
         if not plan:
             say("nothing to merge")
             res.parts_after, res.bytes_after = res.parts_before, res.bytes_before
             return res
-        tmps = []
-        for i, (table, rank, sources) in enumerate(plan, 1):
-            first, last = _seq_range(sources[0].name)[1], max(_seq_range(p.name)[2] for p in sources)  # type: ignore[index]
-            final = root / table / f"part-{rank}-{first:06d}-{last:06d}.parquet"
-            say(f"merging {len(sources):,} {table} parts of rank {rank} ({i}/{len(plan)})")
-            tmp = final.with_name(f".{final.name}{_TMP_SUFFIX}")
-            res.rows += _merge(sources, tmp)
-            tmps.append((table, sources, tmp, final))
-        _at("written")
-        rec = _read_record(root)
-        now = time.time()
-        for table, sources, _, final in tmps:
-            for s in sources:
-                rec.replaced[f"{table}/{s.name}"] = [f"{table}/{final.name}", now]
-        _write_record(root, rec)
-        _at("recorded")
-        for i, (_, _, tmp, final) in enumerate(tmps):
-            os.replace(tmp, final)  # the commit of this table's merge: its sources are hidden from here on
-            res.merged.append(f"{final.parent.name}/{final.name}")
-            if i == 0:
-                _at("renaming")
-        _fsync_dirs({final.parent for *_, final in tmps})
-        _at("renamed")
+        # Every source's pages verified before anything is written: a damaged part is an error, nothing changed.
+        check_parts([p for *_, sources in plan for p in sources])
+        by_rank: dict[int, list[tuple[str, int, list[Path]]]] = {}
+        for item in plan:
+            by_rank.setdefault(item[1], []).append(item)
+        done = 0
+        for rank, groups in sorted(by_rank.items()):
+            lock = RunLock(root, rank, reserve=0, role="compacted")
+            try:  # held while this rank is merged: a recorder starting now is refused, naming the compaction
+                lock.acquire()
+            except RunLocked:
+                pass  # live (or became live): its plan holds only flushes it had finished, which it never touches
+            try:
+                entries = _commit_rank(root, groups, res, say, done, len(plan))
+                done += len(groups)
+                if grace_s <= 0:
+                    _drop(root, entries, res)
+            finally:
+                lock.release()
         if grace_s > 0:
             say(f"keeping the replaced parts {grace_s:g} s for readers that scan part files")
             time.sleep(grace_s)
-        _recover(root, grace_s, time.time(), res)
+            _recover(root, grace_s, time.time(), res)
         _at("cleaned")
         res.parts_after, res.bytes_after = _count(root)
         return res
     finally:
-        for lk in reversed(held):
-            lk.release()
+        clock.release()
+
+
+def _commit_rank(root: Path, groups: list[tuple[str, int, list[Path]]], res: CompactResult,
+                 say: Callable[[str], None], done: int, total: int) -> list[str]:
+    """Merge one rank's groups to temporaries, record them, rename them (the commit); the record keys written."""
+    tmps = []
+    try:
+        for i, (table, rank, sources) in enumerate(groups, done + 1):
+            first, last = _seq_range(sources[0].name)[1], max(_seq_range(p.name)[2] for p in sources)  # type: ignore[index]
+            final = root / table / f"part-{rank}-{first:06d}-{last:06d}.parquet"
+            say(f"merging {len(sources):,} {table} parts of rank {rank} ({i}/{total})")
+            tmp = final.with_name(f".{final.name}{_TMP_SUFFIX}")
+            tmps.append((table, sources, tmp, final))
+            res.rows += _merge(sources, tmp)
+    except BaseException:
+        for *_, tmp, _ in tmps:
+            tmp.unlink(missing_ok=True)
+        raise
+    _at("written")
+    rec = _read_record(root)
+    now = time.time()
+    keys = []
+    for table, sources, _, final in tmps:
+        for src in sources:
+            keys.append(f"{table}/{src.name}")
+            rec.replaced[keys[-1]] = [f"{table}/{final.name}", now]
+    _write_record(root, rec)
+    _at("recorded")
+    for i, (_, _, tmp, final) in enumerate(tmps):
+        os.replace(tmp, final)  # the commit of this table's merge: its sources are hidden from here on
+        res.merged.append(f"{final.parent.name}/{final.name}")
+        if i == 0:
+            _at("renaming")
+    _fsync_dirs({final.parent for *_, final in tmps})
+    _at("renamed")
+    return keys
+
+
+def _drop(root: Path, keys: list[str], res: CompactResult) -> None:
+    """Remove the committed sources `keys`, then their record entries (readers hide them until then)."""
+    for key in keys:
+        (root / key).unlink(missing_ok=True)
+        res.removed += 1
+        _at("deleting")
+    rec = _read_record(root)
+    for key in keys:
+        rec.replaced.pop(key, None)
+    _write_record(root, rec)
 
 
 def _plan(root: Path, up_to_step: int | None, live: list[int]) -> list[tuple[str, int, list[Path]]]:
@@ -321,9 +366,6 @@ def _plan(root: Path, up_to_step: int | None, live: list[int]) -> list[tuple[str
                 by_rank.setdefault(r[0], {}).setdefault(table, []).append((r[1], r[2], p))  # type: ignore[arg-type]
     plan = []
     for rank, tables in sorted(by_rank.items()):
-        for ps in tables.values():
-            for *_, p in ps:
-                check_part(p)  # page checksums verified before copying: a damaged part is an error, never merged
         # Whole flushes only: part numbers both expert_load and router_stats hold (a torn last flush stays small,
         # where a resumed recorder sets it aside).
         commit: int | None = None  # None: a hand-built trace without router_stats, nothing pairs up
