@@ -279,11 +279,24 @@ class PeakRSS:
 def health(a: argparse.Namespace, root: Path) -> None:
     """Part 2: time open + health on DuckDB (and on Spark local)."""
     t0 = time.perf_counter()
-    n = build_trace(a, root)
+    if a.reuse and (root / "scale" / "manifest.json").exists():  # the trace a previous --keep run left
+        import duckdb
+
+        def rows(t: str) -> int:
+            return int(duckdb.sql(f"SELECT sum(num_rows) FROM parquet_file_metadata('{root}/scale/{t}/*.parquet')")
+                       .fetchall()[0][0] or 0)
+
+        steps = duckdb.sql(f"SELECT count(DISTINCT step) FROM '{root}/scale/routing/*.parquet'").fetchall()[0][0]
+        n = {"expert_load": rows("expert_load"), "router_stats": rows("router_stats"), "routing": rows("routing"),
+             "steps": rows("router_stats") // a.layers, "token_steps": int(steps)}
+        how = "reused"
+    else:
+        n = build_trace(a, root)
+        how = f"built in {time.perf_counter() - t0:.0f} s"
     files, size = dir_stats(root / "scale")
     print(f"\n  trace: {n['steps']:,} steps, {human(n['expert_load'])} expert_load rows, {human(n['routing'])} token "
           f"rows on {n['token_steps']} steps (tokens_every={a.tokens_every}) = {human(n['routing'] * a.top_k)} "
-          f"assignments; {files} files, {nbytes(size)} (built in {time.perf_counter() - t0:.0f} s)")
+          f"assignments; {files} files, {nbytes(size)} ({how})")
     engines = [("duckdb", {})] + ([("spark", {"engine": "spark"})] if a.spark else [])
     for name, kw in engines:
         try:
@@ -330,6 +343,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--spark", action="store_true", help="also time the health report on Spark local")
     p.add_argument("--out", type=Path, default=None, help="work directory (default: a temporary one, removed)")
     p.add_argument("--keep", action="store_true", help="keep the work directory")
+    p.add_argument("--reuse", action="store_true", help="time the health-report trace a --keep run left in --out")
     p.add_argument("--skip-volumes", action="store_true")
     p.add_argument("--skip-health", action="store_true")
     a = p.parse_args(argv)

@@ -96,6 +96,8 @@ class LayerInfo:
             "top_k": self.top_k,
             "router_kind": self.router_kind,
             "experts_module": self.experts_module,
+            # a spec that reads no logits: this layer's logit statistics are NULL by design, not damaged data
+            **({"extra": {"logits": False}} if A.reads_logits(self.spec) is False else {}),
         }
 
 
@@ -761,7 +763,8 @@ class Recorder:
         Called by you (or a callback at the end of a step), it writes everything: the current step is taken as
         complete. The recorder's own flushes (`hold_current`) keep the counts of the step still in progress, so
         the rows of one (rank, step, tag, layer, expert) never span two parts (tags re-entered within a step,
-        gradient accumulation, the token-row cap).
+        gradient accumulation, the token-row cap). Under reduce="global" a flush is collective: every rank of the
+        group calls it at the same step (the recorder's own flushes come at the same steps on every rank).
         """
         if self._hot is None:
             return
