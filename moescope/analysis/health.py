@@ -172,7 +172,8 @@ def integrity(con: duckdb.DuckDBPyConnection, runs: Sequence[str]) -> list[dict[
     """ERROR findings for rows a trace's footers cannot show: one key written twice, NaN or NULL router stats.
 
     A key in two parts doubles its counts (a part's rows copied into another, a step recorded twice); a NaN in
-    one step's `lse_sq_sum` would silently leave that step out of the z-loss mean. One grouped query per table.
+    one step's `lse_sq_sum` would silently leave that step out of the z-loss mean (layers whose spec reads no
+    logits, manifest `logits: false`, have NULL logit statistics by design). One grouped query per table.
     """
     if not runs:
         return []
@@ -191,10 +192,12 @@ def integrity(con: duckdb.DuckDBPyConnection, runs: Sequence[str]) -> list[dict[
                                "or a step recorded twice"))
     if _has_table(con, "router_stats"):
         bad = " OR ".join(f"{c} IS NULL OR isnan({c})" for c in _STAT_SUMS) + " OR nonfinite IS NULL"
+        no_logits = ("AND NOT EXISTS (SELECT 1 FROM manifest_layers m WHERE m.run = s.run AND m.layer = s.layer "
+                     "AND m.logits IS FALSE)" if _has_table(con, "manifest_layers") else "")
         got = con.execute(
             f"SELECT s.run, count(*), min(s.step), max(s.step) FROM router_stats s JOIN runs r USING (run) "
             f"WHERE list_contains(?, s.run) AND coalesce(json_extract(r.capture, '$.stats')::VARCHAR, 'true') "
-            f"<> 'false' AND ({bad}) GROUP BY s.run ORDER BY s.run", [list(runs)]).fetchall()
+            f"<> 'false' AND ({bad}) {no_logits} GROUP BY s.run ORDER BY s.run", [list(runs)]).fetchall()
         for run, n, lo, hi in got:
             out.append(finding("data", Status.ERROR, {"run": run}, "nan_router_stats", int(n), 0,
                                f"run {run}: {n} router_stats row(s) with NaN or NULL sums (steps {_steps(lo, hi)}) "

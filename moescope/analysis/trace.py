@@ -226,14 +226,18 @@ def _layers_frame(runs: list[RunInfo]) -> pd.DataFrame:
                 rows.setdefault(
                     (info.run, entry.layer),
                     {"run": info.run, "layer": entry.layer, "n_experts": entry.n_experts, "top_k": entry.top_k,
-                     "router_kind": entry.router_kind, "module": entry.module},
+                     "router_kind": entry.router_kind, "module": entry.module,
+                     # False: the layer's spec reads no logits, so its logit statistics are NULL by design
+                     "logits": entry.extra.get("logits") is not False},
                 )
-    df = pd.DataFrame(list(rows.values()), columns=["run", "layer", "n_experts", "top_k", "router_kind", "module"])
+    df = pd.DataFrame(list(rows.values()),
+                      columns=["run", "layer", "n_experts", "top_k", "router_kind", "module", "logits"])
     df["layer"] = df["layer"].astype("int16")
     for col in ("n_experts", "top_k"):
         df[col] = pd.to_numeric(df[col], errors="coerce").astype("Int32")
     for col in ("run", "router_kind", "module"):
         df[col] = df[col].astype("object")
+    df["logits"] = df["logits"].astype(bool)
     return df
 
 

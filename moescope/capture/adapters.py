@@ -530,6 +530,13 @@ def extract_experts_input(
     return ids, w
 
 
+def reads_logits(spec: RouterSpec) -> bool | None:
+    """Whether a router of this spec has its logits (or probabilities) read; None: its ids_fn decides per call."""
+    if spec.ids_fn is not None and spec.logits_from is None:
+        return None
+    return spec.logits_from is not None or spec.source == "logits" or spec.logits_are != "none"
+
+
 def describe(spec: RouterSpec) -> str:
     """One line saying how a router of this spec is hooked (every non-default field of the reading is named)."""
     if spec.ids_fn is not None:
@@ -568,6 +575,7 @@ __all__ = [
     "extract_experts_input",
     "extract_router_output",
     "get_submodule",
+    "reads_logits",
     "register_router",
     "resolve",
     "unregister_router",

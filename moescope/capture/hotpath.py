@@ -8,12 +8,13 @@ or the model's entry) and reads every snapshot on the host at flush. So the same
 `torch.compile` (no Python-state guards, hence no recompiles when the step changes) and inside CUDA graphs
 (replays add into the same static buffer).
 
-Per layer, a row of `acc` holds, for E experts (W = 3·E_max + 13):
+Per layer, a row of `acc` holds, for E experts (W = 3·E_max + 14):
 
     [0, E+2)      assignments (valid tokens only) by slot column: 0 = id < 0, 1 + e = expert e, E+1 = id >= E
     [E+2, 2E+4)   gate weight sums, same columns
     [2E+4, 3E+10) feature sums over valid finite tokens: prob (E), entropy, top-1 prob, top-2 prob, lse, finite, lse²
     3E+10         valid tokens (the feature matrix's last column, the validity mask itself: v·v = v)
+    W-3           valid tokens of calls whose logits were not read: the logit statistics are unknown, not zero
     W-2           tokens the model dropped (one-hot dispatch with an empty row)
     W-1           max logsumexp (max over valid finite tokens)
 
@@ -46,7 +47,7 @@ _ROW_STATS = 4
 
 def width(n_experts: Sequence[int]) -> int:
     """Columns of one buffer row for layers of these expert counts."""
-    return 3 * max(n_experts) + _NF + 7
+    return 3 * max(n_experts) + _NF + 8
 
 
 def in_backward() -> bool:
@@ -116,12 +117,14 @@ class HotPath:
         self.fsum = [self.acc[i : i + 1, 2 * e + 4 : 3 * e + _NF + 5] for i, e in enumerate(self.n_experts)]
         self.tok = [self.acc[i, 3 * e + _NF + 4] for i, e in enumerate(self.n_experts)]  # []
         self.drop = [self.acc[i, -2] for i in range(n)]  # []
+        self.nolog = [self.acc[i, -3] for i in range(n)]  # []: valid tokens of calls without logits
         self.lmax = [self.acc[i, -1] for i in range(n)]  # []
         self.fin = [self.acc[i, 3 * e + 8] for i, e in enumerate(self.n_experts)]  # []: finite valid tokens
         # bucketize boundaries [E+1] = -1, 0, …, E-1: id i in [0, E) → column i + 1, below → 0, above → E + 1
         self.bounds = [torch.arange(-1, e, device=device) for e in self.n_experts]
         # Static addresses: compiled graphs (and reduce-overhead's CUDA graphs) may mutate them in place.
-        for t in [self.acc, *self.cnt, *self.wsum, *self.fsum, *self.tok, *self.drop, *self.lmax, *self.fin]:
+        for t in [self.acc, *self.cnt, *self.wsum, *self.fsum, *self.tok, *self.drop, *self.nolog, *self.lmax,
+                  *self.fin]:
             torch._dynamo.mark_static_address(t)
 
     def to(self, device: torch.device) -> None:
@@ -168,7 +171,7 @@ class HotPath:
         if not self.stats or feats is None or lse is None:
             self.tok[layer].add_(ntok)
             if self.stats:
-                self.fin[layer].add_(ntok)  # no logits: no token is non-finite
+                self.nolog[layer].add_(ntok)  # no logits read: prob_sum, entropy, lse are unknown for this window
         else:
             feats.nan_to_num_(0.0, 0.0, 0.0)  # non-finite tokens add nothing; `finite` counts the others
             self.fsum[layer].add_(v2d @ feats)
@@ -201,9 +204,11 @@ def decode(row: np.ndarray, e: int, stats: bool) -> tuple[np.ndarray, np.ndarray
     """Host side of one layer's buffer row [W]: load [E, 3] (tokens, prob_sum, weight_sum) and stats [8].
 
     `dropped` = tokens the model dropped (one-hot) + assignments whose id was no expert (the two slot columns).
+    Where a call's logits were not read (stats off, or a spec that reads none), the logit statistics are NaN.
     """
     f = row[2 * e + 4 : 3 * e + _NF + 4]
     tokens = row[3 * e + _NF + 4]
+    stats = stats and not row[-3] > 0  # some call of this window had no logits: its sums would be partial
     prob = f[:e] if stats else np.full(e, np.nan)
     load = np.stack([row[1 : e + 1], prob, row[e + 3 : 2 * e + 3]], 1)
     ent, top1, top2, lse, finite, lse_sq = f[e:]

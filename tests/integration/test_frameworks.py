@@ -11,7 +11,7 @@ batch-first rows by this test's code: per token, the experts it was dispatched t
 were not dispatched. The trace is read back with pyarrow and must match per token (routing rows), per expert
 (``expert_load.tokens`` and ``weight_sum``), per layer (``router_stats.tokens`` and ``dropped``) and, where the
 spec reads the router's probabilities, ``prob_sum``, entropy and margin (and the z-loss numerator where it reads the
-real logits); where it reads none, ``prob_sum`` must be absent, not invented (a strict xfail pins that known bug).
+real logits); where it reads none, ``prob_sum`` must be absent, not invented.
 
 Shims (only where a framework cannot run as installed on a CPU-only torch, each applied for the test only):
 Megatron-Core moves the router weights to ``torch.cuda.current_device()`` at every call and creates its expert-bias
@@ -498,8 +498,6 @@ def test_framework_trace_matches_dispatch(name: str, tmp_path: Path) -> None:
         assert seen["differs"] > 0, "biased selection chose top-k of the scores everywhere: the test proves nothing"
 
 
-@pytest.mark.xfail(strict=True, reason="known bug: with stats on, a layer whose spec reads no logits or probabilities "
-                   "gets prob_sum = 0.0 (and zero entropy/lse sums) instead of NULL")
 def test_no_probabilities_no_prob_sum(tmp_path: Path) -> None:
     """A router whose spec reads no probabilities (DeepSpeed: logits computed inline) has prob_sum NULL, not 0."""
     case = CASES["deepspeed-top1-drop"]

@@ -91,3 +91,18 @@ def test_ids_outside_the_experts_count_as_dropped_never_as_an_expert() -> None:
     assert stats["tokens"] == 4 and stats["dropped"] == 5  # -1, 4, 7, -5, -1 of real tokens
     # the token rows keep slot columns: 1 + expert, 0 below the range, E + 1 above (the flush writes NULL)
     assert grid.rows[0][0].tolist() == [[1, 0], [4, 5], [5, 3], [0, 0], [2, 5]]
+
+
+def test_a_call_without_logits_leaves_the_logit_statistics_unknown() -> None:
+    """Counts are exact; prob_sum, entropy, lse and the non-finite count are NaN, not the 0 of nothing added."""
+    ev, valid = call()
+    grid = Grid()
+    grid.fill(valid)
+    hot = HotPath([E], torch.device("cpu"))
+    hot.update(0, ev, grid)  # with logits
+    hot.update(0, RouterEvent(None, ev.ids, ev.weights), grid)  # the same window, one call without
+    load, st = decode(hot.snapshot()[0].numpy(), E, True)
+    stats = dict(zip(STAT_NAMES, st, strict=True))
+    assert load[:, 0].tolist() == (2 * np.bincount(ev.ids[:4].reshape(-1).numpy(), minlength=E)).tolist()
+    assert stats["tokens"] == 8 and np.isnan(load[:, 1]).all()
+    assert all(np.isnan(stats[n]) for n in ("entropy_sum", "lse_sum", "lse_max", "margin_sum", "nonfinite"))

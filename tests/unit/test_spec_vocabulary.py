@@ -6,6 +6,7 @@ failure reaches the user's forward."""
 from __future__ import annotations
 
 import json
+import math
 import re
 import warnings
 from pathlib import Path
@@ -679,3 +680,20 @@ def test_a_spec_that_cannot_apply_is_an_error_at_start(fields: dict[str, Any], m
     moescope.register_router(ScoreRouter, weights=0, ids=1, **fields)
     with pytest.raises(RecordError, match=re.escape(message)):
         moescope.record(Model(ScoreRouter()), tmp_path / "r").start()
+
+
+def test_a_router_without_logits_gets_no_invented_statistics(tmp_path: Path, registry: None) -> None:
+    """Dispatch masks without logits: prob_sum, entropy and the non-finite count are NULL (not 0, which the
+    overconfidence rule would read as one-hot routing); the manifest says the layer reads no logits."""
+    moescope.register_router(DispatchGate, ids_layout="dispatch", ids=0, weights=1, logits_are="none",
+                             n_experts="num_gates", top_k=2)
+    torch.manual_seed(3)
+    record(Model(DispatchGate(), three_d=True), tmp_path / "r")
+    got, st = load(tmp_path / "r"), stats(tmp_path / "r")
+    assert np.isnan(got["prob_sum"]).all() and got["tokens"].sum() > 0
+    assert st["nonfinite"] is None and all(math.isnan(st[c]) for c in ("entropy_sum", "lse_sum", "margin_sum"))
+    man = json.loads((tmp_path / "r" / "manifest.json").read_text())
+    assert man["layers"][0]["logits"] is False
+    health = moescope.open(tmp_path).health(run="r")
+    assert set(health[health.rule == "overconfidence"].status) == {"SKIP"}
+    assert not (health.status == "ERROR").any(), health[health.status == "ERROR"].message.tolist()
