@@ -87,3 +87,20 @@ def test_a_tokenizer_object_is_stored_by_its_path(tmp_path: Path) -> None:
     assert "s" in texts and "<32>" in texts  # decoded by that tokenizer: its name for byte 32, not ␣
     with pytest.raises(ValueError, match="name_or_path"):
         moescope.record(torch.nn.Linear(2, 2), tmp_path / "x", tokenizer=object())
+
+
+def test_auto_tokenizer_never_guesses(tmp_path: Path) -> None:
+    from types import SimpleNamespace
+
+    from moescope.capture.options import CaptureOptions, auto_tokenizer
+
+    ref = MoEModel(MoEConfig(d_model=16, n_layers=1, n_heads=2, n_experts=4, top_k=2, d_expert=16))
+    assert auto_tokenizer(ref) == "bytes"
+    assert auto_tokenizer(SimpleNamespace(config=SimpleNamespace(_name_or_path="org/tok"))) == "org/tok"
+    assert auto_tokenizer(SimpleNamespace(config=SimpleNamespace(_name_or_path=""))) is None  # built from a config
+    assert auto_tokenizer(torch.nn.Linear(2, 2)) is None
+    (tmp_path / "tok").mkdir()
+    assert CaptureOptions(tokenizer=str(tmp_path / "tok")).tokenizer == str((tmp_path / "tok").resolve())
+    assert CaptureOptions(tokenizer="bytes").tokenizer == "bytes"
+    with pytest.raises(ValueError, match="empty string"):
+        CaptureOptions(tokenizer=" ")
