@@ -697,3 +697,30 @@ def test_a_router_without_logits_gets_no_invented_statistics(tmp_path: Path, reg
     health = moescope.open(tmp_path).health(run="r")
     assert set(health[health.rule == "overconfidence"].status) == {"SKIP"}
     assert not (health.status == "ERROR").any(), health[health.status == "ERROR"].message.tolist()
+
+
+def inspect_model() -> nn.Module:
+    """For `moescope inspect test_spec_vocabulary:inspect_model` (run in a subprocess: registrations stay there)."""
+    moescope.register_router(KFirstGate, ids_layout="k_first", sentinel=-1, n_experts="num_experts", top_k="k")
+    moescope.register_router(MapRouter, ids_layout="routing_map", ids=1, weights=0, logits_from="gate",
+                             top_k="topk", n_experts="num_experts", token_layout="seq_first")
+    root = nn.Module()
+    root.a, root.b = Model(KFirstGate()), Model(MapRouter(), seq_first=True)
+    return root
+
+
+def test_inspect_shows_the_reading_of_each_router() -> None:
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent)}
+    out = subprocess.run([sys.executable, "-m", "moescope", "inspect", "test_spec_vocabulary:inspect_model"],
+                         capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr
+    lines = {ln.split()[1]: ln for ln in out.stdout.splitlines() if ln[:1].isdigit()}
+    assert lines["a.block.router"].rstrip().endswith(
+        "forward hook: ids=output[2] [k, T], weights=output[1], logits=output[0], sentinel=-1")
+    assert lines["b.block.router"].rstrip().endswith(
+        "forward hook: ids=output[1] ([T, E] routing map), weights=output[0], logits=output of 'gate', "
+        "seq-first tokens")
