@@ -69,6 +69,7 @@ def test_report_experts_shows_decoded_bytes(tmp_path: Path, capsys: pytest.Captu
     assert main(["report", str(tmp_path / "t"), "--experts", "--top", "0"]) == 2
 
 
+@pytest.mark.hf
 def test_a_tokenizer_object_is_stored_by_its_path(tmp_path: Path) -> None:
     pytest.importorskip("transformers")
     tokenizers = pytest.importorskip("tokenizers")

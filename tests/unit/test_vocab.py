@@ -90,6 +90,7 @@ def _word_tokenizer(path: Path) -> None:
     PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="[UNK]").save_pretrained(str(path))
 
 
+@pytest.mark.hf
 def test_hf_tokenizer_decodes_from_a_path(make_run, trace_root: Path, tmp_path: Path) -> None:
     tok_dir = tmp_path / "tok"
     _word_tokenizer(tok_dir)
