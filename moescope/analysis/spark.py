@@ -28,6 +28,7 @@ import pyarrow as pa
 from ..format.manifest import TraceError
 from ..format.reader import check_parts, check_run_values
 from ..format.schema import TABLES
+from ..format.storage import RemotePath, as_path
 from . import live as _live
 from .dialects import bind, translate, unsupported
 from .engine import LAYER_EXPERTS_SQL, MAX_EXPERTS, ROUTING_TOP_K_SQL
@@ -178,6 +179,18 @@ def spark_schema(table: str) -> Any:
     return from_arrow_schema(pa.schema([f for f in TABLES[table] if f.name not in half]))
 
 
+def executor_uri(path: Path | RemotePath, root: Path | RemotePath, location: str | None = None) -> str:
+    """Where the executors read a part: under `location` (the root as they see it), else the part's own URI
+    (`s3://` as Hadoop's `s3a://`, `file://` for a local path)."""
+    if location is not None:
+        rel = path.relative_to(root)  # type: ignore[arg-type]
+        return location.rstrip("/") + "/" + (rel if isinstance(rel, str) else rel.as_posix())
+    if isinstance(path, RemotePath):
+        url = str(path)
+        return "s3a://" + url[len("s3://"):] if url.startswith("s3://") else url
+    return path.as_uri()
+
+
 class SparkTrace(Trace):
     """A trace whose tables are Spark views over its Parquet parts; the metric and health methods of `Trace`.
 
@@ -216,7 +229,7 @@ class SparkTrace(Trace):
             raise TraceError("no trace root given")
         if location is not None and len(roots) != 1:
             raise ValueError("location= maps one trace root; open one root at a time")
-        self.roots = [Path(r).expanduser().resolve() for r in roots]
+        self.roots = [as_path(r).expanduser().resolve() for r in roots]  # type: ignore[misc]
         self.locked = False
         self.max_rows, self.timeout = int(limits.get("max_rows", 10_000)), float(limits.get("timeout", 30.0))
         self.last_truncated = False
@@ -241,10 +254,8 @@ class SparkTrace(Trace):
         self.con = SparkConnection(self.spark)  # type: ignore[assignment] - the analyses' connection seam
         self._create_spark_views(files)
 
-    def _uri(self, path: Path) -> str:
-        if self.location is None:
-            return path.as_uri()
-        return self.location.rstrip("/") + "/" + path.relative_to(self.roots[0]).as_posix()
+    def _uri(self, path: Path | RemotePath) -> str:
+        return executor_uri(path, self.roots[0], self.location)
 
     def _create_spark_views(self, files: dict[str, list[Path]]) -> None:
         con, spark = self.con, self.spark

@@ -69,6 +69,19 @@ def test_translation_is_cached_per_text() -> None:
     assert dialects._translate.cache_info().hits == hits + 1
 
 
+def test_executor_uri() -> None:
+    from moescope.analysis.spark import executor_uri
+    from moescope.format.storage import as_path
+
+    part = Path("/mnt/traces/run-a/expert_load/part-0-000000.parquet")
+    assert executor_uri(part, Path("/mnt/traces")) == "file:///mnt/traces/run-a/expert_load/part-0-000000.parquet"
+    assert (executor_uri(part, Path("/mnt/traces"), "hdfs://nn/traces/")
+            == "hdfs://nn/traces/run-a/expert_load/part-0-000000.parquet")
+    root = as_path("s3://bucket/traces")
+    assert executor_uri(root / "run-a" / "routing" / "part-1-000002.parquet", root) == \
+        "s3a://bucket/traces/run-a/routing/part-1-000002.parquet"  # Hadoop's S3 connector
+
+
 def test_unknown_engine_is_a_usage_error(tmp_path: Path) -> None:
     from moescope.errors import classify
 
