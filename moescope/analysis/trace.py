@@ -545,6 +545,10 @@ class Trace:
         if per_expert:
             from .vocab import expert_view, run_decoders
 
+            if window is None or window == "thirds":  # thirds of routing steps and of load steps are other ranges
+                raise ValueError("vocab_specialization(per_expert=True) takes window='all' or a width in steps, "
+                                 "so its token rows and its tag shares cover the same windows")
+
             tokens = M.expert_tokens(self.cursor(), sel, window, min_count, top)
             domains = M.domain_specialization(self.cursor(), sel, window)
             return expert_view(tokens, domains, run_decoders(self, sorted(set(tokens["run"]))), min_count)

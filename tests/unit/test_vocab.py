@@ -45,7 +45,9 @@ def test_per_expert_view_known_answer(make_run, trace_root: Path) -> None:
     assert top1.loc[1, "text"].startswith("layer 0, expert 1 takes: `B` … (share 0.75 vs chance 0.5)")
     # every assignment of a real expert is counted once: the listed counts add up to the routing rows
     full = tr.vocab_specialization(run="b", min_count=1, per_expert=True, top=10)
-    assert sum(len(x) for x in full["token_ids"]) == 4 + 3 + 1  # 65 -> 4 experts, 66 -> 2, 67 -> 2
+    assert sum(len(x) for x in full["token_ids"]) == 4 + 2 + 2  # 65 -> 4 experts, 66 -> 2, 67 -> 2
+    with pytest.raises(ValueError, match="window='all' or a width"):
+        tr.vocab_specialization(per_expert=True, window="thirds")
 
 
 def test_without_a_tokenizer_ids_are_ids(make_run, trace_root: Path) -> None:
