@@ -61,7 +61,11 @@ def test_without_a_tokenizer_ids_are_ids(make_run, trace_root: Path) -> None:
 
 def test_per_expert_view_of_a_count_only_run_is_empty(make_run, trace_root: Path) -> None:
     make_run("c", layers=[layer_spec(0, 4, 2)], expert_load=load_frame([(0, 0, [1, 2, 3, 4])]))
-    assert moescope.open(trace_root).vocab_specialization(per_expert=True).empty
+    tr = moescope.open(trace_root)
+    assert tr.vocab_specialization(per_expert=True).empty
+    from moescope.commands.report import render_experts
+
+    assert "no token-level routing in this run" in render_experts(tr, "c")[0]
 
 
 def test_bytes_decoder_and_visible_text() -> None:
