@@ -27,7 +27,8 @@ def register(sub: Any) -> None:
         epilog=EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("run", metavar="RUN", help="a run directory (the folder holding manifest.json)")
+    p.add_argument("run", metavar="RUN", help="a run directory (the folder holding manifest.json) or its "
+                   "object-store URL (s3://bucket/traces/run)")
     p.add_argument("--up-to-step", type=int, default=None, metavar="STEP",
                    help="merge only parts whose steps are all <= STEP (required while a recorder writes the run)")
     p.add_argument("--grace", type=float, default=0.0, metavar="SECONDS",

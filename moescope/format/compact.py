@@ -26,6 +26,10 @@ Locks: one compaction per run (`RUN/.moescope-compact.lock`); each rank's lock i
 recorder that starts then is refused, naming the compaction). A rank being recorded is compacted
 only up to `up_to_step`, which must be a step it has flushed, and only whole flushes (part numbers both
 expert_load and router_stats hold): a torn last flush stays for a resumed recorder to set aside.
+
+On an object store (`s3://`) there is no rename: the merged part's one PUT, after the record's, is the commit. There
+is no flock either: a rank with a lock object counts as being recorded (live or crashed: `up_to_step` required),
+and a compaction lock object refuses a second compaction (a killed one leaves it; the refusal says to delete it).
 """
 
 from __future__ import annotations
@@ -41,11 +45,11 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .lock import RunLock, RunLocked
+from .lock import RunLock, RunLocked, lock_name
 from .manifest import TraceError
 from .reader import check_parts, part_info
 from .schema import FORMAT_VERSION, META_KEY, TABLES
-from .storage import AnyPath, RemotePath, as_path, list_names, write_atomic
+from .storage import AnyPath, RemotePath, as_path, list_names, open_input, write_atomic
 from .writer import _PART_RE, MERGED_RE, ROW_GROUP_ROWS, _write_parquet
 
 __all__ = ["CompactResult", "CompactUsageError", "compact_run", "visible_parts", "RECORD", "COMPACT_LOCK"]
@@ -248,9 +252,7 @@ def compact_run(
     Raises CompactUsageError for a rank being recorded without `up_to_step`, or with a step it has not flushed.
     """
     root = as_path(run_dir)
-    if isinstance(root, RemotePath):
-        raise CompactUsageError(f"{run_dir}: compaction needs a local run directory (object stores have no locks "
-                                "to keep a recorder or a second compaction out); compact a local copy")
+    remote = isinstance(root, RemotePath)
     if not (root / "manifest.json").exists() and not any(root.glob("manifest.rank-*.json")):
         raise CompactUsageError(f"{run_dir}: not a moescope run directory (no manifest.json)")
     say = progress or (lambda _msg: None)
@@ -262,6 +264,10 @@ def compact_run(
         res.parts_before, res.bytes_before = _count(root)
         ranks = sorted(_ranks(root))
         for rank in ranks:  # probed one at a time: a run of 1,024 ranks must not hold 1,024 open files
+            if remote:  # no flock: a recorder's lock object says it is live (or crashed: then --up-to-step too)
+                if (root / lock_name(rank)).exists():
+                    res.live_ranks.append(rank)
+                continue
             probe = RunLock(root, rank, reserve=0, role="compacted")
             try:
                 probe.acquire()
@@ -286,7 +292,8 @@ def compact_run(
         for rank, groups in sorted(by_rank.items()):
             lock = RunLock(root, rank, reserve=0, role="compacted")
             try:  # held while this rank is merged: a recorder starting now is refused, naming the compaction
-                lock.acquire()
+                if not remote:  # (an object store cannot refuse a recorder: nothing to hold there)
+                    lock.acquire()
             except RunLocked:
                 pass  # live (or became live): its plan holds only flushes it had finished, which it never touches
             try:
@@ -316,12 +323,16 @@ def _commit_rank(root: Path, groups: list[tuple[str, int, list[Path]]], res: Com
             first, last = _seq_range(sources[0].name)[1], max(_seq_range(p.name)[2] for p in sources)  # type: ignore[index]
             final = root / table / f"part-{rank}-{first:06d}-{last:06d}.parquet"
             say(f"merging {len(sources):,} {table} parts of rank {rank} ({i}/{total})")
-            tmp = final.with_name(f".{final.name}{_TMP_SUFFIX}")
+            # An object store cannot rename: the merged bytes wait in memory and their one PUT is the commit.
+            tmp = final.with_name(f".{final.name}{_TMP_SUFFIX}") if isinstance(final, Path) else None
             tmps.append((table, sources, tmp, final))
-            res.rows += _merge(sources, tmp)
+            rows, merged = _merge(sources, tmp)
+            tmps[-1] = (table, sources, merged, final)
+            res.rows += rows
     except BaseException:
         for *_, tmp, _ in tmps:
-            tmp.unlink(missing_ok=True)
+            if isinstance(tmp, Path):
+                tmp.unlink(missing_ok=True)
         raise
     _at("written")
     rec = _read_record(root)
@@ -334,11 +345,15 @@ def _commit_rank(root: Path, groups: list[tuple[str, int, list[Path]]], res: Com
     _write_record(root, rec)
     _at("recorded")
     for i, (_, _, tmp, final) in enumerate(tmps):
-        os.replace(tmp, final)  # the commit of this table's merge: its sources are hidden from here on
+        # the commit of this table's merge: its sources are hidden from here on
+        if isinstance(tmp, Path):
+            os.replace(tmp, final)
+        else:
+            final.write_bytes(tmp.to_pybytes())
         res.merged.append(f"{final.parent.name}/{final.name}")
         if i == 0:
             _at("renaming")
-    _fsync_dirs({final.parent for *_, final in tmps})
+    _fsync_dirs({final.parent for *_, final in tmps if isinstance(final, Path)})
     _at("renamed")
     return keys
 
@@ -401,11 +416,12 @@ def _plan(root: Path, up_to_step: int | None, live: list[int]) -> list[tuple[str
     return plan
 
 
-def _merge(sources: list[Path], tmp: Path) -> int:
-    """Write the rows of `sources` (in order) to `tmp` as one part; verify it; return its rows."""
+def _merge(sources: list[Path], tmp: Path | None) -> tuple[int, Path | pa.Buffer]:
+    """Write the rows of `sources` (in order) as one part to `tmp` (a local temporary; None: into memory, for an
+    object store); verify it; return its rows and where it is."""
     table = sources[0].parent.name
     schema = TABLES[table]
-    tables = [pq.read_table(p) for p in sources]
+    tables = [pq.read_table(open_input(p)) for p in sources]
     versions = [int((t.schema.metadata or {}).get(META_KEY, FORMAT_VERSION)) for t in tables]
     names = [f.name for f in schema if any(f.name in t.column_names for t in tables)]
     # Columns an older writer left out stay absent (read back as NULL), as in the sources; types are the format's.
@@ -416,22 +432,32 @@ def _merge(sources: list[Path], tmp: Path) -> int:
     # The oldest source's version: merging never claims what an older writer did not record.
     data = data.replace_schema_metadata({META_KEY: str(min(versions)).encode()})
     expected = sum(t.num_rows for t in tables)
+    if tmp is None:
+        sink = pa.BufferOutputStream()
+        _write_parquet(data, sink, target)
+        out: Path | pa.Buffer = sink.getvalue()
+    else:
+        out = tmp
+    tmp = out
     try:
-        _write_parquet(data, tmp, target)
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
-        pf = pq.ParquetFile(tmp, page_checksum_verification=True)
+        if isinstance(tmp, Path):
+            _write_parquet(data, tmp, target)
+            with open(tmp, "rb") as fh:
+                os.fsync(fh.fileno())
+        pf = pq.ParquetFile(tmp if isinstance(tmp, Path) else pa.BufferReader(tmp), page_checksum_verification=True)
         rows = pf.metadata.num_rows
         for i in range(pf.num_row_groups):
             pf.read_row_group(i)  # every page of the merged part verifies before anything points at it
         pf.close()
     except BaseException:
-        tmp.unlink(missing_ok=True)
+        if isinstance(tmp, Path):
+            tmp.unlink(missing_ok=True)
         raise
     if rows != expected:
-        tmp.unlink(missing_ok=True)
-        raise TraceError(f"{tmp}: merged part holds {rows} rows, its sources {expected}")
-    return rows
+        if isinstance(tmp, Path):
+            tmp.unlink(missing_ok=True)
+        raise TraceError(f"{sources[0].parent}: merged part holds {rows} rows, its sources {expected}")
+    return rows, tmp
 
 
 def _fsync_dirs(dirs: set[Path]) -> None:

@@ -112,6 +112,10 @@ class RunLock:
 
     def _acquire_remote(self) -> RunLock:
         o = self.owner()
+        if o and self.role != "recorded":  # a compaction refuses: two would merge the same parts
+            who = f"pid {o.get('pid', '?')} on {o.get('host', '?')}, since {o.get('since', '?')}"
+            raise RunLocked(f"{self.path.parent}: being {o.get('role', 'recorded')} by {who} (object stores have no "
+                            f"locks: if that process is gone, delete {self.path} and run again)")
         if o:
             warnings.warn(f"moescope: {self.path.parent}: object stores have no locks; found {self.path.name} of "
                           f"pid {o.get('pid', '?')} on {o.get('host', '?')} since {o.get('since', '?')} (a live "

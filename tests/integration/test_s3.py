@@ -204,9 +204,7 @@ def test_readers_see_only_complete_parts_while_recording(s3: str) -> None:
     assert n == 10 * 10 * 2  # steps x tokens x layers
 
 
-def test_no_locks_on_s3_is_a_warning_and_compaction_refuses(s3: str) -> None:
-    from moescope.format.compact import CompactUsageError, compact_run
-
+def test_no_locks_on_s3_is_a_warning(s3: str) -> None:
     url = f"{s3}/locks/run-e"
     model = ToyMoE().eval()
     first = moescope.record(model, url).start()
@@ -215,8 +213,61 @@ def test_no_locks_on_s3_is_a_warning_and_compaction_refuses(s3: str) -> None:
             moescope.record(ToyMoE().eval(), url).start().close()
     finally:
         first.close()
-    with pytest.raises(CompactUsageError, match="needs a local run directory"):
+
+
+def test_compaction_on_s3(s3: str) -> None:
+    """Merged parts are one PUT each (the commit) after the record; a recorder's lock object means up_to_step."""
+    from moescope.format.compact import RECORD, CompactUsageError, compact_run
+    from moescope.format.lock import RunLocked
+
+    url = f"{s3}/compact/run-h"
+    truth = _record(url)  # flush_every=2: parts 0, 1, 2 hold steps 0-1, 2-3, 4-5
+    run = as_path(url)
+    (run / ".moescope-rank-0.lock").write_bytes(b'{"pid": 1, "host": "elsewhere"}\n')  # a recorder, as S3 shows it
+    with pytest.raises(CompactUsageError, match="being recorded"):
         compact_run(url)
+    res = compact_run(url, up_to_step=3)
+    assert res.live_ranks == [0] and sorted(res.merged) == [
+        f"{t}/part-0-000000-000001.parquet" for t in ("expert_load", "router_stats", "routing")]
+    (run / ".moescope-rank-0.lock").unlink()
+    (run / ".moescope-compact.lock").write_bytes(b'{"pid": 1, "host": "elsewhere", "role": "compacted"}\n')
+    with pytest.raises(RunLocked, match="being compacted by pid 1 on elsewhere"):
+        compact_run(url)
+    (run / ".moescope-compact.lock").unlink()
+    res = compact_run(url)
+    assert res.parts_after == 3 and res.removed == 6
+    names = [k.split("/", 3)[-1] for k in _keys(url)]
+    assert names == [".moescope-compaction.json", "expert_load/part-0-000000-000002.parquet", "manifest.json",
+                     "router_stats/part-0-000000-000002.parquet", "routing/part-0-000000-000002.parquet"], names
+    for name in names:
+        if name.endswith(".parquet"):
+            check_part(f"{url}/{name}")
+    assert json.loads((run / RECORD).read_bytes())["replaced"] == {}
+    with moescope.open(url) as tr:
+        assert _counts(tr) == truth
+        (n,), = tr.sql("SELECT count(*) FROM routing").fetchall()
+    assert n == 6 * 10 * 2
+
+
+@pytest.mark.parametrize("stage", ["recorded", "renaming", "deleting"])
+def test_compaction_killed_on_s3(s3: str, stage: str) -> None:
+    from moescope.format.compact import compact_run
+
+    url = f"{s3}/killed-{stage}/run-i"
+    truth = _record(url, steps=4)
+    script = (f"import os, signal\nfrom moescope.format import compact\n"
+              f"compact._at = lambda s: os.kill(os.getpid(), signal.SIGKILL) if s == {stage!r} else None\n"
+              f"compact.compact_run({url!r})\n")
+    p = subprocess.run([sys.executable, "-c", script], env={**os.environ, "PYTHONPATH": str(ROOT)},
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == -9, p.stderr
+    with moescope.open(url) as tr:  # right after the kill: every row once
+        assert _counts(tr) == truth
+    as_path(f"{url}/.moescope-compact.lock").unlink()  # the killed compaction's lock object (S3 cannot drop it)
+    res = compact_run(url)
+    assert res.parts_after == 3
+    with moescope.open(url) as tr:
+        assert _counts(tr) == truth
 
 
 def test_watch_and_dashboard_serve_s3(s3: str, tmp_path: Path) -> None:
