@@ -423,8 +423,9 @@ def check_trace(case: Case, run: Path, calls: dict[str, list[dict[str, Any]]], o
             assert lo.tokens.tolist() == counts.tolist(), f"{module} step {step}: expert_load ≠ bincount"
             st = stats[(stats.step == step) & (stats.layer == layer)]
             assert int(st.tokens.iloc[0]) == int(valid.sum())
-            if "logits" not in truth:  # no per-expert logits (Doge): nothing recorded for them either
-                assert float(st.lse_sq_sum.iloc[0]) == 0.0
+            if "logits" not in truth:  # no per-expert logits (Doge): their statistics are unknown (NaN), not 0
+                assert math.isnan(float(st.lse_sq_sum.iloc[0])) and st.nonfinite.isna().all()
+                assert lo.prob_sum.isna().all()
                 continue
             logits = truth["logits"].reshape(B * S, -1).float()[valid]
             lse_sq = torch.logsumexp(logits, -1).pow(2).sum().item()
