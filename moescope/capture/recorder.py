@@ -85,6 +85,7 @@ class LayerInfo:
     experts_module: str | None = None
     grid_owners: tuple[str, ...] = ()  # enclosing modules, nearest first
     owner_grids: tuple[Grid, ...] = ()  # the token grids of those that are entry modules, nearest first
+    unread_logits: bool = False  # some call's logits were not read (seen at a flush): its logit stats are NaN
 
     def to_manifest(self) -> dict[str, Any]:
         """The manifest's `layers` entry."""
@@ -97,7 +98,7 @@ class LayerInfo:
             "router_kind": self.router_kind,
             "experts_module": self.experts_module,
             # a spec that reads no logits: this layer's logit statistics are NULL by design, not damaged data
-            **({"extra": {"logits": False}} if A.reads_logits(self.spec) is False else {}),
+            **({"extra": {"logits": False}} if A.reads_logits(self.spec) is False or self.unread_logits else {}),
         }
 
 
@@ -805,6 +806,7 @@ class Recorder:
                 load, st = decode(arr[li.layer], li.n_experts, self.stats)
                 if st[0] <= 0 and not load[:, 0].any():
                     continue  # this router did not run under this key
+                li.unread_logits |= bool(self.stats and np.isnan(st[1]))  # the manifest says why (to_manifest)
                 seen = True
                 load_host.append((step, tag, li.layer, load))
                 stats_host.append((step, tag, li.layer, st))

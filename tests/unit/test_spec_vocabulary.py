@@ -724,3 +724,14 @@ def test_inspect_shows_the_reading_of_each_router() -> None:
     assert lines["b.block.router"].rstrip().endswith(
         "forward hook: ids=output[1] ([T, E] routing map), weights=output[0], logits=output of 'gate', "
         "seq-first tokens")
+
+
+def test_logits_found_absent_at_run_time_are_marked_too(tmp_path: Path, registry: None) -> None:
+    """logits=None on a tuple output reads no logits, which only the calls show: the manifest marks it at close."""
+    moescope.register_router(ScoreRouter, weights=0, ids=1, logits=None)
+    torch.manual_seed(0)
+    record(Model(ScoreRouter()), tmp_path / "r")
+    assert json.loads((tmp_path / "r" / "manifest.json").read_text())["layers"][0]["logits"] is False
+    assert np.isnan(load(tmp_path / "r")["prob_sum"]).all()
+    health = moescope.open(tmp_path).health(run="r")
+    assert not (health.status == "ERROR").any(), health[health.status == "ERROR"].message.tolist()
