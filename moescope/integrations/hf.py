@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Mapping
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -92,6 +93,10 @@ class MoEScopeTrainerCallback(TrainerCallback):
         target = model.get_submodule(self.module) if self.module else model
         rank = self.rank if self.rank is not None else _rank_of(args)
         self.session.meta.setdefault("world_size", int(getattr(args, "world_size", 1) or 1))
+        tok = kw.get("processing_class") or kw.get("tokenizer")
+        if self.session.options.tokenizer is None and getattr(tok, "name_or_path", None):
+            # the Trainer's own tokenizer says how to decode token ids (report --experts, the Tokens page)
+            self.session.options = replace(self.session.options, tokenizer=tok)
         self.session.start(target, rank, self._on_scalars)
 
     def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kw: Any) -> None:

@@ -211,3 +211,25 @@ def test_trainer_switches_record_each_step_once(switch: str, tmp_path: Path) -> 
     assert (load.groupby(["step", "layer"]).tokens.sum() == BATCH * (SEQ - 4) * K).all()
     stats = pq.read_table(run / "router_stats").to_pandas()
     assert (stats.tokens == BATCH * (SEQ - 4)).all() and (stats.nonfinite == 0).all()
+
+
+def test_the_trainers_tokenizer_is_stored_for_decoding(tmp_path: Path) -> None:
+    """The Trainer's processing_class says how to decode the trace's token ids: its path lands in the manifest."""
+    import json
+
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {f"w{i}": i for i in range(100)} | {"[UNK]": 100, "[PAD]": 101}
+    PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="[UNK]")),
+                            unk_token="[UNK]", pad_token="[PAD]").save_pretrained(tmp_path / "tok")
+    tok = PreTrainedTokenizerFast.from_pretrained(str(tmp_path / "tok"))
+    run = tmp_path / "traces" / "run-a"
+    cb = MoEScopeTrainerCallback(run, flush_every=1)
+    Trainer(model=tiny_mixtral(), args=args(tmp_path, max_steps=1), train_dataset=dataset(BATCH),
+            processing_class=tok, callbacks=[cb]).train()
+    manifest = json.loads((run / "manifest.json").read_text())
+    assert manifest["model"]["tokenizer"] == str((tmp_path / "tok").resolve())
+    from moescope.analysis.vocab import decoder_for
+
+    assert decoder_for(manifest["model"]["tokenizer"]).text(5) == "w5"
