@@ -17,7 +17,7 @@ FROM rt
 SELECT run, step, layer,
        CAST(COUNT(*) AS DOUBLE) AS pairs,
        SUM(CASE WHEN experts[1] = prev_experts[1] THEN 1 ELSE 0 END) AS same_first,
-       -- list_has_any is DuckDB's name for arrays_overlap (Spark, Trino)
+       -- list_has_any is DuckDB's name for arrays_overlap (Spark, Trino); moescope/analysis/dialects.py translates it
        SUM(CASE WHEN list_has_any(experts, prev_experts) THEN 1 ELSE 0 END) AS share_any
 FROM nb
 WHERE prev_pos = pos - 1
