@@ -222,7 +222,9 @@ def _expert_layer(path: str, m: nn.Module) -> ExpertLayer | None:
         tr = getattr(m, "is_transposed", None)  # transformers v5 experts say so; others by shape
         tr = bool(tr) if tr is not None else fused_transposed(w_in.shape, down.shape, gated)
         hidden = w_in.shape[1] if tr else w_in.shape[2]
-        inter = not bool(getattr(m, "is_concatenated", True))  # GPT-OSS: is_concatenated=False
+        conc = getattr(m, "is_concatenated", None)  # transformers v5 says so (GPT-OSS: False)
+        # transformers 4.x GPT-OSS experts carry no flag and interleave gate/up columns (gate_up[..., ::2])
+        inter = not bool(conc) if conc is not None else type(m).__name__ == "GptOssExperts"
         return ExpertLayer(path, m, "fused", int(w_in.shape[0]), int(hidden), gated, tr, inter and gated)
     w1, v1, w2 = own.get("w1"), own.get("v1"), own.get("w2")
     n = getattr(m, "moe_num_experts", None) or getattr(m, "num_experts", None)

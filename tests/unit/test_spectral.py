@@ -624,3 +624,18 @@ def test_snapshot_next_to_a_recording_reads_back_through_the_trace(tmp_path):
         " ON s.run = l.run AND s.layer = l.layer AND s.expert_a = l.expert"
     ).fetchall()[0][0]
     assert joined > 0  # layer and expert numbers line up with the recorded load
+
+
+@pytest.mark.hf
+@pytest.mark.skipif(requirement_met("transformers>=5"), reason="transformers 4.x GPT-OSS layout; 5.x is installed")
+def test_gpt_oss_v4_experts_are_read_interleaved(tmp_path):
+    """4.x GPT-OSS keeps gate_up_proj [E, H, 2I] with gate and up interleaved (its forward: gate_up[..., ::2])."""
+    model = hf_model("gpt_oss")
+    (ly, _) = find_expert_layers(model)
+    assert (ly.kind, ly.interleaved, ly.hidden) == ("fused", True, 32)
+    ex = ly.module
+    with torch.no_grad():
+        w = ly.load(1, 2)
+        assert torch.equal(w.gate[0], ex.gate_up_proj[1][:, ::2].T)  # gate = even columns
+        assert torch.equal(w.up[0], ex.gate_up_proj[1][:, 1::2].T)
+        assert torch.equal(w.down[0], ex.down_proj[1].T)
