@@ -348,11 +348,20 @@ def check_output(
         if raw_l.shape[-1] != n or not raw_l.is_floating_point():
             raise _fail(spec, f"logits ({at}) has shape {_shape(raw_l)} and dtype {raw_l.dtype} but n_experts={n}: "
                         "set `logits` (or logits_from) to the router's [T, E] float scores, or logits_are = \"none\"")
-        if spec.logits_are == "probs" and raw_l.numel():
+        if spec.logits_are != "none" and raw_l.numel():
             lo, hi = float(raw_l.min()), float(raw_l.max())
-            if lo < 0.0 or hi > 1.0:
+            rows = raw_l.detach().float().reshape(-1, n).sum(-1)  # [T]
+            sums_to_one = bool(((rows - 1.0).abs() < 1e-3).all())
+            if spec.logits_are == "probs" and (lo < 0.0 or hi > 1.0):
                 raise _fail(spec, f"logits_are=\"probs\" but {at} holds values in [{lo:.3g}, {hi:.3g}], outside "
                             "[0, 1]: set logits_are = \"logits\"")
+            if spec.logits_are == "probs" and spec.probs == "softmax" and not sums_to_one:
+                raise _fail(spec, f"logits_are=\"probs\" with probs=\"softmax\" but the rows of {at} sum to "
+                            f"{float(rows.min()):.3g}..{float(rows.max()):.3g}, not 1: independent (sigmoid) "
+                            "scores? set probs = \"sigmoid\"")
+            if spec.logits_are == "logits" and lo >= 0.0 and hi <= 1.0 and sums_to_one and n > 1:
+                raise _fail(spec, f"{at} holds probabilities (every row in [0, 1], summing to 1), not logits: set "
+                            "logits_are = \"probs\"")
     elif spec.source == "logits":
         raise _fail(spec, f"source=\"logits\" but the router output has no tensor at logits={spec.logits}; set `logits`")
     if spec.source != "output" or spec.ids_fn is not None:

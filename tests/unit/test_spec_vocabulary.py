@@ -735,3 +735,22 @@ def test_logits_found_absent_at_run_time_are_marked_too(tmp_path: Path, registry
     assert np.isnan(load(tmp_path / "r")["prob_sum"]).all()
     health = moescope.open(tmp_path).health(run="r")
     assert not (health.status == "ERROR").any(), health[health.status == "ERROR"].message.tolist()
+
+
+def test_scores_read_the_wrong_way_are_named() -> None:
+    """Probabilities read as logits, or sigmoid scores read as softmax probabilities: one error naming the field."""
+    torch.manual_seed(0)
+    logits = torch.randn(6, 4)
+    ids = logits.topk(2, -1).indices
+    w = torch.ones(6, 2)
+    spec = S.RouterSpec("r", ("X",))
+    A.check_output(spec, (logits, w, ids), 4, 2, None)  # real logits: fine
+    with pytest.raises(A.AdapterError, match=re.escape('holds probabilities (every row in [0, 1], summing to 1), '
+                                                       'not logits: set logits_are = "probs"')):
+        A.check_output(spec, (logits.softmax(-1), w, ids), 4, 2, None)
+    probs = S.RouterSpec("r", ("X",), logits_are="probs")
+    A.check_output(probs, (logits.softmax(-1), w, ids), 4, 2, None)
+    with pytest.raises(A.AdapterError, match=re.escape('scores? set probs = "sigmoid"')):
+        A.check_output(probs, (torch.sigmoid(logits), w, ids), 4, 2, None)
+    sig = S.RouterSpec("r", ("X",), logits_are="probs", probs="sigmoid")
+    A.check_output(sig, (torch.sigmoid(logits), w, ids), 4, 2, None)
