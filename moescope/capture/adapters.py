@@ -345,12 +345,13 @@ def check_output(
     else:
         raw_l, at = None, ""
     if raw_l is not None:
+        raw_l = raw_l.detach()  # the checks read values: never through autograd
         if raw_l.shape[-1] != n or not raw_l.is_floating_point():
             raise _fail(spec, f"logits ({at}) has shape {_shape(raw_l)} and dtype {raw_l.dtype} but n_experts={n}: "
                         "set `logits` (or logits_from) to the router's [T, E] float scores, or logits_are = \"none\"")
         if spec.logits_are != "none" and raw_l.numel():
             lo, hi = float(raw_l.min()), float(raw_l.max())
-            rows = raw_l.detach().float().reshape(-1, n).sum(-1)  # [T]
+            rows = raw_l.float().reshape(-1, n).sum(-1)  # [T]
             sums_to_one = bool(((rows - 1.0).abs() < 1e-3).all())
             if spec.logits_are == "probs" and (lo < 0.0 or hi > 1.0):
                 raise _fail(spec, f"logits_are=\"probs\" but {at} holds values in [{lo:.3g}, {hi:.3g}], outside "
