@@ -135,8 +135,9 @@ def _missing(v: object) -> bool:
     return v is None or v is pd.NA or (isinstance(v, float) and math.isnan(v))
 
 
-def _compare(root: Path, spark, metrics: dict[str, list[str]] = METRICS) -> pd.DataFrame:
-    """Health and metrics of `root` on both engines, asserted equal; returns the DuckDB findings."""
+def _compare(root: Path, spark, metrics: dict[str, list[str]] = METRICS,
+             drift: tuple[str, str] | None = None) -> pd.DataFrame:
+    """Health and metrics (and drift between two runs) of `root` on both engines, asserted equal."""
     duck = moescope.open(root)
     sp = moescope.open(root, engine="spark", spark=spark)
     try:
@@ -145,6 +146,10 @@ def _compare(root: Path, spark, metrics: dict[str, list[str]] = METRICS) -> pd.D
         _same_frames(hd, hs, FINDING_KEYS, "health")
         for name, keys in metrics.items():
             _same_frames(getattr(duck, name)(), getattr(sp, name)(), keys, name)
+        if drift is not None:  # the statistics; the bootstrap threshold depends on the order units come back
+            cols = ["layer", "js", "tv", "psi", "chi2", "n_baseline", "n_current", "n_units", "unit"]
+            base, cur = {"run": drift[0]}, {"run": drift[1]}
+            _same_frames(duck.drift(base, cur)[cols], sp.drift(base, cur)[cols], ["layer"], "drift")
         return hd
     finally:
         sp.close()
@@ -153,7 +158,7 @@ def _compare(root: Path, spark, metrics: dict[str, list[str]] = METRICS) -> pd.D
 
 @pytest.mark.slow
 def test_sample_traces_same_findings_and_metrics(spark) -> None:
-    hd = _compare(SAMPLES, spark)
+    hd = _compare(SAMPLES, spark, drift=("balanced", "shift"))
     # the comparison is not between two empty answers: the collapse sample fails its collapse rule
     got = hd[(hd["run"] == "collapse") & (hd["rule"] == "collapse")]
     assert (got["status"] == "FAIL").any()
