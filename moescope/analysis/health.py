@@ -1,7 +1,7 @@
 """Health findings of a trace: every registered rule (`moescope.analysis.rules`) over the selected runs.
 
-`health(con, sel, config)` is a pure function of a DuckDB connection holding the trace views, a Selection
-and a config; `Trace.health()` resolves the run names and calls it. One row per rule × run × layer × step
+`health(con, sel, config)` is a pure function of a connection holding the trace views (DuckDB, or the
+`SparkConnection` of `moescope.analysis.spark`: the same SQL, translated), a Selection and a config; `Trace.health()` resolves the run names and calls it. One row per rule × run × layer × step
 window with the columns of `COLUMNS`. Statuses: PASS, WARN, FAIL, SKIP (not enough data to judge: expected
 assignments per expert kT/N below `min_tokens`, or the table a rule reads is absent), ERROR (the rule
 itself failed).

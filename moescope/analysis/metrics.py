@@ -1,4 +1,7 @@
-"""The metric catalogue as pure functions of (DuckDB connection, selection, parameters) -> DataFrame.
+"""The metric catalogue as pure functions of (connection, selection, parameters) -> DataFrame.
+
+The connection is DuckDB's, or another engine's (`moescope.analysis.spark.SparkConnection`): `run_analysis`
+hands it the same rendered SQL.
 
 Each function renders one analyses/*.sql file; Python only adds what SQL has no portable form for
 (binomial chance levels). Every result is per run × layer × step window unless its docstring says
