@@ -677,10 +677,10 @@ class Recorder:
 
         def guarded(fn: Callable[[], None]) -> None:
             """Run a hook body; in eager, an exception stops this layer's capture with a warning, never the forward."""
+            if failed:  # stopped in eager: compiled code made later must not resume it (a guard on an empty list)
+                return
             if torch.compiler.is_compiling():
                 fn()  # traced: a failure surfaces while compiling, where no forward has run yet
-                return
-            if failed:
                 return
             try:
                 fn()

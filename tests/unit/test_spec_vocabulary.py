@@ -754,3 +754,22 @@ def test_scores_read_the_wrong_way_are_named() -> None:
         A.check_output(probs, (torch.sigmoid(logits), w, ids), 4, 2, None)
     sig = S.RouterSpec("r", ("X",), logits_are="probs", probs="sigmoid")
     A.check_output(sig, (torch.sigmoid(logits), w, ids), 4, 2, None)
+
+
+@pytest.mark.slow
+def test_a_stopped_layer_stays_stopped_when_compiled_later(tmp_path: Path, registry: None) -> None:
+    moescope.register_router(KFirstGate, n_experts="num_experts", top_k="k")  # the naive [T, k] reading
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = Model(KFirstGate()).eval()
+    x, mask = inputs()
+    with pytest.warns(RuntimeWarning, match='set ids_layout = "k_first"'):
+        with moescope.record(model, tmp_path / "r") as rec, torch.no_grad():
+            model(x, attention_mask=mask)  # eager: the first-call check stops the layer
+            compiled = torch.compile(model)
+            for step in (1, 2):
+                rec.step = step
+                compiled(x, attention_mask=mask)
+    torch._dynamo.reset()
+    assert len(rec.disabled_layers) == 1
+    assert not (tmp_path / "r" / "expert_load").exists()  # nothing recorded by the compiled forwards either
