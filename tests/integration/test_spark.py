@@ -35,6 +35,8 @@ METRICS = {
     "vocab_specialization": ["run", "layer", "window"],
     "domain_specialization": ["run", "layer", "window", "tag", "expert"],
 }
+#: Metrics that take arguments, and theirs (saturation of one run: every step against its last step).
+EXTRA_ARGS = {"saturation": {"run": "upcycled"}}
 FINDING_KEYS = ["rule", "run", "layer", "window_start", "metric", "expert", "status", "message"]
 
 
@@ -145,7 +147,8 @@ def _compare(root: Path, spark, metrics: dict[str, list[str]] = METRICS,
         hd, hs = duck.health(), sp.health()
         _same_frames(hd, hs, FINDING_KEYS, "health")
         for name, keys in metrics.items():
-            _same_frames(getattr(duck, name)(), getattr(sp, name)(), keys, name)
+            kwargs = EXTRA_ARGS.get(name, {})
+            _same_frames(getattr(duck, name)(**kwargs), getattr(sp, name)(**kwargs), keys, name)
         if drift is not None:  # the statistics; the bootstrap threshold depends on the order units come back
             cols = ["layer", "js", "tv", "psi", "chi2", "n_baseline", "n_current", "n_units", "unit"]
             base, cur = {"run": drift[0]}, {"run": drift[1]}
@@ -158,7 +161,9 @@ def _compare(root: Path, spark, metrics: dict[str, list[str]] = METRICS,
 
 @pytest.mark.slow
 def test_sample_traces_same_findings_and_metrics(spark) -> None:
-    hd = _compare(SAMPLES, spark, drift=("balanced", "shift"))
+    more = {"saturation": ["run", "step", "layer"], "similarity": ["run", "step", "layer", "metric", "expert_a",
+                                                                    "expert_b"]}
+    hd = _compare(SAMPLES, spark, {**METRICS, **more}, drift=("balanced", "shift"))
     # the comparison is not between two empty answers: the collapse sample fails its collapse rule
     got = hd[(hd["run"] == "collapse") & (hd["rule"] == "collapse")]
     assert (got["status"] == "FAIL").any()
