@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import shutil
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -100,6 +102,10 @@ def spark():
     pytest.importorskip("pyspark")
     if shutil.which("java") is None:
         pytest.skip("engine=spark needs a Java runtime (java not on PATH)")
+    out = subprocess.run(["java", "-version"], capture_output=True, text=True, timeout=60).stderr
+    m = re.search(r'version "(\d+)', out)
+    if m is None or int(m.group(1)) < 17:
+        pytest.skip(f"PySpark 4 needs Java 17+: java -version says {out.splitlines()[0] if out else 'nothing'}")
     from moescope.analysis.spark import session
 
     s = session({"spark.master": "local[2]", "spark.ui.enabled": "false", "spark.ui.showConsoleProgress": "false",
