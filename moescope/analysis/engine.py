@@ -38,7 +38,7 @@ def ensure_layer_info(con: duckdb.DuckDBPyConnection) -> None:
     if not _has_table(con, "manifest_layers"):
         con.execute(
             "CREATE TABLE manifest_layers (run VARCHAR, layer SMALLINT, n_experts INTEGER, top_k INTEGER, "
-            "router_kind VARCHAR, module VARCHAR, logits BOOLEAN)"
+            "router_kind VARCHAR, module VARCHAR, logits BOOLEAN, lse BOOLEAN)"
         )
     try:
         con.execute(f"CREATE TABLE layer_info AS {render('view_layer_info')}")

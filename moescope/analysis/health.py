@@ -191,9 +191,15 @@ def integrity(con: duckdb.DuckDBPyConnection, runs: Sequence[str]) -> list[dict[
                                f"(steps {_steps(lo, hi)}): counts would be doubled; the trace holds copied rows "
                                "or a step recorded twice"))
     if _has_table(con, "router_stats"):
-        bad = " OR ".join(f"{c} IS NULL OR isnan({c})" for c in _STAT_SUMS) + " OR nonfinite IS NULL"
+        layers = _has_table(con, "manifest_layers")
+        # a layer reading probabilities in place of logits has NULL lse columns by design (manifest_layers.lse)
+        no_lse = ("NOT EXISTS (SELECT 1 FROM manifest_layers m WHERE m.run = s.run AND m.layer = s.layer "
+                  "AND m.lse IS FALSE)" if layers else "true")
+        bad = " OR ".join([f"{c} IS NULL OR isnan({c})" for c in _STAT_SUMS if not c.startswith("lse")]
+                          + ["nonfinite IS NULL"]
+                          + [f"({no_lse} AND ({c} IS NULL OR isnan({c})))" for c in _STAT_SUMS if c.startswith("lse")])
         no_logits = ("AND NOT EXISTS (SELECT 1 FROM manifest_layers m WHERE m.run = s.run AND m.layer = s.layer "
-                     "AND m.logits IS FALSE)" if _has_table(con, "manifest_layers") else "")
+                     "AND m.logits IS FALSE)" if layers else "")
         got = con.execute(
             f"SELECT s.run, count(*), min(s.step), max(s.step) FROM router_stats s JOIN runs r USING (run) "
             f"WHERE list_contains(?, s.run) AND coalesce(json_extract(r.capture, '$.stats')::VARCHAR, 'true') "

@@ -228,16 +228,19 @@ def _layers_frame(runs: list[RunInfo]) -> pd.DataFrame:
                     {"run": info.run, "layer": entry.layer, "n_experts": entry.n_experts, "top_k": entry.top_k,
                      "router_kind": entry.router_kind, "module": entry.module,
                      # False: the layer's spec reads no logits, so its logit statistics are NULL by design
-                     "logits": entry.extra.get("logits") is not False},
+                     "logits": entry.extra.get("logits") is not False,
+                     # False: probabilities read in place of logits, so the lse (z-loss) columns are NULL by design
+                     "lse": entry.extra.get("logits") is not False and entry.extra.get("lse") is not False},
                 )
     df = pd.DataFrame(list(rows.values()),
-                      columns=["run", "layer", "n_experts", "top_k", "router_kind", "module", "logits"])
+                      columns=["run", "layer", "n_experts", "top_k", "router_kind", "module", "logits", "lse"])
     df["layer"] = df["layer"].astype("int16")
     for col in ("n_experts", "top_k"):
         df[col] = pd.to_numeric(df[col], errors="coerce").astype("Int32")
     for col in ("run", "router_kind", "module"):
         df[col] = df[col].astype("object")
     df["logits"] = df["logits"].astype(bool)
+    df["lse"] = df["lse"].astype(bool)
     return df
 
 

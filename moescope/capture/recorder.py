@@ -42,6 +42,10 @@ _STAT_NAMES = STAT_NAMES
 _ID_PARAMS = ("input_ids", "decoder_input_ids", "idx", "tokens", "token_ids")
 
 
+#: router_stats columns that only logits give (a spec reading probabilities leaves them NULL).
+_LSE_STATS = [STAT_NAMES.index(n) for n in ("lse_sq_sum", "lse_sum", "lse_max")]
+
+
 class RecordError(RuntimeError):
     """Recording cannot start (e.g. no router found); the message says how to fix it."""
 
@@ -98,7 +102,10 @@ class LayerInfo:
             "router_kind": self.router_kind,
             "experts_module": self.experts_module,
             # a spec that reads no logits: this layer's logit statistics are NULL by design, not damaged data
-            **({"extra": {"logits": False}} if A.reads_logits(self.spec) is False or self.unread_logits else {}),
+            **({"extra": {"logits": False}} if A.reads_logits(self.spec) is False or self.unread_logits else
+               # probabilities read in place of logits: entropy and margin are exact, but logsumexp of log p is
+               # not the router's (its z-loss is unknown), so the lse columns are NULL by design
+               {"extra": {"lse": False}} if self.spec.logits_are == "probs" else {}),
         }
 
 
@@ -807,6 +814,8 @@ class Recorder:
                 if st[0] <= 0 and not load[:, 0].any():
                     continue  # this router did not run under this key
                 li.unread_logits |= bool(self.stats and np.isnan(st[1]))  # the manifest says why (to_manifest)
+                if li.spec.logits_are == "probs":
+                    st[_LSE_STATS] = np.nan  # logsumexp(log p) is no router logit statistic
                 seen = True
                 load_host.append((step, tag, li.layer, load))
                 stats_host.append((step, tag, li.layer, st))
