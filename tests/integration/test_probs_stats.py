@@ -13,7 +13,6 @@ torch = pytest.importorskip("torch")
 from torch import nn  # noqa: E402
 
 import moescope  # noqa: E402
-from moescope.cli import main  # noqa: E402
 
 
 class ProbRouter(nn.Module):
