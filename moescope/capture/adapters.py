@@ -380,17 +380,20 @@ def check_output(
         if raw.is_floating_point():
             raise _fail(spec, f"ids (output[{spec.ids}]) holds {raw.dtype} values, not expert ids: set `ids` to the "
                         "index of the selected expert ids")
+        if raw.dim() >= 3 and raw.shape[-2] == n and raw.shape[-1] != k:
+            raise _fail(spec, f"ids has shape {shape}: looks like a dispatch mask [..., E={n}, C]; set "
+                        "ids_layout = \"dispatch\"")
         if layout == "topk" and raw.shape[-1] != k:
-            if raw.dim() >= 3 and raw.shape[-2] == n:
-                raise _fail(spec, f"ids has shape {shape}: looks like a dispatch mask [..., E={n}, C]; set "
-                            "ids_layout = \"dispatch\"")
             if raw.dim() >= 2 and raw.shape[0] == k:
                 raise _fail(spec, f"ids has shape {shape} but top_k={k}, T={t if t is not None else '?'}: looks like "
                             "[k, T]; set ids_layout = \"k_first\"")
             raise _fail(spec, f"ids has shape {shape} but top_k={k}: the last axis must hold the k selected experts;"
                         " set top_k (or ids)")
         if layout == "k_first" and (raw.dim() < 2 or raw.shape[0] != k):
-            hint = "ids_layout = \"topk\"" if raw.shape[-1] == k else "top_k"
+            # one axis: not ids at all (DeepSpeed's dense gate output puts per-expert counts [E] there)
+            hint = ("`ids` to the output index of the selected expert ids (this output is "
+                    f"{'per-expert counts [E]' if raw.numel() == n else 'one value per token'})" if raw.dim() < 2
+                    else "ids_layout = \"topk\"" if raw.shape[-1] == k else "top_k")
             raise _fail(spec, f"ids has shape {shape} but ids_layout=\"k_first\" needs [k={k}, T]; set {hint}")
         rows = raw.numel() // max(k, 1)
     elif layout in ("routing_map", "dispatch"):

@@ -322,7 +322,8 @@ class Registry:
         """
         self._ensure_loaded()
         name = cls if isinstance(cls, str) else f"{cls.__module__}.{cls.__qualname__}"
-        keep = [(s, p) for s, p in self.entries if not (name in s.classes or s.family == name)]
+        # a class name removes your registrations (priority > 0) only; shipped specs go by their family name
+        keep = [(s, p) for s, p in self.entries if not ((p > 0 and name in s.classes) or s.family == name)]
         removed = len(self.entries) - len(keep)
         if not removed:
             known = sorted({s.family for s, _ in self.entries})

@@ -535,7 +535,7 @@ def test_deepspeed_dense_gate_output_is_refused_not_misread(tmp_path: Path) -> N
             got = model(input_ids=x, attention_mask=mask)
     assert torch.equal(got, want)
     ours = [str(w.message) for w in caught if str(w.message).startswith("moescope: capture of layer")]
-    assert len(ours) == 1 and "spec 'deepspeed'" in ours[0] and "k_first" in ours[0], ours
+    assert len(ours) == 1 and "spec 'deepspeed'" in ours[0] and 'per-expert counts [E]' in ours[0], ours
     assert not list((tmp_path / "dense").rglob("*.parquet")), "a refused reading still wrote counts"
     counters = json.loads((tmp_path / "dense" / "manifest.json").read_text())["counters"]
     assert [(d["module"], d["family"]) for d in counters["disabled_layers"]] == [("blocks.0.gate", "deepspeed")]

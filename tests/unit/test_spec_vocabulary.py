@@ -515,6 +515,13 @@ def test_unregister_router(registry: None) -> None:
     assert A.resolve(router) is None
     with pytest.raises(A.AdapterError, match=r"unregister_router\(.*ScoreRouter\): no registered class"):
         moescope.unregister_router(ScoreRouter)
+    # a qualified class name removes only your registrations: shipped specs naming it stay
+    shipped = "transformers.models.mixtral.modeling_mixtral.MixtralTopKRouter"
+    with pytest.raises(A.AdapterError, match="no registered class"):
+        moescope.unregister_router(shipped)
+    moescope.register_router(shipped, family="my-mixtral")
+    assert moescope.unregister_router(shipped) == 1
+    assert any(s.family == "mixtral" for s in A.all_specs())
     # a shipped family by name: moescope stops hooking it
     before = len(A.all_specs())
     assert moescope.unregister_router("mixtral") >= 1 and len(A.all_specs()) < before
