@@ -237,11 +237,11 @@ def test_docs_lightning_example_runs(tmp_path: Path, monkeypatch: pytest.MonkeyP
 
 @pytest.mark.dist
 def test_ddp_each_rank_writes_its_own_parts(tmp_path: Path) -> None:
-    # Two gloo processes on CPU (ddp_spawn): about a minute here, hence the dist marker.
+    # Two gloo processes on CPU (ddp_spawn): about a minute here, hence the dist marker. Per-rank parts are
+    # reduce="none"; the default sums them over the ranks (tests/integration/test_reduce.py).
     run = tmp_path / "run"
-    t = trainer(
-        tmp_path, max_steps=3, devices=2, strategy="ddp_spawn", callbacks=[MoEScopeCallback(run, flush_every=2)]
-    )
+    cb = MoEScopeCallback(run, flush_every=2, reduce="none")
+    t = trainer(tmp_path, max_steps=3, devices=2, strategy="ddp_spawn", callbacks=[cb])
     t.fit(TinyLM(tiny_mixtral()), loader(8))
     load = pq.read_table(run / "expert_load").to_pandas()
     assert {r: sorted(g.step.unique()) for r, g in load.groupby("rank")} == {0: [0, 1, 2], 1: [0, 1, 2]}
