@@ -276,6 +276,7 @@ class Recorder:
         self._reducing = False  # a collective at each flush: reduce="global" in a group of more than one rank
         self._writes_counts = True  # False on the ranks of a reduced group other than its first
         self.unreduced_close = False  # closed on an exception: the last window was written per rank
+        self.unreduced: str | None = None  # why a reduce="global" recorder writes per-rank parts instead
         dist = torch.distributed
         if self.reduce == "global" and dist.is_available() and dist.is_initialized():
             if dist.get_rank(self._group) < 0:
@@ -777,6 +778,8 @@ class Recorder:
         if self._hot is None:
             return
         self._collect_rows()
+        if self._reducing and self._user_step is None:
+            self._stop_reducing()
         held = self._held_steps() if hold_current else set()
         if not held and self._key is not None and (self._resume_step is None or self._key[0] > self._resume_step):
             self._acc.append((self._key, self._hot.snapshot()))
@@ -972,6 +975,21 @@ class Recorder:
         backend = str(torch.distributed.get_backend(self._group)).lower()
         return torch.device("cuda", torch.cuda.current_device()) if "nccl" in backend else torch.device("cpu")
 
+    def _stop_reducing(self) -> None:
+        """reduce="global" without steps set by the loop: write per-rank parts (warned once, in the manifest).
+
+        A flush under reduce="global" is a collective, so every rank must flush at the same steps. Steps counted
+        from forwards (no `rec.step = ...`) differ between ranks as soon as one runs a forward the others do not
+        (evaluation on rank 0 alone), and the others would wait in the collective until the process group's
+        timeout: a monitor must never hang the run, so such a recorder keeps per-rank parts (they sum the same).
+        """
+        self._reducing, self._writes_counts = False, True
+        self.unreduced = "steps counted from forwards (rec.step never set)"
+        warnings.warn(f"moescope: rank {self.rank}: reduce='global' needs the loop to set rec.step (the Lightning and "
+                      "HF callbacks do); with steps counted from forwards the ranks may flush at different times, so "
+                      "this run writes per-rank parts instead (analyses sum them the same)", RuntimeWarning,
+                      stacklevel=4)
+
     def _split(self, key: tuple[int, str]) -> None:
         """A forward in a (step, tag) already written: its rows will span two parts (warned once per key)."""
         self._written.discard(key)
@@ -1057,6 +1075,7 @@ class Recorder:
                        **({"entry_hook_errors": self.entry_errors} if self.entry_errors else {}),
                        **({"sink_errors": dict(self.sink_errors)} if self.sink_errors else {}),
                        **({"unreduced_close": True} if self.unreduced_close else {}),
+                       **({"unreduced": self.unreduced} if self.unreduced else {}),
                        **({"split_keys": self.split_keys} if self.split_keys else {}),
                        **({"flight_dumps": self.flight_dumps} if self.flight_dumps else {}),
                        **({"torn_parts_set_aside": self.torn_parts} if self.torn_parts else {})},

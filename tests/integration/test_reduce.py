@@ -76,6 +76,14 @@ WORKER = textwrap.dedent(
                         raise KeyboardInterrupt
         except KeyboardInterrupt:
             pass
+    if world == 2:  # steps counted from forwards, rank 0 one forward more: must not hang, writes per rank
+        state["mode"] = "autostep"
+        with moescope.record(m, f"{{out}}/autostep/run", flush_every=2) as rec:
+            state["rec"] = rec
+            for step, x in enumerate(batches):
+                m(x[rank::world])
+                if step == 1 and rank == 0:
+                    m(x[:1])  # an evaluation forward on rank 0 alone: its step counter runs ahead
     with open(f"{{out}}/dispatched-{{rank}}.json", "w") as fh:
         json.dump([[*k, v] for k, v in dispatched.items()], fh)
     dist.barrier()
@@ -190,3 +198,16 @@ def test_reduced_trace_is_the_sum_of_the_per_rank_traces(tmp_path: Path, world: 
                   "ORDER BY ALL") == _q(f"SELECT step, layer, expert, sum(tokens) FROM '{none}/expert_load/*.parquet'"
                                         " WHERE step <= 2 AND tag = '' GROUP BY ALL ORDER BY ALL")
         assert json.loads((crash / "manifest.rank-1.json").read_text())["counters"]["unreduced_close"] is True
+        # no rec.step: the recorder does not risk a collective the ranks may reach at different times
+        auto = tmp_path / "autostep" / "run"
+        assert {p.name.split("-")[1] for p in (auto / "expert_load").glob("*.parquet")} == {"0", "1"}
+        for r in range(2):
+            man = json.loads((auto / ("manifest.json" if r == 0 else "manifest.rank-1.json")).read_text())
+            assert "rec.step never set" in man["counters"]["unreduced"]
+        mine: dict[tuple, int] = {}
+        for r in range(2):
+            for mode, step, tag, layer, expert, n in json.loads((tmp_path / f"dispatched-{r}.json").read_text()):
+                if mode == "autostep":
+                    mine[(r, step, layer, expert)] = mine.get((r, step, layer, expert), 0) + n
+        got = _q(f"SELECT rank, step, layer, expert, tokens FROM '{auto}/expert_load/*.parquet' WHERE tokens > 0")
+        assert {g[:4]: g[4] for g in got} == mine
