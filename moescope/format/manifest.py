@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import threading
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
@@ -19,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from .schema import FORMAT, FORMAT_VERSION
-from .storage import RemotePath, as_path
+from .storage import RemotePath, as_path, write_atomic
 
 
 class TraceError(Exception):
@@ -38,20 +37,7 @@ def now_utc() -> str:
 
 def atomic_write_bytes(path: Path | RemotePath, data: bytes) -> None:
     """Write a file under a temporary name and rename it, so a reader never sees half of it (objects: one PUT)."""
-    if isinstance(path, RemotePath):
-        path.write_bytes(data)
-        return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-    try:
-        with open(tmp, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-    except BaseException:
-        tmp.unlink(missing_ok=True)  # a full disk must not keep a half-written temporary
-        raise
-    os.replace(tmp, path)
+    write_atomic(path, data)
 
 
 # -- field checks: each returns the value or raises _Bad(expected) -----------------------------------------------
