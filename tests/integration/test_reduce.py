@@ -206,7 +206,7 @@ def test_reduced_trace_is_the_sum_of_the_per_rank_traces(tmp_path: Path, world: 
             assert "rec.step never set" in man["counters"]["unreduced"]
         mine: dict[tuple, int] = {}
         for r in range(2):
-            for mode, step, tag, layer, expert, n in json.loads((tmp_path / f"dispatched-{r}.json").read_text()):
+            for mode, step, _tag, layer, expert, n in json.loads((tmp_path / f"dispatched-{r}.json").read_text()):
                 if mode == "autostep":
                     mine[(r, step, layer, expert)] = mine.get((r, step, layer, expert), 0) + n
         got = _q(f"SELECT rank, step, layer, expert, tokens FROM '{auto}/expert_load/*.parquet' WHERE tokens > 0")
