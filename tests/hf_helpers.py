@@ -45,3 +45,38 @@ def plant_collapse(model: Any) -> None:
             if gate is not None:
                 gate.weight.zero_()
                 gate.weight[:, 0] = torch.tensor([5.0, 5.0, -5.0, -5.0])
+
+
+#: Shrinks any MoE family's config to a tiny one (8 experts, top-2): the test files apply each field where the
+#: config class has it (transformers 5 in test_hf_families.py, 4.x in test_hf_v4_families.py).
+TINY_MOE: dict[str, Any] = {
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "moe_intermediate_size": 32,
+    "shared_expert_intermediate_size": 32,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 4,  # = heads: MLA families (DeepSeek) need it
+    "head_dim": 8,
+    "vocab_size": 128,
+    "num_experts": 8,
+    "num_local_experts": 8,
+    "n_routed_experts": 8,
+    "num_experts_per_tok": 2,
+    "moe_topk": 2,
+    "n_group": 2,
+    "topk_group": 1,
+    "first_k_dense_replace": 0,
+    "decoder_sparse_step": 1,
+    "mlp_only_layers": [],
+    "kv_lora_rank": 16,
+    "q_lora_rank": 16,
+    "qk_rope_head_dim": 8,
+    "qk_nope_head_dim": 8,
+    "v_head_dim": 8,
+    "max_position_embeddings": 64,
+    "n_shared_experts": 1,
+    "pad_token_id": 0,
+    "bos_token_id": 1,
+    "eos_token_id": 2,
+}

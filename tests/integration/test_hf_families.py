@@ -21,7 +21,7 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from hf_helpers import TRANSFORMERS_V5  # noqa: E402
+from hf_helpers import TINY_MOE, TRANSFORMERS_V5  # noqa: E402
 
 if not TRANSFORMERS_V5:
     pytest.skip(
@@ -39,41 +39,7 @@ pytestmark = pytest.mark.hf
 from transformers import AutoModel, AutoModelForCausalLM  # noqa: E402
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING  # noqa: E402
 
-# Shrinks any family's config: applied where the config class has the field.
-TINY: dict[str, Any] = {
-    "hidden_size": 32,
-    "intermediate_size": 64,
-    "moe_intermediate_size": 32,
-    "shared_expert_intermediate_size": 32,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 4,  # = heads: MLA families (DeepSeek) need it
-    "head_dim": 8,
-    "vocab_size": 128,
-    "num_experts": 8,
-    "num_local_experts": 8,
-    "n_routed_experts": 8,
-    "moe_num_experts": 8,
-    "num_experts_per_tok": 2,
-    "moe_topk": 2,
-    "moe_top_k": 2,
-    "top_k_experts": 2,
-    "n_group": 2,
-    "topk_group": 1,
-    "first_k_dense_replace": 0,
-    "decoder_sparse_step": 1,
-    "mlp_only_layers": [],
-    "kv_lora_rank": 16,
-    "q_lora_rank": 16,
-    "qk_rope_head_dim": 8,
-    "qk_nope_head_dim": 8,
-    "v_head_dim": 8,
-    "max_position_embeddings": 64,
-    "n_shared_experts": 1,
-    "pad_token_id": 0,
-    "bos_token_id": 1,
-    "eos_token_id": 2,
-}
+TINY: dict[str, Any] = {**TINY_MOE, "moe_num_experts": 8, "moe_top_k": 2, "top_k_experts": 2}  # + v5-only names
 
 B, S = 3, 7  # batch, sequence length of each recorded forward
 

@@ -35,7 +35,7 @@ transformers = pytest.importorskip("transformers")
 pa = pytest.importorskip("pyarrow")
 pq = pytest.importorskip("pyarrow.parquet")
 
-from hf_helpers import TRANSFORMERS_V5  # noqa: E402
+from hf_helpers import TINY_MOE, TRANSFORMERS_V5  # noqa: E402
 
 if TRANSFORMERS_V5:
     pytest.skip(
@@ -54,37 +54,7 @@ from transformers.models.auto.configuration_auto import CONFIG_MAPPING  # noqa: 
 
 B, S, E, K = 3, 7, 8, 2  # batch, sequence length, experts, top-k of every tiny model
 
-TINY: dict[str, Any] = {
-    "hidden_size": 32,
-    "intermediate_size": 64,
-    "moe_intermediate_size": 32,
-    "shared_expert_intermediate_size": 32,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 4,
-    "head_dim": 8,
-    "vocab_size": 128,
-    "num_experts": E,
-    "num_local_experts": E,
-    "n_routed_experts": E,
-    "num_experts_per_tok": K,
-    "moe_topk": K,
-    "n_group": 2,
-    "topk_group": 1,
-    "first_k_dense_replace": 0,
-    "decoder_sparse_step": 1,
-    "mlp_only_layers": [],
-    "kv_lora_rank": 16,
-    "q_lora_rank": 16,
-    "qk_rope_head_dim": 8,
-    "qk_nope_head_dim": 8,
-    "v_head_dim": 8,
-    "max_position_embeddings": 64,
-    "n_shared_experts": 1,
-    "pad_token_id": 0,
-    "bos_token_id": 1,
-    "eos_token_id": 2,
-}
+TINY: dict[str, Any] = dict(TINY_MOE)
 
 
 @dataclass
