@@ -470,15 +470,16 @@ def _in_range(ids: torch.Tensor, n_experts: int) -> torch.Tensor:
     return ids.clamp(0, n_experts - 1)
 
 
+def batch_first_rows(t: torch.Tensor | None, b: int, s: int) -> torch.Tensor | None:
+    """Rows [S*B, ...] in seq-first order as [B*S, ...] in the model input's order (other shapes unchanged)."""
+    if t is None or t.shape[0] != b * s:
+        return t
+    return t.reshape(s, b, *t.shape[1:]).transpose(0, 1).reshape(t.shape)
+
+
 def to_batch_first(ev: RouterEvent, b: int, s: int) -> RouterEvent:
     """A seq-first router call's rows ([S, B] order, Megatron) reordered to the model input's [B, S] order."""
-
-    def swap(t: torch.Tensor | None) -> torch.Tensor | None:
-        if t is None or t.shape[0] != b * s:
-            return t
-        return t.reshape(s, b, *t.shape[1:]).transpose(0, 1).reshape(t.shape)  # [S*B, ...] -> [B*S, ...]
-
-    return RouterEvent(swap(ev.logits), swap(ev.ids), swap(ev.weights), swap(ev.dropped))  # type: ignore[arg-type]
+    return RouterEvent(*(batch_first_rows(t, b, s) for t in (ev.logits, ev.ids, ev.weights, ev.dropped)))  # type: ignore[arg-type]
 
 
 def _no_grad() -> bool:

@@ -73,16 +73,21 @@ class FlightRing:
         for ring in self.layers.values():
             ring.rows[self.slot] = 0
 
+    def wants(self, layer: int) -> bool:
+        """Whether this layer's slot of the current step is still to be written (a host check, no tensor op)."""
+        return self.step is not None and self._written.get(layer) != self.step
+
     def write(self, layer: int, x: torch.Tensor | None, ev: A.RouterEvent, raw_logits_dtype: torch.dtype | None,
               token_ids: torch.Tensor | None) -> None:
-        """Copy the first S tokens of one router call into the current slot (once per layer and step; eager)."""
-        if self.step is None or self._written.get(layer) == self.step or x is None:
+        """Copy the first S tokens of one router call (input rows x [T, H]) into the current slot (once per layer
+        and step; eager)."""
+        if not self.wants(layer) or x is None:
             return
         if x.is_cuda and torch.cuda.is_current_stream_capturing():
             return  # a CUDA graph would replay this slot choice forever: the ring is eager-only
         ids, w = ev.ids, ev.weights  # [T, k]
         t = ids.shape[0]
-        xs = x.detach().reshape(-1, x.shape[-1])  # [T, H]
+        xs = x  # [T, H] in ev's row order (the recorder reshapes and reorders; hooks run under no_grad)
         if xs.shape[0] != t:
             return  # the input rows are not the routed tokens (a router fed something else): keep nothing
         ring = self.layers.get(layer)

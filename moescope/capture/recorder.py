@@ -705,19 +705,23 @@ class Recorder:
             if not torch.compiler.is_compiling() and not checked:
                 A.check_event(spec, ev, n, k, tokens())  # once, eager: never a silently wrong trace
                 checked.append(True)
-            if spec.token_layout == "seq_first":
-                bs = tokens()
-                if bs is not None:
-                    ev = A.to_batch_first(ev, *bs)
+            x = stash.pop("x", None)  # the router input, kept by on_router only when the flight ring wants it
+            bs = tokens() if spec.token_layout == "seq_first" else None
+            if bs is not None:
+                ev = A.to_batch_first(ev, *bs)
             hot.update(layer, ev, grid(), spec.probs)
-            if flight is not None and not torch.compiler.is_compiling():  # eager only: host-side slot choice
+            if x is not None:  # eager only (on_router keeps x only then): the ring's slot is chosen on the host
+                x = x.reshape(-1, x.shape[-1])  # [T, H], the router's row order
+                if bs is not None:
+                    x = A.batch_first_rows(x, *bs)  # the same order as ev's rows
                 g = grid()
-                flight.write(layer, stash.pop("x", None), ev, stash.pop("raw_dtype", None),
-                             g.token_ids if g is not None else None)
+                flight.write(layer, x, ev, stash.pop("raw_dtype", None), g.token_ids if g is not None else None)
 
         def on_router(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
-            if flight is not None and not torch.compiler.is_compiling():
-                stash["x"] = args[0] if args and isinstance(args[0], torch.Tensor) else None
+            # the flight ring copies one call per layer and step: later calls keep nothing and look at nothing
+            if flight is not None and not torch.compiler.is_compiling() and flight.wants(layer) \
+                    and args and isinstance(args[0], torch.Tensor):
+                stash["x"] = args[0]
                 raw = A._pick(output, spec.logits) if spec.logits_are != "none" else None
                 stash["raw_dtype"] = raw.dtype if isinstance(raw, torch.Tensor) else None
             if not torch.compiler.is_compiling() and not checked:
@@ -725,6 +729,7 @@ class Recorder:
             ev = A.extract_router_output(spec, output, n, k, module=module, args=args,
                                          logits_out=stash.pop("logits_out", None))
             if ev is None:
+                stash.pop("x", None)  # never hold an activation past its call
                 return
             if spec.source == "experts_input":
                 stash["logits"] = ev.logits  # completed by the experts pre-hook

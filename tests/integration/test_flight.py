@@ -188,3 +188,50 @@ def test_dumps_and_precision_reroutes_are_not_counted_as_routing(tmp_path: Path)
     want = [(s, e, int(truth[s][e])) for s in range(4) for e in range(8) if truth[s][e] > 0]
     assert [r for r in got if r[2] > 0] == want
     assert tr.sql("SELECT count(*) FROM router_precision").fetchall()[0][0] == 4 * 2  # a row per flush and layer
+
+
+class SeqFirstRouter(nn.Module):
+    """A sequence-first router (Megatron's token order): input [S, B, H], rows in [S·B] order."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.n_experts, self.top_k = 8, 2
+        self.proj = nn.Linear(16, 8, bias=False)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        logits = self.proj(x.reshape(-1, 16))  # [S*B, E]
+        w, ids = torch.topk(torch.softmax(logits, -1), 2, -1)  # [S*B, k]
+        return logits, w, ids
+
+
+moescope.register_router(SeqFirstRouter, n_experts="n_experts", top_k="top_k", token_layout="seq_first",
+                         family="seq-first-router")
+
+
+class SeqFirstMoE(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(64, 16)
+        self.router = SeqFirstRouter()
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        h = self.emb(input_ids)  # [B, S, H]
+        self.router(h.transpose(0, 1).contiguous())  # [S, B, H]
+        return h
+
+
+def test_seq_first_dump_rows_are_in_the_inputs_order(tmp_path: Path) -> None:
+    """Input rows, ids and token ids of a dump describe the same tokens, also for a sequence-first router."""
+    torch.manual_seed(0)
+    m = SeqFirstMoE().eval()
+    x = torch.randint(0, 64, (3, 5))  # B = 3, S = 5
+    with moescope.record(m, tmp_path / "r", flight_steps=1, flight_tokens=15) as rec, torch.no_grad():
+        rec.step = 0
+        m(x)
+        d = read_dump(rec.dump_flight())
+    with torch.no_grad():
+        h = m.emb(x).reshape(-1, 16)  # [B*S, H], batch-first
+        ids = m.router.proj(h).softmax(-1).topk(2, -1).indices  # each token's experts, same order
+    assert (d.layer(0, "token_ids") == x.reshape(-1).numpy()).all()
+    assert (d.layer(0, "x") == h.numpy()).all()
+    assert (d.layer(0, "ids") == ids.numpy()).all()
