@@ -80,3 +80,15 @@ TINY_MOE: dict[str, Any] = {
     "bos_token_id": 1,
     "eos_token_id": 2,
 }
+
+
+def padded_batches(b: int, s: int) -> list[tuple[Any, Any]]:
+    """Two (input_ids [b, s], attention_mask) batches: one with left and right padding (b ≥ 3), one without."""
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(3, 100, (b, s), generator=g)
+    mask = torch.ones(b, s, dtype=torch.long)
+    mask[0, :2] = 0  # left padding
+    mask[2, -3:] = 0  # right padding
+    return [(x, mask), (torch.randint(3, 100, (b, s), generator=g), torch.ones(b, s, dtype=torch.long))]

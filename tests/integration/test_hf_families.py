@@ -21,7 +21,7 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from hf_helpers import TINY_MOE, TRANSFORMERS_V5  # noqa: E402
+from hf_helpers import TINY_MOE, TRANSFORMERS_V5, padded_batches  # noqa: E402
 
 if not TRANSFORMERS_V5:
     pytest.skip(
@@ -320,12 +320,7 @@ def build(case: Case) -> Any:
 
 def batches() -> list[tuple[Any, Any]]:
     """(input_ids, attention_mask): a batch with left and right padding, then one without."""
-    g = torch.Generator().manual_seed(0)
-    x = torch.randint(3, 100, (B, S), generator=g)
-    mask = torch.ones(B, S, dtype=torch.long)
-    mask[0, :2] = 0  # left padding
-    mask[2, -3:] = 0  # right padding
-    return [(x, mask), (torch.randint(3, 100, (B, S), generator=g), torch.ones(B, S, dtype=torch.long))]
+    return padded_batches(B, S)
 
 
 def read(run: Path, table: str) -> pa.Table:
