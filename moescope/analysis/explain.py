@@ -17,7 +17,6 @@ numpy only (safetensors' numpy loader): explaining needs no torch.
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -119,12 +118,13 @@ def _where(d: Dump, layer: int, rows: np.ndarray, limit: int = 5) -> str:
     return ", ".join(parts) + more
 
 
-def _resolution(m: float, dtype: str) -> float | None:
-    """The spacing of representable values of `dtype` at magnitude m."""
+def _resolution(m: Any, dtype: str) -> np.ndarray | None:
+    """The spacing of representable values of `dtype` at magnitudes m, elementwise (None for an unknown dtype)."""
     bits = MANTISSA.get(dtype)
-    if bits is None or not m > 0 or not math.isfinite(m):
+    if bits is None:
         return None
-    return 2.0 ** (math.floor(math.log2(m)) - bits)
+    with np.errstate(divide="ignore"):
+        return 2.0 ** (np.floor(np.log2(np.maximum(np.asarray(m, dtype=np.float64), 1e-30))) - bits)
 
 
 def explain_layer(d: Dump, info: dict[str, Any]) -> list[Finding]:
@@ -176,9 +176,9 @@ def explain_layer(d: Dump, info: dict[str, Any]) -> list[Finding]:
         gap = srt[:, -k] - srt[:, -k - 1] if n > k else np.full(len(srt), np.inf)  # the margin deciding the top-k
         row_max = fin.max(-1) if fin.size else np.zeros(0)
         bits = MANTISSA.get(dtype)
-        with np.errstate(divide="ignore"):
-            row_res = (2.0 ** (np.floor(np.log2(np.maximum(row_max, 1e-30))) - bits)) if bits is not None \
-                else np.zeros_like(row_max)  # [R']: the dtype's spacing at each row's largest logit
+        row_res = _resolution(row_max, dtype)  # [R']: the dtype's spacing at each row's largest logit
+        if row_res is None:
+            row_res = np.zeros_like(row_max)
         # the probabilities the top-k is taken from, in float32 as a router computes them: a saturated softmax
         # (or sigmoid) leaves the k-th and (k+1)-th equal (both 0, or both 1), and the pick between them arbitrary
         z = srt.astype(np.float32)  # [R', E] sorted logits
@@ -190,7 +190,8 @@ def explain_layer(d: Dump, info: dict[str, Any]) -> list[Finding]:
                 pr = (ez / ez.sum(-1, keepdims=True)).astype(np.float32)
         saturated = (pr[:, -k] == pr[:, -k - 1]) if n > k else np.zeros(len(srt), dtype=bool)  # [R']
         ties = int(((gap <= row_res) | saturated).sum())
-        res = _resolution(mmax, dtype)
+        r = _resolution(mmax, dtype)
+        res = float(r) if r is not None and mmax > 0 else None
         limit = FMAX.get(dtype)
         name = dtype.split(".")[-1]
         nums = {"max_abs_logit": mmax, "dtype": dtype, "resolution": res, "rounding_ties": ties,
