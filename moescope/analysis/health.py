@@ -191,19 +191,18 @@ def integrity(con: duckdb.DuckDBPyConnection, runs: Sequence[str]) -> list[dict[
                                f"(steps {_steps(lo, hi)}): counts would be doubled; the trace holds copied rows "
                                "or a step recorded twice"))
     if _has_table(con, "router_stats"):
-        layers = _has_table(con, "manifest_layers")
-        # a layer reading probabilities in place of logits has NULL lse columns by design (manifest_layers.lse)
-        no_lse = ("NOT EXISTS (SELECT 1 FROM manifest_layers m WHERE m.run = s.run AND m.layer = s.layer "
-                  "AND m.lse IS FALSE)" if layers else "true")
+        # manifest_layers: `logits` false (no logits read: every logit statistic NULL by design) and `lse` false
+        # (probabilities read in place of logits: the lse columns NULL by design) exempt those columns
+        join, logits_ok, lse_ok = ("LEFT JOIN manifest_layers m ON m.run = s.run AND m.layer = s.layer",
+                                   "coalesce(m.logits, true)", "coalesce(m.lse, true)") \
+            if _has_table(con, "manifest_layers") else ("", "true", "true")
         bad = " OR ".join([f"{c} IS NULL OR isnan({c})" for c in _STAT_SUMS if not c.startswith("lse")]
                           + ["nonfinite IS NULL"]
-                          + [f"({no_lse} AND ({c} IS NULL OR isnan({c})))" for c in _STAT_SUMS if c.startswith("lse")])
-        no_logits = ("AND NOT EXISTS (SELECT 1 FROM manifest_layers m WHERE m.run = s.run AND m.layer = s.layer "
-                     "AND m.logits IS FALSE)" if layers else "")
+                          + [f"({lse_ok} AND ({c} IS NULL OR isnan({c})))" for c in _STAT_SUMS if c.startswith("lse")])
         got = con.execute(
-            f"SELECT s.run, count(*), min(s.step), max(s.step) FROM router_stats s JOIN runs r USING (run) "
+            f"SELECT s.run, count(*), min(s.step), max(s.step) FROM router_stats s JOIN runs r USING (run) {join} "
             f"WHERE list_contains(?, s.run) AND coalesce(json_extract(r.capture, '$.stats')::VARCHAR, 'true') "
-            f"<> 'false' AND ({bad}) {no_logits} GROUP BY s.run ORDER BY s.run", [list(runs)]).fetchall()
+            f"<> 'false' AND {logits_ok} AND ({bad}) GROUP BY s.run ORDER BY s.run", [list(runs)]).fetchall()
         for run, n, lo, hi in got:
             out.append(finding("data", Status.ERROR, {"run": run}, "nan_router_stats", int(n), 0,
                                f"run {run}: {n} router_stats row(s) with NaN or NULL sums (steps {_steps(lo, hi)}) "

@@ -62,3 +62,29 @@ def test_probs_spec_leaves_z_loss_unknown(tmp_path: Path) -> None:
     h = tr.health()
     assert "ERROR" not in set(h["status"])  # NULL by design, not damage
     assert set(h.loc[h["rule"] == "z_loss", "status"]) == {"SKIP"}
+
+
+def test_spec_reading_no_logits_is_not_damage(tmp_path: Path) -> None:
+    """A spec reading no logits (DeepSpeed, Megatron, lucidrains) stores NULL logit statistics: exact counts, no
+    ERROR finding from the integrity check, and the rules on logits SKIP."""
+    moescope.register_router(ProbRouter, logits_are="none", n_experts="n_experts", top_k="top_k")
+    try:
+        torch.manual_seed(0)
+        m = Model().eval()
+        x = torch.randint(0, 32, (4, 8))
+        with moescope.record(m, tmp_path / "r") as rec, torch.no_grad():
+            rec.step = 0
+            m(x)
+        with torch.no_grad():
+            ids = m.router(m.emb(x).reshape(-1, 8))[2]  # [T, k] the router's own choice (not recorded)
+    finally:
+        moescope.unregister_router(ProbRouter)
+    tr = moescope.open(tmp_path / "r")
+    got = dict(tr.sql("SELECT expert, tokens FROM expert_load").fetchall())
+    want = torch.bincount(ids.reshape(-1), minlength=4)
+    assert [got.get(e, 0) for e in range(4)] == want.tolist()
+    ent, nonfinite = tr.sql("SELECT entropy_sum, nonfinite FROM router_stats").fetchall()[0]
+    assert (ent is None or math.isnan(ent)) and nonfinite is None
+    h = tr.health()
+    assert "ERROR" not in set(h["status"])
+    assert set(h.loc[h["rule"].isin(["z_loss", "nonfinite"]), "status"]) == {"SKIP"}
