@@ -9,6 +9,7 @@ happens once per flush, and Arrow conversion + Parquet compression run on a back
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import hashlib
 import inspect
@@ -185,6 +186,37 @@ def _keep_sequence(seed: int, step: int, seq: int, fraction: float) -> bool:
     return int.from_bytes(h, "little") / 2**64 < fraction
 
 
+class WrittenKeys:
+    """The (step, tag) keys already flushed, as sorted disjoint step ranges per tag: a long run's steps are a few
+    ranges, not a set that grows by one entry per step for the life of the run."""
+
+    def __init__(self) -> None:
+        self._ranges: dict[str, list[list[int]]] = {}  # tag -> sorted disjoint [first, last] step ranges
+
+    def add(self, step: int, tag: str) -> None:
+        """Mark (step, tag) written."""
+        r = self._ranges.setdefault(tag, [])
+        if r and r[-1][0] <= step <= r[-1][1] + 1:  # the usual case: the last range or the step after it
+            r[-1][1] = max(r[-1][1], step)
+            return
+        i = bisect.bisect_right(r, step, key=lambda ab: ab[0])
+        if i and r[i - 1][1] + 1 >= step:  # inside or just after the range before
+            r[i - 1][1] = max(r[i - 1][1], step)
+            i -= 1
+        else:
+            r.insert(i, [step, step])
+        if i + 1 < len(r) and r[i + 1][0] <= r[i][1] + 1:  # now touches the next range: merge
+            r[i][1] = max(r[i][1], r.pop(i + 1)[1])
+
+    def __contains__(self, key: tuple[int, str]) -> bool:
+        step, tag = key
+        r = self._ranges.get(tag)
+        if not r:
+            return False
+        i = bisect.bisect_right(r, step, key=lambda ab: ab[0]) - 1
+        return i >= 0 and r[i][1] >= step
+
+
 class Recorder:
     """Context manager that records routing of `model` into the run directory `path` (see README)."""
 
@@ -286,7 +318,7 @@ class Recorder:
             self._writes_counts = dist.get_rank(self._group) == 0
         # (step, tag) keys already written: a forward in one of them again (after an explicit flush() mid-step,
         # or a step set back) splits its rows across two parts, which `check` reports; warned, counted
-        self._written: set[tuple[int, str]] = set()
+        self._written = WrittenKeys()
         self.split_keys: list[list[Any]] = []
         # The flight recorder (capture/flight.py): a device ring of the last steps' router evidence, dumped to
         # RUN/flight/ when an alert of FLIGHT_RULES fires or on dump_flight(); precision_check reads its last step.
@@ -561,7 +593,7 @@ class Recorder:
             self._flight.begin_step(step)
         if self._key is not None:
             self._key_forwards[self._key] = self._key_forwards.get(self._key, 0) + 1
-            if self._key in self._written and not self._skipping:
+            if self._key in self._written and not self._skipping and list(self._key) not in self.split_keys:
                 self._split(self._key)
 
     def _fill_grid(self, name: str, ids: torch.Tensor, kwargs: dict[str, Any], ks: list[int]) -> None:
@@ -795,7 +827,8 @@ class Recorder:
         self._n_rows = 0
         forwards = {key: n for key, n in self._key_forwards.items() if key[0] not in held}
         self._key_forwards = {key: n for key, n in self._key_forwards.items() if key[0] in held}
-        self._written.update(key for key, _ in acc)
+        for step, tag in {key for key, _ in acc}:
+            self._written.add(step, tag)
         if not acc and not rows and not self._reducing:  # a reduced flush is collective: every rank joins it
             return
         load_host: list[tuple[int, str, int, np.ndarray]] = []
@@ -997,7 +1030,6 @@ class Recorder:
 
     def _split(self, key: tuple[int, str]) -> None:
         """A forward in a (step, tag) already written: its rows will span two parts (warned once per key)."""
-        self._written.discard(key)
         self.split_keys.append([key[0], key[1]])
         warnings.warn(f"moescope: step {key[0]}{f' tag {key[1]!r}' if key[1] else ''} was already flushed and "
                       "records again: its rows span two parts, which `moescope check` reports as an ERROR; call "
