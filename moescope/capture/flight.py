@@ -62,12 +62,13 @@ class FlightRing:
         self.layers: dict[int, _LayerRing] = {}
         self._written: dict[int, int] = {}  # layer -> step its slot was last written in
         self.step: int | None = None
+        self.tag = ""  # the tag of the current step's first forward (the one each layer's slot sampled)
 
-    def begin_step(self, step: int) -> None:
-        """Move to the next slot when the step changes (host only)."""
+    def begin_step(self, step: int, tag: str = "") -> None:
+        """Move to the next slot when the step changes (host only); `tag`: the tag of the step's first forward."""
         if step == self.step:
             return
-        self.step = step
+        self.step, self.tag = step, tag
         self.slot = (self.slot + 1) % self.steps
         self.slot_steps[self.slot] = step
         for ring in self.layers.values():

@@ -326,6 +326,7 @@ class Recorder:
         steps = int(opts.flight_steps) or (1 if self.precision_check else 0)
         self._flight: FlightRing | None = FlightRing(steps, int(opts.flight_tokens)) if steps else None
         self.flight_dumps: list[str] = []
+        self._precision_step: int | None = None  # the step whose flight sample the last router_precision rows hold
 
     # -- public knobs -------------------------------------------------------------------------
     @property
@@ -590,7 +591,7 @@ class Recorder:
             self.skipped_forwards += 1
         self._sync_key()
         if self._flight is not None and not self._skipping:
-            self._flight.begin_step(step)
+            self._flight.begin_step(step, self.current_tag)
         if self._key is not None:
             self._key_forwards[self._key] = self._key_forwards.get(self._key, 0) + 1
             if self._key in self._written and not self._skipping and list(self._key) not in self.split_keys:
@@ -939,6 +940,9 @@ class Recorder:
         ring = self._flight
         if ring is None or ring.step is None or ring.slot < 0 or self._writer is None:
             return
+        if ring.step == self._precision_step:
+            return  # this sample was routed at an earlier flush (a flush() within the step): one row per step
+        self._precision_step = ring.step
         rows = []
         for li in self.layers:
             r = ring.layers.get(li.layer)
@@ -948,7 +952,7 @@ class Recorder:
             got = precision_flips(self.model.get_submodule(li.module), li.spec, r.x[ring.slot, :n],
                                   li.n_experts, li.top_k)
             if got is not None:
-                rows.append({"run": self.run, "rank": self.rank, "step": ring.step, "tag": self.current_tag,
+                rows.append({"run": self.run, "rank": self.rank, "step": ring.step, "tag": ring.tag,
                              "layer": li.layer, "sampled": int(n), "flipped": int(got[2].sum())})
         if rows:
             table = pa.Table.from_pylist(rows, schema=TABLES["router_precision"])

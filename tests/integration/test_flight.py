@@ -235,3 +235,20 @@ def test_seq_first_dump_rows_are_in_the_inputs_order(tmp_path: Path) -> None:
     assert (d.layer(0, "token_ids") == x.reshape(-1).numpy()).all()
     assert (d.layer(0, "x") == h.numpy()).all()
     assert (d.layer(0, "ids") == ids.numpy()).all()
+
+
+def test_precision_rows_once_per_step_with_the_sampled_tag(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    m = ToyMoE(n_layers=1).eval()
+    g = torch.Generator().manual_seed(5)
+    with moescope.record(m, tmp_path / "r", precision_check=True, flush_every=100) as rec, torch.no_grad():
+        rec.step = 0
+        m(torch.randint(0, 64, (2, 8), generator=g))
+        rec.flush()
+        rec.flush()  # a second flush in the same step must not route the same sample again
+        rec.step = 1
+        with rec.tag("eval"):
+            m(torch.randint(0, 64, (2, 8), generator=g))
+    rows = moescope.open(tmp_path / "r").sql(
+        "SELECT step, tag, sampled FROM router_precision ORDER BY step").fetchall()
+    assert rows == [(0, "", 16), (1, "eval", 16)]
