@@ -252,3 +252,15 @@ def test_precision_rows_once_per_step_with_the_sampled_tag(tmp_path: Path) -> No
     rows = moescope.open(tmp_path / "r").sql(
         "SELECT step, tag, sampled FROM router_precision ORDER BY step").fetchall()
     assert rows == [(0, "", 16), (1, "eval", 16)]
+
+
+def test_a_damaged_dump_is_exit_3_naming_the_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    torch.manual_seed(0)
+    m = ToyMoE().eval()
+    with moescope.record(m, tmp_path / "r", flight_steps=1) as rec, torch.no_grad():
+        m(torch.randint(0, 64, (2, 8)))
+        path = rec.dump_flight()
+    (path / "evidence.safetensors").write_bytes(b"not safetensors")
+    assert main(["explain", str(tmp_path / "r")]) == 3
+    err = capsys.readouterr().err
+    assert str(path / "evidence.safetensors") in err and err.count("\n") == 1
