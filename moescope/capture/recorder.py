@@ -326,6 +326,7 @@ class Recorder:
         steps = int(opts.flight_steps) or (1 if self.precision_check else 0)
         self._flight: FlightRing | None = FlightRing(steps, int(opts.flight_tokens)) if steps else None
         self.flight_dumps: list[str] = []
+        self._flight_warned = False  # the "no eager router call wrote the ring" warning was given
         self._precision_step: int | None = None  # the step whose flight sample the last router_precision rows hold
 
     # -- public knobs -------------------------------------------------------------------------
@@ -893,6 +894,8 @@ class Recorder:
         if self.sinks and load_w:  # where the counts are written: a reduced group's sums reach the sinks once
             # Sinks read the counts only: built here from the host copy, the token rows stay on the writer thread.
             self._write_sinks(tables if tables is not None else _to_tables(run, rank, load_w, stats_w, []))
+        if self._flight is not None:
+            self._flight_unwritten()
         if self.precision_check:
             self._precision_rows()
         if self.on_alert is not None or self.raise_on is not None or self.alert_rules is not None \
@@ -934,6 +937,18 @@ class Recorder:
             if self._open:
                 self._write_manifest(closed=False)
         return path
+
+    def _flight_unwritten(self) -> None:
+        """Warn once when a step ran but no router call wrote the flight ring (compiled or CUDA-graph code skips it):
+        its dumps and precision rows would otherwise be missing without a word."""
+        ring = self._flight
+        if ring is None or ring.step is None or self._flight_warned:
+            return
+        if not any(r.rows[ring.slot] for r in ring.layers.values()):
+            self._flight_warned = True
+            warnings.warn(f"moescope: step {ring.step}: no router call wrote the flight ring (it is written in eager "
+                          "code only; compiled and CUDA-graph router calls skip it), so flight dumps and "
+                          "precision_check rows are missing for such steps", RuntimeWarning, stacklevel=4)
 
     def _precision_rows(self) -> None:
         """One router_precision row per layer: the latest flight sample routed in the model's dtype and in float32."""

@@ -29,7 +29,8 @@ def tables(run: Path) -> dict[str, pd.DataFrame]:
     """Every table of a run, sorted so two runs compare row by row."""
     out = {}
     for name, keys in (("expert_load", ["step", "tag", "layer", "expert"]), ("router_stats", ["step", "tag", "layer"]),
-                       ("routing", ["step", "tag", "layer", "seq", "pos"])):
+                       ("routing", ["step", "tag", "layer", "seq", "pos"]),
+                       ("router_precision", ["step", "tag", "layer"])):
         if (run / name).is_dir():
             df = pq.read_table(run / name).to_pandas().drop(columns=["run"])
             out[name] = df.sort_values(keys).reset_index(drop=True)
@@ -50,6 +51,8 @@ def assert_same_trace(a: Path, b: Path) -> None:
             assert sa[col].tolist() == sb[col].tolist(), col
         else:
             np.testing.assert_allclose(sa[col], sb[col], rtol=1e-5, atol=1e-4, err_msg=col)
+    if "router_precision" in ta:  # the same rows: routing the same samples again gives the same flips
+        pd.testing.assert_frame_equal(ta["router_precision"], tb["router_precision"])
     if "routing" in ta:
         ra, rb = ta["routing"], tb["routing"]
         for col in ("step", "tag", "layer", "seq", "pos", "token_id"):
@@ -87,7 +90,7 @@ def router_truth(model: torch.nn.Module, router_cls: type, run: Any) -> list[tor
 
 
 def train_steps(model: torch.nn.Module, out: Path | None, steps: int = 3, tokens: float = 1.0, hf: bool = False,
-                vocab: int = 64) -> None:
+                vocab: int = 64, **record_kw: Any) -> None:
     """Forward + backward of `steps` padded batches, recorded into `out` (None: not recorded)."""
     def run(rec: Any = None) -> None:
         for s in range(steps):
@@ -100,7 +103,7 @@ def train_steps(model: torch.nn.Module, out: Path | None, steps: int = 3, tokens
     if out is None:
         run()
         return
-    with moescope.record(model, out, tokens=tokens) as rec:
+    with moescope.record(model, out, tokens=tokens, **record_kw) as rec:
         run(rec)
 
 
@@ -286,6 +289,47 @@ def test_compile_after_record_equals_eager_without_recompiles(tmp_path: Path, fr
         steps_with_tags(rec, cm, 3, 53)
         assert dynamo_state() == warm  # 0 recompiles over 50 steps while step and tag change
     assert warm[2] == 0  # no graph break anywhere, MoE blocks included
+    assert_same_trace(tmp_path / "eager", tmp_path / "compiled")
+
+
+def test_checkpointing_with_the_flight_ring_records_each_forward_once(tmp_path: Path) -> None:
+    """The flight ring and precision_check under activation checkpointing: counts as without checkpointing, and the
+    ring holds the forward's router calls, never the recompute's."""
+    from moescope.analysis.explain import read_dump
+
+    flight = {"flight_steps": 3, "precision_check": True}
+    torch.manual_seed(0)
+    plain = ToyMoE()
+    torch.manual_seed(0)
+    ckpt = ToyMoE(checkpoint="non_reentrant")
+    train_steps(plain, tmp_path / "plain", **flight)
+    truth = router_truth(ckpt, ToyRouter, lambda: train_steps(ckpt, tmp_path / "ckpt", **flight))
+    assert_same_trace(tmp_path / "plain", tmp_path / "ckpt")
+    # a row per flush and layer, of the flush's latest step (one flush here, at close)
+    assert tables(tmp_path / "ckpt")["router_precision"][["step", "layer", "sampled"]].values.tolist() == \
+        [[2, 0, 64], [2, 1, 64]]
+    with moescope.record(ckpt, tmp_path / "dump", flight_steps=3) as rec:
+        truth = router_truth(ckpt, ToyRouter, lambda: [_ckpt_step(ckpt, rec, s) for s in range(3)])
+        d = read_dump(rec.dump_flight())
+    want = torch.cat([truth[2 * s][:64] for s in range(3)])  # layer 0's forward call of each step
+    assert (d.layer(0, "ids") == want.numpy()).all()
+
+
+def _ckpt_step(model: torch.nn.Module, rec: Any, step: int) -> None:
+    rec.step = step
+    x, mask = batch(step)
+    model(input_ids=x, attention_mask=mask).pow(2).mean().backward()
+
+
+@pytest.mark.slow
+def test_compiled_with_the_flight_ring_equals_eager(tmp_path: Path, fresh_dynamo: Any) -> None:
+    """Compiled router calls skip the ring (its slot is chosen on the host): counts equal eager, one warning says so."""
+    eager_trace(tmp_path / "eager", n=6)
+    torch.manual_seed(0)
+    m = ToyMoE(dense=True).eval()
+    with pytest.warns(RuntimeWarning, match="no router call wrote the flight ring"):
+        with moescope.record(m, tmp_path / "compiled", tokens=1.0, flight_steps=2, precision_check=True) as rec:
+            steps_with_tags(rec, torch.compile(m), 0, 6)
     assert_same_trace(tmp_path / "eager", tmp_path / "compiled")
 
 
