@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 import moescope
-from moescope.capture.hotpath import ops_per_call
+from moescope.capture.hotpath import ops_in_forwards
 
 
 def build(hidden: int, layers: int, experts: int, top_k: int) -> torch.nn.Module:
@@ -43,19 +43,17 @@ def train(model: torch.nn.Module, batches: list[torch.Tensor], rec: Any | None) 
 
 
 def hook_ops(model: torch.nn.Module, x: torch.Tensor, **kw: Any) -> tuple[int, int]:
-    """Aten ops of the first router's hook: (first call of a step, a later call of the same step)."""
-    seen: dict[str, Any] = {}
+    """Aten ops of the first router's hook inside real forwards: (first call of a step, a later call of it)."""
     with tempfile.TemporaryDirectory() as tmp, moescope.record(model, tmp, **kw) as rec, torch.no_grad():
-        router = model.get_submodule(rec.layers[0].module)
-        hook = next(h for h in router._forward_hooks.values() if getattr(h, "__name__", "") == "router_hook")
-        h = router.register_forward_hook(lambda m, a, o: seen.update(args=a, out=o))
         rec.step = 0
-        model(input_ids=x)
-        h.remove()
-        rec.step = 1  # a new step: the ring's slot for this layer is not written yet
-        rec._begin_forward()  # noqa: SLF001  (what the entry hook does at a forward's start)
-        first = ops_per_call(hook, router, seen["args"], seen["out"])
-        later = ops_per_call(hook, router, seen["args"], seen["out"])
+        model(input_ids=x)  # warm: the ring's buffers are made at the first call
+
+        def two_forwards() -> None:
+            rec.step = 1  # a new step: the ring's slot for each layer is written by its first call
+            model(input_ids=x)
+            model(input_ids=x)
+
+        first, later = ops_in_forwards(model.get_submodule(rec.layers[0].module), two_forwards)
         return first, later
 
 

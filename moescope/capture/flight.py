@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
+import math
 import os
 import shutil
 import time
@@ -29,6 +30,7 @@ from torch import nn
 
 from ..format.schema import FLIGHT_DIR
 from . import adapters as A
+from .hotpath import feature_width, ring_width
 
 #: Online rules whose alert dumps the ring (a router that went non-finite, collapsed, or left an expert dead).
 FLIGHT_RULES = ("nonfinite", "collapse", "dead_expert")
@@ -38,18 +40,40 @@ SETTINGS = ("temperature", "router_temperature", "routed_scaling_factor", "scali
 
 
 @dataclass
+class FlightTarget:
+    """Where the hot path writes one router call's sample: views of the current slot and the rows to keep."""
+
+    idx: torch.Tensor  # [S] long: the call's rows (batch-first) to keep; the last row repeats when T < S
+    full: torch.Tensor  # [S, C] float64 view of the slot: features, ids, weights, logits (hotpath.ring_width)
+    tail: torch.Tensor  # [S, 1 + 2k + E] view from the valid column on (a capture without statistics)
+    nolog: torch.Tensor  # [S, 1 + 2k] view: valid, ids, weights (a router whose logits are not read)
+
+
+@dataclass
 class _LayerRing:
-    """One layer's device buffers [slots, S, …] and, on the host, how many rows each slot holds."""
+    """One layer's device buffers [slots, S, …] and, on the host, what each slot holds."""
 
     x: torch.Tensor  # [slots, S, H] router input rows, in their own dtype
-    logits: torch.Tensor  # [slots, S, E] float32 logits as the router returned them (NaN where absent)
-    ids: torch.Tensor  # [slots, S, k] long
-    weights: torch.Tensor  # [slots, S, k] float32
-    token_ids: torch.Tensor  # [slots, S] long, -1 where unknown
+    f: torch.Tensor  # [slots, S, C] float64: features, ids [k], weights [k], logits [E] (hotpath.ring_width)
+    e: int
+    k: int
     x_dtype: torch.dtype
     logits_dtype: torch.dtype
+    views: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]  # per slot: x, full, tail, nolog
     rows: list[int] = field(default_factory=list)  # per slot
     seq_len: list[int] = field(default_factory=list)  # per slot: the entry's sequence length (0 = unknown)
+    has_logits: list[bool] = field(default_factory=list)  # per slot
+    tokens: list[torch.Tensor | None] = field(default_factory=list)  # per slot: token ids [≤S] (None = unknown)
+
+    def column(self, name: str, slot: int) -> torch.Tensor:
+        """One part of a slot's filled rows: "ids" [r, k] long, "weights" [r, k] or "logits" [r, E] float32."""
+        r, f0 = self.rows[slot], feature_width(self.e)
+        if name == "logits" and not self.has_logits[slot]:
+            return torch.full((r, self.e), float("nan"))
+        lo, hi = {"ids": (f0, f0 + self.k), "weights": (f0 + self.k, f0 + 2 * self.k),
+                  "logits": (f0 + 2 * self.k, f0 + 2 * self.k + self.e)}[name]
+        t = self.f[slot, :r, lo:hi].cpu()
+        return t.long() if name == "ids" else t.float()
 
 
 class FlightRing:
@@ -61,6 +85,8 @@ class FlightRing:
         self.slot_steps: list[int | None] = [None] * self.steps  # the step each slot holds
         self.layers: dict[int, _LayerRing] = {}
         self._written: dict[int, int] = {}  # layer -> step its slot was last written in
+        self._idx: dict[tuple[Any, ...], tuple[torch.Tensor, torch.Tensor]] = {}  # row indices per call shape
+        self._tok: dict[int, tuple[int, torch.Tensor]] = {}  # id(grid) -> (step, its first S token ids)
         self.step: int | None = None
         self.tag = ""  # the tag of the current step's first forward (the one each layer's slot sampled)
 
@@ -78,59 +104,83 @@ class FlightRing:
         """Whether this layer's slot of the current step is still to be written (a host check, no tensor op)."""
         return self.step is not None and self._written.get(layer) != self.step
 
-    def write(self, layer: int, x: torch.Tensor | None, ev: A.RouterEvent, raw_logits_dtype: torch.dtype | None,
-              token_ids: torch.Tensor | None) -> None:
-        """Copy the first S tokens of one router call (input rows x [T, H]) into the current slot (once per layer
-        and step; eager)."""
-        if not self.wants(layer) or x is None:
+    def take_tokens(self, grid: Any, ids: torch.Tensor) -> None:
+        """At a forward's entry: copy the first S token ids [B, S] once per step (every layer's token column).
+
+        A copy, not a reference: an input buffer reused for the next batch must not rewrite the evidence.
+        """
+        if self.step is None:
             return
+        held = self._tok.get(id(grid))
+        if held is None or held[0] != self.step:
+            self._tok[id(grid)] = (self.step, ids.detach().reshape(-1)[: self.tokens].clone())
+
+    def prepare(self, layer: int, e: int, x: torch.Tensor | None, ev: A.RouterEvent,
+                raw_logits_dtype: torch.dtype | None, grid: Any, bs: tuple[int, int] | None) -> FlightTarget | None:
+        """Claim this layer's slot of the step for one router call (eager, once per layer and step): copy its input
+        rows x [.., H] (one op) and return where the hot path writes the rest; None when nothing is kept.
+
+        e: the layer's experts; ev's rows are in batch-first order; bs = (B, S) when the router's rows (and x)
+        are sequence-first.
+        """
+        if not self.wants(layer) or x is None or x.dim() < 2:
+            return None
         if x.is_cuda and torch.cuda.is_current_stream_capturing():
-            return  # a CUDA graph would replay this slot choice forever: the ring is eager-only
-        ids, w = ev.ids, ev.weights  # [T, k]
-        t = ids.shape[0]
-        xs = x  # [T, H] in ev's row order (the recorder reshapes and reorders; hooks run under no_grad)
-        if xs.shape[0] != t:
-            return  # the input rows are not the routed tokens (a router fed something else): keep nothing
+            return None  # a CUDA graph would replay this slot choice forever: the ring is eager-only
+        t, k = ev.ids.shape
+        if x.numel() != t * x.shape[-1]:
+            return None  # the input rows are not the routed tokens (a router fed something else): keep nothing
         ring = self.layers.get(layer)
         if ring is None:
-            ring = self._alloc(layer, xs, ev, raw_logits_dtype)
-        self._written[layer] = self.step
-        r = min(t, self.tokens)
+            ring = self._alloc(layer, x, e, k, raw_logits_dtype)
+        if ring.k != k:
+            return None
+        self._written[layer] = self.step  # type: ignore[assignment]
+        idx, xidx = self._rows(t, bs, x.device)
         s = self.slot
-        ring.x[s, :r].copy_(xs[:r])
-        if ev.logits is not None and ev.logits.shape[0] == t:
-            ring.logits[s, :r].copy_(ev.logits[:r])
-        else:
-            ring.logits[s].fill_(float("nan"))
-        ring.ids[s, :r].copy_(ids[:r])
-        ring.weights[s, :r].copy_(w[:r])
-        tok = token_ids.reshape(-1) if token_ids is not None and token_ids.numel() == t else None  # [T]
-        if tok is not None:
-            ring.token_ids[s, :r].copy_(tok[:r])
-        else:
-            ring.token_ids[s].fill_(-1)
+        xs = x if x.dim() == 2 else x.reshape(t, -1)  # [T, H] in the router's row order
+        xv, full, tail, nolog = ring.views[s]
+        if xs.dtype == ring.x_dtype:
+            torch.index_select(xs, 0, xidx, out=xv)
+        else:  # the input's dtype changed since the ring was made (autocast toggled): convert, off the fast path
+            xv.copy_(xs.index_select(0, xidx))
+        r = min(t, self.tokens)
         ring.rows[s] = r
-        ring.seq_len[s] = int(token_ids.shape[-1]) if tok is not None else 0
+        ring.has_logits[s] = ev.logits is not None and ev.logits.shape[0] == t
+        held = self._tok.get(id(grid)) if grid is not None else None
+        tok_ok = held is not None and held[0] == self.step and grid.token_ids is not None \
+            and grid.token_ids.numel() == t
+        ring.tokens[s] = held[1] if tok_ok else None  # type: ignore[index]
+        ring.seq_len[s] = int(grid.token_ids.shape[-1]) if tok_ok else 0
+        return FlightTarget(idx, full, tail, nolog)
 
-    def _alloc(self, layer: int, xs: torch.Tensor, ev: A.RouterEvent, raw: torch.dtype | None) -> _LayerRing:
+    def _rows(self, t: int, bs: tuple[int, int] | None, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """Row indices [S] of a call of T rows, made once per shape: ev's (batch-first) rows and x's rows."""
+        key = (t, bs, str(device))
+        got = self._idx.get(key)
+        if got is None:
+            idx = torch.arange(self.tokens, device=device).clamp_max(t - 1)  # [S]
+            # row j of the batch-first order is row xidx[j] of a sequence-first input
+            xidx = idx if bs is None else A.batch_first_rows(torch.arange(t, device=device), *bs)[idx]  # type: ignore[index]
+            got = self._idx[key] = (idx, xidx)
+        return got
+
+    def _alloc(self, layer: int, x: torch.Tensor, e: int, k: int, raw: torch.dtype | None) -> _LayerRing:
         n, s = self.steps, self.tokens
-        e = ev.logits.shape[-1] if ev.logits is not None else 1
-        k = ev.ids.shape[-1]
-        dev = xs.device
-        ring = _LayerRing(
-            x=torch.zeros(n, s, xs.shape[-1], dtype=xs.dtype, device=dev),
-            logits=torch.full((n, s, e), float("nan"), dtype=torch.float32, device=dev),
-            ids=torch.zeros(n, s, k, dtype=torch.long, device=dev),
-            weights=torch.zeros(n, s, k, dtype=torch.float32, device=dev),
-            token_ids=torch.full((n, s), -1, dtype=torch.long, device=dev),
-            x_dtype=xs.dtype, logits_dtype=raw or torch.float32, rows=[0] * n, seq_len=[0] * n)
+        dev = x.device
+        xb = torch.zeros(n, s, x.shape[-1], dtype=x.dtype, device=dev)  # [slots, S, H]
+        f = torch.full((n, s, ring_width(e, k)), math.nan, dtype=torch.float64, device=dev)  # [slots, S, C]
+        v = feature_width(e) - 1  # the valid column
+        # views made once: the hook indexes nothing, it writes into them
+        views = [(xb[i], f[i], f[i, :, v:], f[i, :, v : v + 1 + 2 * k]) for i in range(n)]
+        ring = _LayerRing(x=xb, f=f, e=e, k=k, x_dtype=x.dtype, logits_dtype=raw or torch.float32, views=views,
+                          rows=[0] * n, seq_len=[0] * n, has_logits=[False] * n, tokens=[None] * n)
         self.layers[layer] = ring
         return ring
 
     def nbytes(self) -> int:
         """Device memory the ring holds."""
-        return sum(t.numel() * t.element_size() for r in self.layers.values()
-                   for t in (r.x, r.logits, r.ids, r.weights, r.token_ids))
+        return sum(t.numel() * t.element_size() for r in self.layers.values() for t in (r.x, r.f))
 
 
 def router_settings(module: nn.Module) -> dict[str, float]:
@@ -188,6 +238,12 @@ def precision_flips(module: nn.Module, spec: A.RouterSpec, x: torch.Tensor, n: i
     return native, fp32, (native != fp32).any(-1)
 
 
+def _tokens(r: _LayerRing, slot: int) -> torch.Tensor:
+    """The token ids [rows] of one slot, -1 where unknown."""
+    n, tok = r.rows[slot], r.tokens[slot]
+    return tok[:n].cpu().long() if tok is not None and tok.numel() >= n else torch.full((n,), -1, dtype=torch.long)
+
+
 def dump(ring: FlightRing, layers: Sequence[Any], model: nn.Module, run_dir: Path, rank: int, reason: str,
          alerts: Sequence[Any] = (), step: int | None = None) -> Path | None:
     """Write the ring to RUN/flight/<name>/ (safetensors + JSON, atomically); None when it holds nothing."""
@@ -208,8 +264,9 @@ def dump(ring: FlightRing, layers: Sequence[Any], model: nn.Module, run_dir: Pat
         if not keep:
             continue
         # [R, …]: the filled rows of the kept slots, oldest step first
-        x, logits, ids, w, tok = (torch.cat([t[i, : r.rows[i]] for i in keep])
-                                  for t in (r.x, r.logits, r.ids, r.weights, r.token_ids))
+        x = torch.cat([r.x[i, : r.rows[i]] for i in keep])
+        logits, ids, w = (torch.cat([r.column(name, i) for i in keep]) for name in ("logits", "ids", "weights"))
+        tok = torch.cat([_tokens(r, i) for i in keep])
         p = f"layer{li.layer}."
         tensors.update({p + "x": x.float().cpu(), p + "logits": logits.cpu(), p + "ids": ids.cpu(),
                         p + "weights": w.cpu(), p + "token_ids": tok.cpu(),
@@ -262,4 +319,4 @@ def dump(ring: FlightRing, layers: Sequence[Any], model: nn.Module, run_dir: Pat
     return final
 
 
-__all__ = ["FLIGHT_DIR", "FLIGHT_RULES", "FlightRing", "dump", "precision_flips", "router_settings"]
+__all__ = ["FLIGHT_DIR", "FLIGHT_RULES", "FlightRing", "FlightTarget", "dump", "precision_flips", "router_settings"]

@@ -18,6 +18,16 @@ Per layer, a row of `acc` holds, for E experts (W = 3·E_max + 14):
     W-2           tokens the model dropped (one-hot dispatch with an empty row)
     W-1           max logsumexp (max over valid finite tokens)
 
+The flight recorder (capture/flight.py) samples one call per layer and step: on that call `update` appends the
+ids, weights and logits to the feature matrix's columns and copies its first S rows into the ring's slot with one
+`index_select`, so the ring costs three ops on the calls that write it (that copy, the input rows' copy and a view
+of the summed columns) and none on the others. The slot's columns (`ring_width`):
+
+    [0, E+7)          the feature matrix: probabilities, entropy, top-1, top-2, lse, finite, lse², valid
+    [E+7, E+7+k)      ids (float64: exact for any integer id below 2^53)
+    [E+7+k, E+7+2k)   gate weights
+    [E+7+2k, 2E+7+2k) logits as the router returned them (in float64: exact for every float dtype)
+
 An id outside [0, E) (a sentinel such as DeepSpeed's -1 for a route dropped over capacity, an empty slot of a
 routing map, or a wrong id) is never an expert: `torch.bucketize` maps it to a column of its own with no
 data-dependent branch, so `expert_load` never counts it, `dropped` does, and the token rows keep the slot
@@ -29,12 +39,15 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 from .adapters import RouterEvent
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .flight import FlightTarget
 
 #: Router stats per layer, in the order of schema.ROUTER_STATS.
 STAT_NAMES = ("tokens", "entropy_sum", "lse_sq_sum", "lse_sum", "lse_max", "margin_sum", "nonfinite", "dropped")
@@ -48,6 +61,16 @@ _ROW_STATS = 4
 def width(n_experts: Sequence[int]) -> int:
     """Columns of one buffer row for layers of these expert counts."""
     return 3 * max(n_experts) + _NF + 8
+
+
+def feature_width(e: int) -> int:
+    """Columns of a layer's feature matrix (the E probabilities, the _FEATURES and the validity mask)."""
+    return e + _NF + 1
+
+
+def ring_width(e: int, k: int) -> int:
+    """Columns of a flight ring row: the feature matrix, then ids [k], weights [k] and logits [E]."""
+    return feature_width(e) + 2 * k + e
 
 
 def in_backward() -> bool:
@@ -69,10 +92,11 @@ class Grid:
     has_mask: bool = False
     keep_n: int = 0  # rows kept from this forward (0: none sampled)
     valid: torch.Tensor | None = None  # [T] float32, 0 for padding
-    v2d: torch.Tensor | None = None  # [1, T] float32 (a view of valid, for one matmul)
     vcol: torch.Tensor | None = None  # [T, 1] float64 valid, broadcast over the k slots of each token
+    v2d: torch.Tensor | None = None  # [1, T] float64 (a view of vcol, for one addmm into the buffer)
     ntok: torch.Tensor | None = None  # [] float64 valid tokens
-    negpad: torch.Tensor | None = None  # [T] float32: 0 for real tokens, -inf for padding
+    negpad: torch.Tensor | None = None  # [T] float64: 0 for real tokens, -inf for padding
+    zidx: torch.Tensor | None = None  # [T] long zeros: every token reduces into the one lse_max cell
     rows: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = field(default_factory=dict)
     token_ids: torch.Tensor | None = None  # [B, S]
     # host-side, for the rows of this forward
@@ -87,11 +111,12 @@ class Grid:
     def fill(self, valid: torch.Tensor, ks: Sequence[int] = ()) -> None:
         """Set the per-token weights of a forward from its validity mask valid [T] (float32); `ks` is unused."""
         self.valid = valid
-        self.v2d = valid.reshape(1, -1)  # [1, T]
         v64 = valid.double()
         self.vcol = v64.reshape(-1, 1)  # [T, 1]
+        self.v2d = v64.reshape(1, -1)  # [1, T]
         self.ntok = v64.sum()
-        self.negpad = torch.where(valid > 0, 0.0, -math.inf).to(torch.float32)  # [T]
+        self.negpad = torch.where(valid > 0, 0.0, -math.inf).to(torch.float64)  # [T]
+        self.zidx = torch.zeros(valid.shape[0], dtype=torch.long, device=valid.device)  # [T]
         self.active = True
 
 
@@ -118,7 +143,7 @@ class HotPath:
         self.tok = [self.acc[i, 3 * e + _NF + 4] for i, e in enumerate(self.n_experts)]  # []
         self.drop = [self.acc[i, -2] for i in range(n)]  # []
         self.nolog = [self.acc[i, -3] for i in range(n)]  # []: valid tokens of calls without logits
-        self.lmax = [self.acc[i, -1] for i in range(n)]  # []
+        self.lmax = [self.acc[i, -1:] for i in range(n)]  # [1]: a scatter_reduce target
         self.fin = [self.acc[i, 3 * e + 8] for i, e in enumerate(self.n_experts)]  # []: finite valid tokens
         # bucketize boundaries [E+1] = -1, 0, …, E-1: id i in [0, E) → column i + 1, below → 0, above → E + 1
         self.bounds = [torch.arange(-1, e, device=device) for e in self.n_experts]
@@ -141,18 +166,20 @@ class HotPath:
         self.acc[:, -1] = -math.inf
         return snap
 
-    def update(self, layer: int, ev: RouterEvent, grid: Grid | None, probs: str = "softmax") -> None:
-        """Add one router call into layer `layer`'s slices (and its token rows into `grid`)."""
+    def update(self, layer: int, ev: RouterEvent, grid: Grid | None, probs: str = "softmax",
+               flight: FlightTarget | None = None) -> None:
+        """Add one router call into layer `layer`'s slices (its token rows into `grid`, its sample into `flight`)."""
         ids, w = ev.ids, ev.weights  # [T, k]
         t, k = ids.shape
         e = self.n_experts[layer]
         logits = ev.logits if ev.logits is not None and ev.logits.shape[0] == t else None  # [T, E]
         if grid is not None and grid.valid is not None and grid.valid.shape[0] == t and grid.vcol is not None:
-            valid, vcol, v2d, ntok, negpad = grid.valid, grid.vcol, grid.v2d, grid.ntok, grid.negpad
+            vcol, v2d, ntok, negpad, zidx = grid.vcol, grid.v2d, grid.ntok, grid.negpad, grid.zidx
         else:  # no token grid for this call (a block called directly, other tokens than the entry's)
             grid = None
-            ones = torch.ones(t, dtype=torch.float32, device=ids.device)  # [T]
-            valid, vcol, v2d, ntok, negpad = ones, ones.double().reshape(t, 1), ones.reshape(1, t), ones.double().sum(), None
+            vcol = torch.ones(t, 1, dtype=torch.float64, device=ids.device)  # [T, 1]
+            v2d, ntok, negpad = vcol.reshape(1, t), t, None
+            zidx = torch.zeros(t, dtype=torch.long, device=ids.device)  # [T]
         # one op maps every id to its slot column, out-of-range ids to the two dropped columns (no host branch)
         slot = torch.bucketize(ids, self.bounds[layer])  # [T, k] in [0, E+1]
         self.cnt[layer].index_put_((slot,), vcol, accumulate=True)
@@ -161,7 +188,16 @@ class HotPath:
             self.drop[layer].add_(v2d.reshape(-1) @ ev.dropped.to(v2d.dtype))
         feats, lse = None, None
         if self.stats or self.rows:
-            feats, lse = _features(logits, e, probs, valid)  # [T, E+7], [T]
+            # [T, E+7] float64 (the valid column promotes it), with ids, weights, logits appended for the ring
+            feats, lse = _features(logits, e, probs, vcol, (ids, w, logits) if flight is not None else ())
+        if flight is not None:  # before nan_to_num_: the ring keeps the logits as they were
+            if feats is not None:
+                torch.index_select(feats, 0, flight.idx, out=flight.full)
+                feats = feats[:, : feature_width(e)]  # [T, E+7] the summed columns
+            elif logits is not None:
+                torch.index_select(torch.column_stack([vcol, ids, w, logits]), 0, flight.idx, out=flight.tail)
+            else:
+                torch.index_select(torch.column_stack([vcol, ids, w]), 0, flight.idx, out=flight.nolog)
         rows = grid.rows.get(layer) if (self.rows and grid is not None) else None
         if rows is not None and rows[0].shape == ids.shape:
             rows[0].copy_(slot)  # slot columns: the flush stores expert = slot - 1, NULL outside [1, E]
@@ -174,16 +210,17 @@ class HotPath:
                 self.nolog[layer].add_(ntok)  # no logits read: prob_sum, entropy, lse are unknown for this window
         else:
             feats.nan_to_num_(0.0, 0.0, 0.0)  # non-finite tokens add nothing; `finite` counts the others
-            self.fsum[layer].add_(v2d @ feats)
-            masked = lse + negpad if negpad is not None else lse.clone()  # [T]: padding → -inf
-            lm = self.lmax[layer]
-            torch.maximum(lm, masked.nan_to_num_(-math.inf, -math.inf, -math.inf).amax(), out=lm)
+            self.fsum[layer].addmm_(v2d, feats)  # [1, E+7] += [1, T] @ [T, E+7]
+            masked = lse + negpad if negpad is not None else lse.double()  # [T] float64: padding → -inf
+            masked.nan_to_num_(-math.inf, -math.inf, -math.inf)
+            self.lmax[layer].scatter_reduce_(0, zidx, masked, "amax")  # max(lse_max, max over valid finite tokens)
 
 
 def _features(
-    logits: torch.Tensor | None, e: int, probs: str, valid: torch.Tensor
+    logits: torch.Tensor | None, e: int, probs: str, vcol: torch.Tensor, extra: Sequence[torch.Tensor] = ()
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """Per-token features [T, E+7] (probabilities, entropy, top-2 probabilities, lse, finite, lse², valid) and lse."""
+    """Per-token features [T, E+7] float64 (probabilities, entropy, top-2 probabilities, lse, finite, lse², valid),
+    then the `extra` columns, and lse [T]; vcol [T, 1] is the float64 validity mask."""
     if logits is None:
         return None, None
     lse = torch.logsumexp(logits, -1)  # [T]
@@ -195,8 +232,9 @@ def _features(
     ent = torch.special.entr(pn).sum(-1)  # [T]; entr(0) = 0, so a masked (−inf) expert adds nothing
     top2 = pn.topk(2, -1).values if e > 1 else torch.cat([pn, torch.zeros_like(pn)], -1)  # [T, 2]
     # NaN or +Inf anywhere in a row makes its logsumexp non-finite (a lone −Inf is a masked expert, not an error)
-    # the last column is the 0/1 validity mask: summed against itself (v·v = v) it counts the valid tokens
-    feats = torch.column_stack([p, ent, top2, lse, lse.isfinite(), lse.square(), valid])  # [T, E+7]
+    # the validity column is last: summed against itself (v·v = v) it counts the valid tokens; being float64 it
+    # promotes the whole matrix, so the sums accumulate in float64 with no conversion op
+    feats = torch.column_stack([p, ent, top2, lse, lse.isfinite(), lse.square(), vcol, *extra])  # [T, E+7(+…)]
     return feats, lse
 
 
@@ -244,4 +282,23 @@ def ops_per_call(hook: Callable[..., Any], module: torch.nn.Module, args: tuple[
     return sum(1 for e in events if e.cpu_parent is None or not e.cpu_parent.name.startswith("aten::"))
 
 
-__all__ = ["STAT_NAMES", "Grid", "HotPath", "decode", "in_backward", "ops_per_call", "width"]
+def ops_in_forwards(router: torch.nn.Module, run: Callable[[], Any]) -> list[int]:
+    """Top-level aten ops of each call of moescope's hook on `router` while `run()` runs forwards (ops_per_call
+    applied inside real forwards: the token grid, the step and the flight ring are as a training loop has them)."""
+    hooks = router._forward_hooks
+    key = next(k for k, h in hooks.items() if getattr(h, "__name__", "") == "router_hook")
+    hook, counts = hooks[key], []
+
+    def profiled(module: torch.nn.Module, args: tuple[Any, ...], output: Any) -> None:
+        counts.append(ops_per_call(hook, module, args, output))
+
+    hooks[key] = profiled
+    try:
+        run()
+    finally:
+        hooks[key] = hook
+    return counts
+
+
+__all__ = ["STAT_NAMES", "Grid", "HotPath", "decode", "feature_width", "in_backward", "ops_in_forwards", "ops_per_call", "ring_width",
+           "width"]

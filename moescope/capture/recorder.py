@@ -618,6 +618,8 @@ class Recorder:
         g.has_mask = has_mask
         g.active = True
         g.token_ids = ids
+        if self._flight is not None:
+            self._flight.take_tokens(g, ids)
         g.step, g.tag = step, tag
         if self.tokens <= 0:
             return
@@ -743,13 +745,10 @@ class Recorder:
             bs = tokens() if spec.token_layout == "seq_first" else None
             if bs is not None:
                 ev = A.to_batch_first(ev, *bs)
-            hot.update(layer, ev, grid(), spec.probs)
-            if x is not None:  # eager only (on_router keeps x only then): the ring's slot is chosen on the host
-                x = x.reshape(-1, x.shape[-1])  # [T, H], the router's row order
-                if bs is not None:
-                    x = A.batch_first_rows(x, *bs)  # the same order as ev's rows
-                g = grid()
-                flight.write(layer, x, ev, stash.pop("raw_dtype", None), g.token_ids if g is not None else None)
+            g = grid()
+            # eager only (on_router keeps x only then): the ring's slot is chosen on the host, the hot path fills it
+            target = flight.prepare(layer, n, x, ev, stash.pop("raw_dtype", None), g, bs) if x is not None else None
+            hot.update(layer, ev, g, spec.probs, target)
 
         def on_router(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
             # the flight ring copies one call per layer and step: later calls keep nothing and look at nothing

@@ -195,6 +195,36 @@ def test_hot_path_op_budget(tmp_path: Path) -> None:
     assert counts_only < default < rows
 
 
+@pytest.mark.parametrize(("mode", "budget"), [({"stats": False}, 8), ({}, 20), ({"tokens": 1.0}, 25)],
+                         ids=["counts-only", "default", "rows"])
+def test_flight_ring_stays_within_the_op_budget(tmp_path: Path, mode: dict[str, Any], budget: int) -> None:
+    """The call that writes the flight ring (each layer's first of a step) stays within its mode's budget, and the
+    later calls of the step cost what they cost without the ring. Measured inside real forwards."""
+    from moescope.capture.hotpath import ops_in_forwards
+
+    def per_call(**kw: Any) -> list[int]:
+        torch.manual_seed(0)
+        m = ToyMoE(n_layers=4).eval()
+        x, mask = batch()
+        with moescope.record(m, tmp_path / str(len(list(tmp_path.iterdir()))),
+                            **{"tokens": 0.0, **mode, **kw}) as rec, \
+                torch.no_grad():
+            rec.step = 0
+            m(x, attention_mask=mask)  # warm: the ring's buffers are made at the first call
+
+            def two_forwards() -> None:
+                rec.step = 1
+                m(x, attention_mask=mask)
+                m(x, attention_mask=mask)
+
+            return ops_in_forwards(m.blocks[1].router, two_forwards)
+
+    plain = per_call()
+    first, later = per_call(flight_steps=4, flight_tokens=16)
+    assert first <= budget, (first, budget)
+    assert later == plain[0] == plain[1] < first
+
+
 def test_counts_only_mode_records_exact_counts(tmp_path: Path) -> None:
     torch.manual_seed(0)
     m = ToyMoE().eval()

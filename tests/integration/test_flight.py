@@ -264,3 +264,35 @@ def test_a_damaged_dump_is_exit_3_naming_the_file(tmp_path: Path, capsys: pytest
     assert main(["explain", str(tmp_path / "r")]) == 3
     err = capsys.readouterr().err
     assert str(path / "evidence.safetensors") in err and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("mode", [{"stats": False}, {}, {"tokens": 1.0}], ids=["counts-only", "default", "rows"])
+@pytest.mark.parametrize("sample", [5, 40], ids=["S<T", "S>T"])
+def test_ring_holds_each_steps_router_call_exactly(tmp_path: Path, mode: dict, sample: int) -> None:
+    """In every capture mode the packed ring (one copy per call) gives back the router's own input rows, logits,
+    ids, weights and the step's token ids; with S > T it holds the T rows there are. The token ids are copies: the
+    model is fed one input buffer rewritten in place every step, as static-buffer serving loops do."""
+    torch.manual_seed(0)
+    m = ToyMoE().eval()
+    router = m.blocks[1].router
+    seen: list[tuple[torch.Tensor, ...]] = []  # (x, logits, weights, ids) of each forward's call
+    h = router.register_forward_hook(lambda mod, a, out: seen.append((a[0].clone(), *(t.clone() for t in out))))
+    g = torch.Generator().manual_seed(1)
+    buf = torch.zeros(2, 8, dtype=torch.long)  # one input buffer, rewritten in place each step
+    fed: list[torch.Tensor] = []
+    with moescope.record(m, tmp_path / "r", flight_steps=3, flight_tokens=sample, **mode) as rec, torch.no_grad():
+        for step in range(4):
+            rec.step = step
+            buf.copy_(torch.randint(0, 64, (2, 8), generator=g))
+            fed.append(buf.reshape(-1).clone())
+            m(buf)
+        d = read_dump(rec.dump_flight())
+    h.remove()
+    r = min(sample, 16)
+    steps = (1, 2, 3)
+    assert d.meta["layers"][1]["steps"] == list(steps) and d.meta["layers"][1]["rows"] == 3 * r
+    for name, col in (("x", 0), ("logits", 1), ("weights", 2), ("ids", 3)):
+        want = torch.cat([seen[s][col][:r] for s in steps]).numpy()
+        assert (d.layer(1, name) == want).all(), name
+    assert (d.layer(1, "token_ids") == torch.cat([fed[s][:r] for s in steps]).numpy()).all()
+    assert (d.layer(1, "step") == [s for s in steps for _ in range(r)]).all()
