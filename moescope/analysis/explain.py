@@ -41,7 +41,7 @@ HOT_SHARE_X = 2.0
 class Finding:
     """One statement about one layer of a dump: a kind, a severity, the sentence and its numbers."""
 
-    kind: str  # nonfinite | input_norm | logit_range | precision | load | bias
+    kind: str  # nonfinite | input_norm | logit_range | precision | load | bias | settings
     severity: str  # "problem" | "note"
     text: str
     numbers: dict[str, Any] = field(default_factory=dict)

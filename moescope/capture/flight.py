@@ -183,15 +183,38 @@ class FlightRing:
         return sum(t.numel() * t.element_size() for r in self.layers.values() for t in (r.x, r.f))
 
 
-def router_settings(module: nn.Module) -> dict[str, float]:
-    """The router's numeric settings among SETTINGS (temperature, scaling, …) that it has."""
+def _number(v: Any) -> float | None:
+    """A setting's value as a float: bools, ints, floats and one-element tensors; None for anything else."""
+    if isinstance(v, (bool, int, float)):
+        return float(v)
+    if isinstance(v, torch.Tensor) and v.numel() == 1:
+        return float(v.detach().float().item())
+    return None
+
+
+def _attr(obj: Any, path: str) -> Any:
+    for part in path.split("."):
+        obj = getattr(obj, part, None)
+        if obj is None:
+            return None
+    return obj
+
+
+def router_settings(module: nn.Module, named: Sequence[str] = (), parent: nn.Module | None = None) -> dict[str, float]:
+    """The router's numeric settings: the SETTINGS names it (or, as "parent.<name>", its block) has, and the
+    spec's `settings` paths (from the router, or from the block with a "parent." prefix)."""
     out: dict[str, float] = {}
-    for name in SETTINGS:
-        v = getattr(module, name, None)
-        if isinstance(v, (bool, int, float)):
-            out[name] = float(v)
-        elif isinstance(v, torch.Tensor) and v.numel() == 1:
-            out[name] = float(v.detach().float().item())
+    owners = [("", module)] + ([("parent.", parent)] if parent is not None else [])
+    for prefix, owner in owners:
+        for name in SETTINGS:
+            v = _number(getattr(owner, name, None))
+            if v is not None:
+                out[prefix + name] = v
+    for path in named:
+        owner, rest = (parent, path[len("parent."):]) if path.startswith("parent.") else (module, path)
+        v = _number(_attr(owner, rest)) if owner is not None else None
+        if v is not None:
+            out[path] = v
     return out
 
 
@@ -236,6 +259,16 @@ def precision_flips(module: nn.Module, spec: A.RouterSpec, x: torch.Tensor, n: i
     if native is None or fp32 is None:
         return None
     return native, fp32, (native != fp32).any(-1)
+
+
+def _parent(model: nn.Module, path: str) -> nn.Module | None:
+    """The block holding the router at `path` (None for a router that is the model itself)."""
+    if not path:
+        return None
+    head = path.rsplit(".", 1)[0] if "." in path else ""
+    with contextlib.suppress(AttributeError):
+        return model.get_submodule(head)
+    return None
 
 
 def _tokens(r: _LayerRing, slot: int) -> torch.Tensor:
@@ -288,7 +321,8 @@ def dump(ring: FlightRing, layers: Sequence[Any], model: nn.Module, run_dir: Pat
         meta_layers.append({"layer": li.layer, "module": li.module, "family": li.family,
                             "n_experts": li.n_experts, "top_k": li.top_k, "probs": li.spec.probs,
                             "x_dtype": str(r.x_dtype), "logits_dtype": str(r.logits_dtype), "param_dtype": pdtype,
-                            "params": params, "settings": router_settings(module), "rows": int(x.shape[0]),
+                            "params": params, "rows": int(x.shape[0]),
+                            "settings": router_settings(module, li.spec.settings, _parent(model, li.module)),
                             "steps": [ring.slot_steps[i] for i in keep], "recomputed": flips is not None})
     if not meta_layers:
         return None

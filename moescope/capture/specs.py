@@ -105,6 +105,10 @@ class RouterSpec:
     # bool attribute of the hooked module that switches the selection's renormalisation (transformers v4's
     # `norm_topk_prob`): true → the "_norm" variant of `selection`, false → without; read per module (bind)
     selection_norm: str | None = None
+    # numeric router settings a flight dump keeps with the evidence, beside the common names flight.SETTINGS finds
+    # by itself: dotted attribute paths from the router module ("capacity_factor", "config.moe_router_topk_scaling_
+    # factor"), or from its parent block with a "parent." prefix ("parent.router_jitter_noise")
+    settings: tuple[str, ...] = ()
     notes: str = ""
 
     def __post_init__(self) -> None:
@@ -158,6 +162,13 @@ class RouterSpec:
             raise AdapterError(f"router spec {self.family!r}: selection_norm names a bool attribute of the router "
                                f"(e.g. \"norm_topk_prob\") and needs a selection with a _norm variant "
                                f"({[s for s in SELECTIONS if s.endswith('_norm')]}), got {self.selection!r}")
+
+        if not isinstance(self.settings, tuple) or not all(
+            isinstance(n, str) and _ATTR_PATH.fullmatch(n) for n in self.settings
+        ):
+            raise AdapterError(f"router spec {self.family!r}: settings must be a list of attribute paths such as "
+                               f"\"temperature\", \"config.router_temperature\" or \"parent.jitter_noise\", "
+                               f"got {self.settings!r}")
 
     def active(self) -> bool:
         """Whether this spec applies here: its `requires` holds (always, without one)."""
@@ -248,6 +259,8 @@ def requirement_met(requirement: str) -> bool:
     return satisfies(requirement, version)
 #: "pkg.module:function" for ids_fn in TOML
 _FN_PATH = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_][\w.]*")
+#: a dotted attribute path (settings)
+_ATTR_PATH = re.compile(r"[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*")
 
 
 def spec_from_mapping(d: dict[str, Any], origin: str) -> RouterSpec:
@@ -262,6 +275,8 @@ def spec_from_mapping(d: dict[str, Any], origin: str) -> RouterSpec:
     if not classes:
         raise AdapterError(f"{origin}: router spec needs `classes`")
     d["classes"] = tuple(classes)
+    if isinstance(d.get("settings"), (list, str)):
+        d["settings"] = tuple([d["settings"]] if isinstance(d["settings"], str) else d["settings"])
     d.setdefault("family", d["classes"][0].rsplit(".", 1)[-1])
     return RouterSpec(**d)
 

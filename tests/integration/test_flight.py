@@ -296,3 +296,37 @@ def test_ring_holds_each_steps_router_call_exactly(tmp_path: Path, mode: dict, s
         assert (d.layer(1, name) == want).all(), name
     assert (d.layer(1, "token_ids") == torch.cat([fed[s][:r] for s in steps]).numpy()).all()
     assert (d.layer(1, "step") == [s for s in steps for _ in range(r)]).all()
+
+
+class KnobRouter(BiasRouter):
+    """A BiasRouter with numeric knobs on itself, its config and its block."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.temperature = 0.5  # found by name (flight.SETTINGS)
+        self.config = type("Cfg", (), {"capacity": 1.25, "name": "not a number"})()
+
+
+class KnobMoE(BiasMoE):
+    def __init__(self) -> None:
+        super().__init__()
+        self.router = KnobRouter()
+        self.router_jitter_noise = 0.01  # on the block: found by name, stored as parent.<name>
+        self.aux_scale = 3.0  # named by the spec
+
+
+def test_dump_keeps_the_settings_the_spec_names(tmp_path: Path) -> None:
+    moescope.register_router(KnobRouter, n_experts="n_experts", top_k="top_k", family="knob",
+                             settings=["config.capacity", "config.name", "config.absent", "parent.aux_scale"])
+    try:
+        m = KnobMoE().eval()
+        with moescope.record(m, tmp_path / "r", flight_steps=1, flight_tokens=4) as rec, torch.no_grad():
+            rec.step = 0
+            m(torch.randint(0, 64, (2, 3)))
+            d = read_dump(rec.dump_flight())
+    finally:
+        moescope.unregister_router(KnobRouter)
+    assert d.meta["layers"][0]["settings"] == {"temperature": 0.5, "parent.router_jitter_noise": 0.01,
+                                               "config.capacity": 1.25, "parent.aux_scale": 3.0}
+    findings = explain(d)
+    assert any(f.kind == "settings" and "config.capacity=1.25" in f.text for f in findings)

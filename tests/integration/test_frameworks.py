@@ -384,16 +384,68 @@ def record_case(case: Case, tmp: Path) -> tuple[Path, dict[str, list[Call]]]:
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            with moescope.record(model, run, tokens=1.0) as rec, torch.no_grad():
+            # the flight ring on: the counts must not change, and check_flight compares its rows with the truth
+            with moescope.record(model, run, tokens=1.0, flight_steps=2, flight_tokens=FLIGHT_ROWS) as rec, \
+                    torch.no_grad():
                 for step, (x, mask) in enumerate(batches()):
                     rec.step = step
                     model(input_ids=x, attention_mask=mask)
+                rec.dump_flight()
     finally:
         for h in handles:
             h.remove()
     ours = [str(w.message) for w in caught if str(w.message).startswith("moescope")]
     assert not ours, f"{case.family}: moescope warned: {ours}"
     return run, calls
+
+
+FLIGHT_ROWS = 10  # the ring's sample: the first 10 tokens (batch-first) of each step, padding included
+
+
+def check_flight(case: Case, run: Path, calls: dict[str, list[Call]], model_settings: dict[str, dict[str, float]]
+                 ) -> None:
+    """The flight dump holds each router's dispatched experts and weights for the sampled tokens of both steps (in
+    the input's order, also for sequence-first routers), and the settings its spec names, read from the router."""
+    from moescope.analysis.explain import read_dump
+
+    (path,) = (run / "flight").iterdir()
+    d = read_dump(path)
+    for info in d.meta["layers"]:
+        layer, module = info["layer"], info["module"]
+        assert info["steps"] == [0, 1] and info["rows"] == 2 * FLIGHT_ROWS
+        ids, w = d.layer(layer, "ids"), d.layer(layer, "weights")  # [R, k]
+        for i, step in enumerate((0, 1)):
+            call = calls[module][step]
+            for t in range(FLIGHT_ROWS):
+                row = i * FLIGHT_ROWS + t
+                got = sorted((int(e), float(x)) for e, x in zip(ids[row], w[row]) if 0 <= e < case.n_experts)
+                kept = call.ids[t] >= 0
+                want = sorted((int(e), float(x)) for e, x in zip(call.ids[t][kept], call.weights[t][kept]))
+                assert got == want, f"{module} step {step} token {t}: ring {got} ≠ dispatched {want}"
+        assert model_settings[module] and all(info["settings"][k] == v for k, v in model_settings[module].items()), \
+            (module, info["settings"], model_settings[module])
+
+
+def spec_settings(case: Case) -> dict[str, dict[str, float]]:
+    """The numeric values of the case spec's `settings`, read from each router of a fresh build of its model."""
+    from moescope.capture.specs import REGISTRY
+
+    model = case.build()
+    out: dict[str, dict[str, float]] = {}
+    for name, mod in model.named_modules():
+        if _qualname(mod) != case.router:
+            continue
+        spec = REGISTRY.resolve(type(mod))
+        assert spec is not None and spec.settings, f"{case.family}: its spec names no settings"
+        vals: dict[str, float] = {}
+        for path in spec.settings:
+            v: Any = mod
+            for part in path.split("."):
+                v = getattr(v, part, None)
+            if isinstance(v, (bool, int, float)):
+                vals[path] = float(v)
+        out[name] = vals
+    return out
 
 
 def read(run: Path, table: str) -> Any:
@@ -489,6 +541,9 @@ def test_framework_trace_matches_dispatch(name: str, tmp_path: Path) -> None:
         with shims(case):
             run, calls = record_case(case, tmp_path)
     seen = check_trace(case, run, calls)
+    with warnings.catch_warnings(), shims(case):
+        warnings.simplefilter("ignore", UserWarning)
+        check_flight(case, run, calls, spec_settings(case))
     assert seen["routes"] > 0
     if case.drops is True:
         assert seen["dropped"] > 0, "no route was dropped: the capacity path went untested"

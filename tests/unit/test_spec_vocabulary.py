@@ -482,6 +482,8 @@ def test_a_failing_entry_hook_never_reaches_the_forward(tmp_path: Path, registry
         ({"ids_fn": "pkg.module.function"}, 'ids_fn must be "pkg.module:function" or a callable'),
         ({"ids_fn": "x:y", "source": "logits"}, 'ids_fn reads the router\'s forward; it needs source = "output"'),
         ({"ids_layout": "routing_map", "onehot": True}, "unset onehot"),
+        ({"settings": ["temperature", "config..scale"]}, "settings must be a list of attribute paths"),
+        ({"settings": [1.0]}, "settings must be a list of attribute paths"),
         ({"ids_layout": "dispatch", "ids": 0, "weights": 1, "token_layout": "seq_first", "sentinel": -1}, None),
     ],
 )
@@ -497,11 +499,11 @@ def test_same_fields_in_toml_and_register_router(tmp_path: Path, registry: None)
     f = tmp_path / "mine.toml"
     f.write_text('[[router]]\nfamily = "kt"\nclasses = ["pkg.mod.Gate"]\nids_layout = "k_first"\nsentinel = -1\n'
                  'token_layout = "seq_first"\nlogits_from = "wg"\nprobs = "sigmoid"\n'
-                 f'ids_fn = "{__name__}:odd_ids"\n')
+                 f'ids_fn = "{__name__}:odd_ids"\nsettings = ["capacity", "parent.jitter"]\n')
     (from_toml,) = S.load_spec_file(f)
     registered = moescope.register_router("pkg.mod.Gate", family="kt", ids_layout="k_first", sentinel=-1,
                                           token_layout="seq_first", logits_from="wg", probs="sigmoid",
-                                          ids_fn=f"{__name__}:odd_ids")
+                                          ids_fn=f"{__name__}:odd_ids", settings=["capacity", "parent.jitter"])
     assert registered is None  # moescope.register_router returns nothing; the registry holds the spec
     assert A.all_specs()[0] == from_toml
     assert A.resolve_fn(from_toml) is odd_ids
