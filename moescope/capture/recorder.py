@@ -491,8 +491,11 @@ class Recorder:
             h.add(mod.register_forward_hook(torch.compiler.disable(self._on_exit), always_call=True))
         for info in self.layers:
             info.owner_grids = tuple(self._grids[n] for n in info.grid_owners if n in self._grids)
-            router_hook, experts_hook = self._make_hooks(info)
-            h.add(self.model.get_submodule(info.module).register_forward_hook(router_hook))
+            router_pre, router_hook, experts_hook = self._make_hooks(info)
+            router = self.model.get_submodule(info.module)
+            if router_pre is not None:
+                h.add(router.register_forward_pre_hook(router_pre))
+            h.add(router.register_forward_hook(router_hook))
             if info.spec.source == "experts_input":
                 assert info.experts_module is not None
                 experts = self.model.get_submodule(info.experts_module)
@@ -702,8 +705,10 @@ class Recorder:
             if self._key_forwards.get(self._key):  # a step counts towards flush_every once a forward ran in it
                 self._acc_steps.add(self._key[0])
 
-    def _make_hooks(self, info: LayerInfo) -> tuple[Callable[..., None], Callable[..., None]]:
-        """The router forward hook and, for experts_input specs, the experts pre-hook of one layer."""
+    def _make_hooks(self, info: LayerInfo) -> tuple[Callable[..., None] | None, Callable[..., None],
+                                                     Callable[..., None]]:
+        """The router pre-hook (None when there is nothing for it to do), the router forward hook and, for
+        experts_input specs, the experts pre-hook of one layer."""
         stash: dict[str, Any] = {}
         hot = self._hot
         assert hot is not None
@@ -751,10 +756,7 @@ class Recorder:
             hot.update(layer, ev, g, spec.probs, target)
 
         def on_router(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
-            # the flight ring copies one call per layer and step: later calls keep nothing and look at nothing
-            if flight is not None and not torch.compiler.is_compiling() and flight.wants(layer) \
-                    and args and isinstance(args[0], torch.Tensor):
-                stash["x"] = args[0]
+            if "x" in stash:  # the flight ring samples this call: the dtype the router returned its logits in
                 raw = A._pick(output, spec.logits) if spec.logits_are != "none" else None
                 stash["raw_dtype"] = raw.dtype if isinstance(raw, torch.Tensor) else None
             if not torch.compiler.is_compiling() and not checked:
@@ -772,6 +774,17 @@ class Recorder:
         def on_experts(args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
             ids, w = A.extract_experts_input(spec, args, kwargs, n)
             add(A.RouterEvent(stash.pop("logits", None), ids, w))
+
+        def router_pre_hook(module: nn.Module, args: tuple[Any, ...]) -> None:
+            # What the stash holds belongs to one router call: an experts module called inside the router's own
+            # forward (Doge) reads it before the router's hook runs, so leftovers of the last call go here.
+            stash.pop("logits", None)
+            stash.pop("raw_dtype", None)
+            stash.pop("x", None)
+            # the flight ring copies one call per layer and step: later calls keep nothing and look at nothing
+            if flight is not None and not torch.compiler.is_compiling() and not in_backward() and not failed \
+                    and flight.wants(layer) and args and isinstance(args[0], torch.Tensor):
+                stash["x"] = args[0]
 
         def router_hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
             if in_backward():
@@ -793,7 +806,8 @@ class Recorder:
                 stash["logits_out"] = output.detach()
 
         self._logits_hooks[info.layer] = logits_hook
-        return router_hook, experts_hook
+        pre = router_pre_hook if flight is not None or spec.source == "experts_input" else None
+        return pre, router_hook, experts_hook
 
     # -- flushing -----------------------------------------------------------------------------
     def _maybe_flush(self) -> None:

@@ -281,6 +281,7 @@ def _mk_hook(name: str, kind: str, calls: dict[str, list[dict[str, Any]]], mod: 
         else:
             logits, weights, ids = out[0], out[1], out[2]
             rec = {"logits": logits, "ids": ids, "weights": weights}
+        rec["x"] = args[0] if args and isinstance(args[0], torch.Tensor) else None  # the router's input rows
         calls.setdefault(name, []).append({k: v.detach().clone() for k, v in rec.items() if v is not None})
 
     return hook
@@ -288,7 +289,7 @@ def _mk_hook(name: str, kind: str, calls: dict[str, list[dict[str, Any]]], mod: 
 
 def _mk_dbrx_logits(name: str, calls: dict[str, list[dict[str, Any]]]) -> Callable[..., None]:
     def hook(module: Any, args: Any, out: Any) -> None:
-        calls.setdefault(name, []).append({"logits": out.detach().clone()})
+        calls.setdefault(name, []).append({"logits": out.detach().clone(), "x": args[0].detach().clone()})
 
     return hook
 
@@ -339,10 +340,13 @@ def record_case(case: Case, tmp: Path) -> tuple[Any, Path, dict[str, list[dict[s
     run = tmp / case.model_type
     outs = []
     try:
-        with moescope.record(model, run, tokens=1.0) as rec, torch.no_grad():
+        # the flight ring on: the trace must not change, and check_flight compares its rows with the truth
+        with moescope.record(model, run, tokens=1.0, flight_steps=2, flight_tokens=FLIGHT_ROWS) as rec, \
+                torch.no_grad():
             for step, (x, mask) in enumerate(batches()):
                 rec.step = step
                 outs.append(model(input_ids=x, attention_mask=mask, output_router_logits=True))
+            rec.dump_flight()
     finally:
         for h in handles:
             h.remove()
@@ -350,6 +354,37 @@ def record_case(case: Case, tmp: Path) -> tuple[Any, Path, dict[str, list[dict[s
 
 
 # -- the checks ------------------------------------------------------------------------------------------------
+
+FLIGHT_ROWS = 7  # the ring's sample: the first 7 tokens (batch-first) of each step, padding included
+
+
+def check_flight(run: Path, calls: dict[str, list[dict[str, Any]]]) -> None:
+    """The flight dump holds, for the sampled tokens of both steps, the input's token ids and each router's own
+    input rows, ids, weights and logits (exactly: the ring stores them in float64 and the rows in their dtype)."""
+    import json
+
+    from moescope.analysis.explain import read_dump
+
+    (path,) = (run / "flight").iterdir()
+    d = read_dump(path)
+    manifest = {e["layer"]: e for e in json.loads((run / "manifest.json").read_text())["layers"]}
+    for info in d.meta["layers"]:
+        layer, module = info["layer"], info["module"]
+        assert info["steps"] == [0, 1] and info["rows"] == 2 * FLIGHT_ROWS, (module, info["steps"], info["rows"])
+        tok = d.layer(layer, "token_ids").reshape(2, FLIGHT_ROWS)
+        ids, w, logits = (d.layer(layer, n).reshape(2, FLIGHT_ROWS, -1) for n in ("ids", "weights", "logits"))
+        for step, (x, _mask) in enumerate(batches()):
+            truth = calls[module][step]
+            assert (tok[step] == x.reshape(-1)[:FLIGHT_ROWS].numpy()).all(), f"{module}: token ids"
+            rows = truth["x"].reshape(B * S, -1)[:FLIGHT_ROWS].float().numpy()
+            assert (d.layer(layer, "x").reshape(2, FLIGHT_ROWS, -1)[step] == rows).all(), f"{module}: input rows"
+            want_ids = truth["ids"].reshape(B * S, -1)[:FLIGHT_ROWS]
+            assert (ids[step] == want_ids.numpy()).all(), f"{module} step {step}: ring ids ≠ the router's"
+            want_w = truth["weights"].reshape(B * S, -1)[:FLIGHT_ROWS].float()
+            assert (w[step] == want_w.numpy()).all(), f"{module} step {step}: ring weights ≠ the router's"
+            if "logits" in truth and manifest[layer].get("lse") is not False:
+                want_l = truth["logits"].reshape(B * S, -1)[:FLIGHT_ROWS].float()
+                assert (logits[step] == want_l.numpy()).all(), f"{module} step {step}: ring logits ≠ the router's"
 
 
 def check_trace(case: Case, run: Path, calls: dict[str, list[dict[str, Any]]], outs: list[Any]) -> None:
@@ -450,6 +485,7 @@ def test_family_trace_matches_router(family: str, tmp_path: Path) -> None:
     case = CASES[family]
     _, run, calls, outs = record_case(case, tmp_path)
     check_trace(case, run, calls, outs)
+    check_flight(run, calls)
 
 
 def test_switch_transformers_capacity_aux_and_z_loss(tmp_path: Path) -> None:

@@ -316,14 +316,46 @@ def record_case(case: Case, tmp: Path) -> tuple[Any, Path, dict[str, list[dict[s
     outs = []
     kw = {"output_router_logits": True} if case.router_logits else {}
     try:
-        with moescope.record(model, run, tokens=1.0) as rec, torch.no_grad():
+        # the flight ring on: the trace must not change, and check_flight compares its rows with the truth
+        with moescope.record(model, run, tokens=1.0, flight_steps=2, flight_tokens=FLIGHT_ROWS) as rec, \
+                torch.no_grad():
             for step, (x, mask) in enumerate(batches()):
                 rec.step = step
                 outs.append(model(input_ids=x, attention_mask=mask, **kw))
+            rec.dump_flight()
     finally:
         for h in handles:
             h.remove()
     return model, run, calls, outs
+
+
+FLIGHT_ROWS = 7  # the ring's sample: the first 7 tokens (batch-first) of each step, padding included
+
+
+def check_flight(run: Path, calls: dict[str, list[dict[str, Any]]]) -> None:
+    """The flight dump holds, for the sampled tokens of both steps, the (expert, weight) pairs each block
+    dispatched, its gate's logits where the test reads them, and the input's token ids."""
+    from moescope.analysis.explain import read_dump
+
+    (path,) = (run / "flight").iterdir()
+    d = read_dump(path)
+    layers = sorted(json.loads((run / "manifest.json").read_text())["layers"], key=lambda e: e["layer"])
+    for entry, block in zip(layers, calls):
+        layer, n = entry["layer"], entry["n_experts"]
+        info = next(i for i in d.meta["layers"] if i["layer"] == layer)
+        assert info["steps"] == [0, 1] and info["rows"] == 2 * FLIGHT_ROWS, (block, info["steps"], info["rows"])
+        ids, w, logits = (d.layer(layer, name).reshape(2, FLIGHT_ROWS, -1) for name in ("ids", "weights", "logits"))
+        tok = d.layer(layer, "token_ids").reshape(2, FLIGHT_ROWS)
+        for step, (x, _mask) in enumerate(batches()):
+            truth = calls[block][step]
+            assert (tok[step] == x.reshape(-1)[:FLIGHT_ROWS].numpy()).all(), f"{block}: token ids"
+            for t in range(FLIGHT_ROWS):
+                got = sorted((int(e), float(v)) for e, v in zip(ids[step, t], w[step, t]) if 0 <= e < n)
+                want = sorted(zip(truth["ids"][t].tolist(), truth["weights"][t].float().tolist()))
+                assert [e for e, _ in got] == [e for e, _ in want], f"{block} step {step} token {t}: ring ids"
+                np.testing.assert_allclose([v for _, v in got], [v for _, v in want], rtol=1e-5, atol=1e-7)
+            if "logits" in truth:
+                assert (logits[step] == truth["logits"][:FLIGHT_ROWS].numpy()).all(), f"{block}: ring logits"
 
 
 def _stored(rows: Any) -> tuple[Any, Any]:
@@ -403,6 +435,7 @@ def test_v4_family_trace_matches_dispatch(family: str, tmp_path: Path) -> None:
     case = CASES[family]
     _, run, calls, outs = record_case(case, tmp_path)
     check_trace(case, run, calls, outs)
+    check_flight(run, calls)
 
 
 def test_selection_norm_follows_each_block(tmp_path: Path) -> None:
