@@ -284,7 +284,10 @@ def ops_per_call(hook: Callable[..., Any], module: torch.nn.Module, args: tuple[
 
 def ops_in_forwards(router: torch.nn.Module, run: Callable[[], Any]) -> list[int]:
     """Top-level aten ops of each call of moescope's hook on `router` while `run()` runs forwards (ops_per_call
-    applied inside real forwards: the token grid, the step and the flight ring are as a training loop has them)."""
+    applied inside real forwards: the token grid, the step and the flight ring are as a training loop has them).
+
+    A router's first call also checks the spec's reading once (a few dozen host-side ops): warm up before.
+    """
     hooks = router._forward_hooks
     key = next(k for k, h in hooks.items() if getattr(h, "__name__", "") == "router_hook")
     hook, counts = hooks[key], []

@@ -746,12 +746,12 @@ class Recorder:
             if not torch.compiler.is_compiling() and not checked:
                 A.check_event(spec, ev, n, k, tokens())  # once, eager: never a silently wrong trace
                 checked.append(True)
-            x = stash.pop("x", None)  # the router input, kept by on_router only when the flight ring wants it
+            x = stash.pop("x", None)  # the router input, kept by the pre-hook only when the flight ring wants it
             bs = tokens() if spec.token_layout == "seq_first" else None
             if bs is not None:
                 ev = A.to_batch_first(ev, *bs)
             g = grid()
-            # eager only (on_router keeps x only then): the ring's slot is chosen on the host, the hot path fills it
+            # eager only (the pre-hook keeps x only then): the ring's slot is chosen on the host, the hot path fills it
             target = flight.prepare(layer, n, x, ev, stash.pop("raw_dtype", None), g, bs) if x is not None else None
             hot.update(layer, ev, g, spec.probs, target)
 
@@ -776,6 +776,8 @@ class Recorder:
             add(A.RouterEvent(stash.pop("logits", None), ids, w))
 
         def router_pre_hook(module: nn.Module, args: tuple[Any, ...]) -> None:
+            if in_backward():
+                return  # an activation-checkpoint recompute: the forward's call was recorded already
             # What the stash holds belongs to one router call: an experts module called inside the router's own
             # forward (Doge) reads it before the router's hook runs, so leftovers of the last call go here.
             stash.pop("logits", None)
