@@ -3,7 +3,8 @@ tests/browser has its own conftest)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import os
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +13,20 @@ import pytest
 from trace_helpers import layer_spec, load_frame, routing_frame, stats_frame  # noqa: F401
 
 from moescope.format.writer import write_run
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _part_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Object-store parts are cached in a folder of the session (subprocesses inherit it), never in ~/.cache."""
+    from moescope.format.storage import CACHE_ENV
+
+    saved = os.environ.get(CACHE_ENV)
+    os.environ[CACHE_ENV] = str(tmp_path_factory.mktemp("part-cache"))
+    yield
+    if saved is None:
+        os.environ.pop(CACHE_ENV, None)
+    else:
+        os.environ[CACHE_ENV] = saved
 
 
 @pytest.fixture

@@ -351,7 +351,7 @@ def _units_connection(tr: Trace) -> Any:
         if f in known:
             continue
         # The analysis's own SQL over this one part: a view named `routing` on the private connection.
-        # a table, not a view: an object-store part is registered for the one statement that reads it
+        # a table, not a view: the part is read once here, and the next part replaces it
         _with_parts(con, "routing", [f], set(tr._columns[f]), "CREATE OR REPLACE TEMP TABLE routing AS {select}")
         con.execute(f"CREATE OR REPLACE TEMP TABLE part_units AS {render('drift_units', {'filter': Raw('1 = 1')})}")
         cols = ", ".join(_UNIT_KEY)

@@ -27,7 +27,7 @@ from ..format.compact import visible_parts
 from ..format.manifest import Manifest, TraceError
 from ..format.reader import check_part, check_parts, check_run_values
 from ..format.schema import TABLES, duckdb_columns
-from ..format.storage import RemotePath, as_path, open_input
+from ..format.storage import RemotePath, as_path, local_root, open_input, prune_copies
 from . import console as _console
 from . import live as _live
 from . import metrics as M
@@ -122,7 +122,7 @@ def _check_file(path: Path) -> list[str]:
     return check_part(path)
 
 
-def _table_view_sql(table: str, files: list[Path], present: set[str], source: str | None = None) -> str:
+def _table_view_sql(table: str, files: list[Any], present: set[str], source: str | None = None) -> str:
     cols = duckdb_columns(table)
     if not files:
         sel = ", ".join(f"CAST(NULL AS {t}) AS {c}" for c, t in cols)
@@ -131,38 +131,15 @@ def _table_view_sql(table: str, files: list[Path], present: set[str], source: st
     sel = ", ".join(c if c in present else f"CAST(NULL AS {t}) AS {c}" for c, t in cols)
     if source is not None:
         return f"SELECT {sel} FROM {source}"
-    paths = ", ".join(literal(str(p)) for p in files)
+    # object-store parts are scanned from their local copies (format/storage.py: DuckDB's httpfs is not needed)
+    paths = ", ".join(literal(str(open_input(p))) for p in files)
     return f"SELECT {sel} FROM read_parquet([{paths}], union_by_name = true)"
 
 
 def _with_parts(con: duckdb.DuckDBPyConnection, table: str, files: list[Any], present: set[str],
                 stmt: str) -> None:
-    """Run `stmt` ("... {select}") over the rows of `files`: local parts by read_parquet; object-store parts read
-    with pyarrow through fsspec and registered for that one statement (DuckDB's httpfs is neither needed nor
-    installed)."""
-    remote = [f for f in files if isinstance(f, RemotePath)]
-    if not remote:
-        con.execute(stmt.format(select=_table_view_sql(table, files, present)))
-        return
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    parts = [pq.read_table(open_input(f)) for f in files]
-    data = pa.concat_tables(parts, promote_options="permissive") if len(parts) > 1 else parts[0]
-    # DuckDB reads half floats from Parquet as FLOAT but cannot import them from Arrow: widen them first.
-    def wide(t: pa.DataType) -> pa.DataType:
-        if pa.types.is_list(t) and pa.types.is_float16(t.value_type):
-            return pa.list_(pa.float32())
-        return pa.float32() if pa.types.is_float16(t) else t
-
-    if any(wide(f.type) != f.type for f in data.schema):
-        data = data.cast(pa.schema([f.with_type(wide(f.type)) for f in data.schema]))
-    name = f"_moescope_parts_{table}"
-    con.register(name, data)
-    try:
-        con.execute(stmt.format(select=_table_view_sql(table, files, present, source=name)))
-    finally:
-        con.unregister(name)
+    """Run `stmt` ("... {select}") over the rows of `files` (object-store parts scanned from their local copies)."""
+    con.execute(stmt.format(select=_table_view_sql(table, files, present)))
 
 
 #: Below this many bytes of Parquet, `materialize="auto"` loads every table into DuckDB memory at open: a root
@@ -317,8 +294,9 @@ class Trace:
             materialize = sum(s[0] for s in stamps.values()) < MATERIALIZE_BYTES
         else:
             materialize = bool(self.materialize)
-        if any(isinstance(r, RemotePath) for r in self.roots):
-            materialize = True  # object-store parts are read through pyarrow into memory, never scanned per query
+        for info in self._runs:  # a run's cached copies are the parts it lists now: no copy of a vanished one
+            if isinstance(info.path, RemotePath):
+                prune_copies(info.path, [f for fs in info.files.values() for f in fs])  # type: ignore[misc]
         for table in TABLES:
             files = all_files[table]
             if materialize:
@@ -397,7 +375,8 @@ class Trace:
         tables = [r[0] for r in self.con.execute(
             "SELECT view_name FROM duckdb_views() WHERE NOT internal UNION SELECT table_name FROM duckdb_tables()"
         ).fetchall()]
-        _console.lock_down(self.con, self.roots, memory_limit, threads)
+        # an object-store root's parts are scanned from its cache folder: that folder is the readable one
+        _console.lock_down(self.con, [local_root(r) for r in self.roots], memory_limit, threads)
         limits = _console.Limits(max_rows=self.max_rows, timeout=self.timeout, max_bytes=max_bytes)
         self._console = _console.Console(self.con, tables, limits)
 

@@ -8,6 +8,13 @@ The complete-file guarantee carries over without renames: an object store makes 
 at once or not at all, so `write_atomic` writes each part and manifest as one PUT of the finished bytes (s3fs
 switches to a multipart upload above its block size, which also becomes visible only when completed).
 
+Reading: a part of an object-store trace is downloaded once into a local cache (`MOESCOPE_CACHE_DIR`, default
+`~/.cache/moescope/parts`; one file per object version, named by its size and modification time) and read from
+there: DuckDB scans it like a local part, so a trace larger than memory opens and queries from an object store as
+it does from a disk. Parts never change in place (a compaction writes new names), so a cached copy whose object
+still lists with the same size and time is the object. `Trace` keeps each root's cache equal to the parts it
+lists: copies of objects that are gone (compacted away, deleted) are removed at open and at each refresh.
+
 Connection settings: fsspec's own (`~/.config/fsspec`, `FSSPEC_S3_*` variables), the AWS variables s3fs reads
 (`AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`, `AWS_DEFAULT_REGION`, `AWS_ENDPOINT_URL` for an S3-compatible
 server), and `MOESCOPE_STORAGE_OPTIONS`, a JSON object passed to the filesystem (e.g.
@@ -16,22 +23,25 @@ server), and `MOESCOPE_STORAGE_OPTIONS`, a JSON object passed to the filesystem 
 
 from __future__ import annotations
 
-import io
+import contextlib
 import json
 import os
 import posixpath
+import shutil
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from fnmatch import fnmatch
 from pathlib import Path
 from typing import Any, BinaryIO
 
 __all__ = ["RemotePath", "AnyPath", "is_url", "as_path", "storage_options", "write_atomic", "open_input",
-           "list_names", "is_remote"]
+           "list_names", "is_remote", "local_copy", "local_root", "prune_copies", "forget_copy", "cache_root", "CACHE_ENV"]
 
 #: Environment variable holding extra fsspec options (JSON object) for object-store URLs.
 OPTIONS_ENV = "MOESCOPE_STORAGE_OPTIONS"
+#: Environment variable naming the folder that holds local copies of object-store parts.
+CACHE_ENV = "MOESCOPE_CACHE_DIR"
 
 
 def is_url(x: object) -> bool:
@@ -242,12 +252,14 @@ class RemotePath:
         return self.fs.open(self.key, mode)  # type: ignore[no-any-return]
 
     def unlink(self, missing_ok: bool = False) -> None:
-        """Delete the object."""
+        """Delete the object (and its cached copy, format/storage.py's local_copy)."""
         try:
             self.fs.rm_file(self.key)
         except FileNotFoundError:
             if not missing_ok:
                 raise
+        finally:
+            forget_copy(self)
         self.fs.invalidate_cache(self.parent.key)
 
     def mkdir(self, parents: bool = False, exist_ok: bool = False) -> None:
@@ -297,11 +309,93 @@ def write_atomic(path: AnyPath, data: bytes, *, fsync: bool = True) -> None:
     os.replace(tmp, path)
 
 
-def open_input(path: AnyPath) -> Any:
-    """What pyarrow reads Parquet from: the local path itself, or a random-access file of the object."""
+def open_input(path: AnyPath) -> Path:
+    """The local file a part's bytes are read from (pyarrow, DuckDB): the path itself, or the object's cached copy."""
     if isinstance(path, RemotePath):
-        return io.BytesIO(path.read_bytes())  # one GET: footer and pages then read from memory
+        return local_copy(path)
     return path
+
+
+def cache_root() -> Path:
+    """The folder of cached object-store parts: MOESCOPE_CACHE_DIR, else $XDG_CACHE_HOME or ~/.cache, /moescope/parts."""
+    raw = os.environ.get(CACHE_ENV, "").strip()
+    if raw:
+        return Path(raw).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME", "").strip() or str(Path.home() / ".cache")
+    return Path(base) / "moescope" / "parts"
+
+
+def _cache_dir(path: RemotePath) -> Path:
+    """The cache folder of one object (or prefix): protocol / bucket / key, each component kept inside the cache."""
+    protocol, rest = path.url.split("://", 1)
+    parts = [c if c not in ("", ".", "..") else f"%{c or 'empty'}" for c in rest.strip("/").split("/")]
+    return cache_root().joinpath(protocol, *parts)
+
+
+def local_root(path: AnyPath) -> Path:
+    """The local folder holding the bytes DuckDB scans for a root: the folder itself, or its cache folder."""
+    return _cache_dir(path) if isinstance(path, RemotePath) else path
+
+
+def _versions(folder: Path) -> list[Path]:
+    try:
+        return [e for e in folder.iterdir() if e.is_file() and not e.name.startswith(".")]
+    except OSError:
+        return []
+
+
+def local_copy(path: RemotePath) -> Path:
+    """A local file with the object's bytes: downloaded (one streamed GET) unless this version is cached already."""
+    try:
+        st = path.stat()
+        folder = _cache_dir(path)
+        target = folder / f"{st.st_size}-{st.st_mtime_ns}"
+        if target.is_file() and target.stat().st_size == st.st_size:
+            return target
+        folder.mkdir(parents=True, exist_ok=True)
+        tmp = folder / f".{target.name}.{os.getpid()}.{threading.get_ident()}.tmp"
+        try:
+            path.fs.get_file(path.key, str(tmp))
+            if tmp.stat().st_size != st.st_size:  # replaced between the listing and the GET: name what was read
+                st = path.stat()
+                target = folder / f"{tmp.stat().st_size}-{st.st_mtime_ns}"
+            os.replace(tmp, target)
+        finally:
+            tmp.unlink(missing_ok=True)
+    except FileNotFoundError:
+        raise
+    except OSError as e:
+        raise OSError(f"{path.url}: cannot copy into the cache {cache_root()} ({e.strerror or e}); "
+                      f"set {CACHE_ENV} to a writable folder") from None
+    except Exception as e:  # noqa: BLE001 - network and permission errors of the store surface as OSError
+        raise OSError(f"{path.url}: {e}") from None
+    for old in _versions(folder):  # an older version of the same object
+        if old != target:
+            old.unlink(missing_ok=True)
+    return target
+
+
+def forget_copy(path: RemotePath) -> None:
+    """Drop the cached copies of one object (it was deleted)."""
+    folder = _cache_dir(path)
+    if folder.is_dir():
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def prune_copies(root: RemotePath, keep: Iterable[RemotePath]) -> int:
+    """Remove the cached copies below `root` of every object not in `keep` (gone from the store); how many."""
+    base = _cache_dir(root)
+    wanted = {_cache_dir(p) for p in keep}
+    removed = 0
+    for folder, dirs, files in os.walk(base, topdown=False):
+        here = Path(folder)
+        if any(not f.startswith(".") for f in files) and here not in wanted:
+            shutil.rmtree(here, ignore_errors=True)
+            removed += 1
+        elif not dirs and not files and here != base:
+            with contextlib.suppress(OSError):
+                here.rmdir()
+    return removed
 
 
 def list_names(folder: AnyPath) -> list[str]:

@@ -325,3 +325,71 @@ def test_resume_on_s3_sets_a_torn_flush_aside(s3: str) -> None:
     with moescope.open(url) as tr:
         rows = tr.sql("SELECT step, count(*) FROM router_stats GROUP BY step ORDER BY step").fetchall()
     assert rows == [(0, 2), (1, 2), (2, 2)]  # each step once per layer: the torn copy is not counted
+
+
+def _copies() -> list[Path]:
+    """Every cached copy of an object-store part (one file per object version)."""
+    from moescope.format.storage import cache_root
+
+    return sorted(p for p in cache_root().rglob("*") if p.is_file() and not p.name.startswith("."))
+
+
+def _inodes() -> dict[Path, tuple[int, int]]:
+    """(inode, mtime) of every cached copy: a copy downloaded again is a new file (a temporary renamed over it)."""
+    return {p: (p.stat().st_ino, p.stat().st_mtime_ns) for p in _copies()}
+
+
+def test_s3_parts_are_downloaded_once_and_the_cache_follows_the_listing(s3: str, tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """Opening an S3 trace copies each part into the cache once; a second open downloads nothing; after a
+    compaction the next refresh leaves exactly the merged parts' copies, and the answers stay those of the run."""
+    from moescope.format.compact import compact_run
+    from moescope.format.storage import CACHE_ENV
+
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "cache"))
+    url = f"{s3}/cached/run-j"
+    truth = _record(url)  # 3 tables × 3 parts
+    with moescope.open(f"{s3}/cached") as tr:
+        assert _counts(tr) == truth
+        first = _inodes()
+        assert len(first) == 9
+        with moescope.open(f"{s3}/cached") as again:
+            assert _counts(again) == truth
+        assert _inodes() == first  # every part was a cache hit: nothing downloaded again
+        compact_run(url)  # deletes the 9 sources (and their copies), writes 3 merged parts
+        assert tr.refresh()
+        assert _counts(tr) == truth
+        copies = _copies()
+        assert len(copies) == 3 and all("part-0-000000-000002.parquet" in str(c) for c in copies), copies
+    (n,), = moescope.open(url).sql("SELECT count(*) FROM routing").fetchall()
+    assert n == 6 * 10 * 2
+
+
+def test_a_large_s3_trace_is_scanned_from_disk_not_loaded_into_memory(s3: str, tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """Above the materialize threshold an S3 trace is views over the cached copies (as a local trace is over its
+    parts), not tables in DuckDB memory; the rows are the same."""
+    from moescope.analysis import trace as trace_mod
+    from moescope.format.storage import CACHE_ENV
+
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "cache"))
+    monkeypatch.setattr(trace_mod, "MATERIALIZE_BYTES", 1)
+    url = f"{s3}/big/run-k"
+    truth = _record(url)
+    with moescope.open(f"{s3}/big") as tr:
+        assert tr._loaded == {}  # noqa: SLF001  (no table is a copy in memory)
+        (sql,), = tr.sql("SELECT sql FROM duckdb_views() WHERE view_name = 'routing'").fetchall()
+        assert str(tmp_path / "cache") in sql and "s3://" not in sql
+        assert _counts(tr) == truth
+
+
+def test_an_unwritable_cache_is_one_line_naming_the_setting(s3: str, tmp_path: Path) -> None:
+    url = f"{s3}/nocache/run-l"
+    _record(url, steps=2)
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    p = subprocess.run([sys.executable, "-m", "moescope", "check", f"{s3}/nocache"], capture_output=True, text=True,
+                       env={**os.environ, "PYTHONPATH": str(ROOT), "MOESCOPE_CACHE_DIR": str(blocker / "cache")},
+                       timeout=300)
+    assert p.returncode not in (0, 1) and len(p.stderr.strip().splitlines()) == 1, p.stderr
+    assert "MOESCOPE_CACHE_DIR" in p.stderr and f"{s3}/nocache/run-l" in p.stderr
