@@ -11,6 +11,7 @@ import pytest
 
 pytest.importorskip("safetensors")
 
+from selenium.common.exceptions import StaleElementReferenceException  # noqa: E402
 from trace_helpers import flight_dump, layer_spec, load_frame  # noqa: E402
 
 from moescope import dashboard  # noqa: E402
@@ -23,7 +24,10 @@ def _text(dash_duo: Any, selector: str, want: str, timeout: float = 30.0) -> str
     text = ""
     while time.monotonic() < end:
         found = dash_duo.driver.find_elements("css selector", selector)
-        text = found[0].text if found else ""
+        try:
+            text = found[0].text if found else ""
+        except StaleElementReferenceException:  # re-rendered between finding and reading it: look again
+            continue
         if want in text:
             return text
         time.sleep(0.2)
