@@ -130,6 +130,8 @@ class FlightRing:
         t, k = ev.ids.shape
         if x.numel() != t * x.shape[-1]:
             return None  # the input rows are not the routed tokens (a router fed something else): keep nothing
+        if ev.logits is not None and ev.logits.shape[-1] != e:
+            return None  # the slot's columns are laid out for E logits: never write another width into them
         ring = self.layers.get(layer)
         if ring is None:
             ring = self._alloc(layer, x, e, k, raw_logits_dtype)
@@ -153,6 +155,12 @@ class FlightRing:
         ring.tokens[s] = held[1] if tok_ok else None  # type: ignore[index]
         ring.seq_len[s] = int(grid.token_ids.shape[-1]) if tok_ok else 0
         return FlightTarget(idx, full, tail, nolog)
+
+    def discard(self, layer: int) -> None:
+        """Empty this layer's slot of the step (the call that claimed it failed before filling it)."""
+        ring = self.layers.get(layer)
+        if ring is not None and self.slot >= 0:
+            ring.rows[self.slot] = 0
 
     def _rows(self, t: int, bs: tuple[int, int] | None, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """Row indices [S] of a call of T rows, made once per shape: ev's (batch-first) rows and x's rows."""

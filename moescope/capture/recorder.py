@@ -753,7 +753,14 @@ class Recorder:
             g = grid()
             # eager only (the pre-hook keeps x only then): the ring's slot is chosen on the host, the hot path fills it
             target = flight.prepare(layer, n, x, ev, stash.pop("raw_dtype", None), g, bs) if x is not None else None
-            hot.update(layer, ev, g, spec.probs, target)
+            if target is None:  # every compiled call, and every eager call but the ring's one per layer and step
+                hot.update(layer, ev, g, spec.probs)
+                return
+            try:
+                hot.update(layer, ev, g, spec.probs, target)
+            except Exception:
+                flight.discard(layer)  # its input rows are in, the rest is not: keep no half-written slot
+                raise
 
         def on_router(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
             if "x" in stash:  # the flight ring samples this call: the dtype the router returned its logits in

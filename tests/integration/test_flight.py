@@ -330,3 +330,35 @@ def test_dump_keeps_the_settings_the_spec_names(tmp_path: Path) -> None:
                                                "config.capacity": 1.25, "parent.aux_scale": 3.0}
     findings = explain(d)
     assert any(f.kind == "settings" and "config.capacity=1.25" in f.text for f in findings)
+
+
+def test_a_ring_call_that_fails_leaves_no_half_written_slot(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The ring's call copies the input rows first and the rest in the hot path: when the hot path fails there,
+    the layer's capture stops (one warning) and the slot of that step is emptied, never dumped half old."""
+    from moescope.capture.hotpath import HotPath
+
+    real = HotPath.update
+    fail = {"on": False}
+
+    def update(self: HotPath, layer: int, ev: object, grid: object, probs: str = "softmax", flight: object = None
+               ) -> None:
+        if fail["on"] and flight is not None and layer == 1:
+            raise RuntimeError("planted")
+        real(self, layer, ev, grid, probs, flight)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(HotPath, "update", update)
+    torch.manual_seed(0)
+    m = ToyMoE().eval()
+    with moescope.record(m, tmp_path / "r", flight_steps=3, flight_tokens=4) as rec, torch.no_grad():
+        for step in range(3):
+            rec.step = step
+            fail["on"] = step == 1
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                m(torch.randint(0, 64, (2, 8)))
+            if step == 1:
+                assert any("capture of layer 1" in str(w.message) and "planted" in str(w.message) for w in caught)
+        d = read_dump(rec.dump_flight())
+    by_layer = {i["layer"]: i for i in d.meta["layers"]}
+    assert by_layer[0]["steps"] == [0, 1, 2]
+    assert by_layer[1]["steps"] == [0]  # step 1's slot emptied; the layer stopped after it
