@@ -6,6 +6,8 @@ Producer code followed (vllm-project/vllm):
   `enable_return_routed_experts`, each request returns a `[num_tokens - 1, num_hidden_layers, num_experts_per_tok]`
   uint16 (int32 past 65,535 experts) array; the capture buffer starts zeroed, so rows of layers without a router
   (dense layers) stay all 0. Users save it with `np.save` (one .npy per request, or several arrays in one .npz).
+  The ids are logical: `fused_moe/router/base_router.py` (`BaseRouter.select_experts`) calls the capture with
+  `topk_ids` before `_apply_eplb_mapping` turns them into physical slots.
 - `vllm/distributed/eplb/eplb_state.py` (`EplbModelState`): `expert_load_window` [window, moe layers, physical
   experts] (a ring written at `EplbState.expert_load_window_step`), `expert_load_pass` [moe layers, physical],
   `physical_to_logical_map` [moe layers, physical]. vLLM writes no file of its own: these are the fields a user
