@@ -19,6 +19,7 @@ SGLang's layer numbers; layers where no token was routed (dense layers) are left
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -82,12 +83,26 @@ def _per_token(rec: dict[str, Any], step: int, p2l: np.ndarray, n: int, where: s
         batch.add_routes(step, layer, lid, n, f"{where} layer {layer}", seq=seq, pos=pos, token_id=token_id)
 
 
+def _fingerprint(rec: dict[str, Any], where: str) -> bytes:
+    """A digest of one per_token record's tokens and routed ids: equal on two ranks that routed the same tokens."""
+    h = hashlib.blake2b(digest_size=16)
+    h.update(np.ascontiguousarray(as_array(rec["topk_ids_of_layer"], where)).tobytes())
+    h.update(np.asarray(rec.get("input_ids") or [], np.int64).tobytes())
+    h.update(np.asarray(rec.get("positions") or [], np.int64).tobytes())
+    return h.digest()
+
+
 def read(files: list[Path], opts: ImportOptions, notes: list[str], progress: Progress) -> Iterator[tuple[int, Tables]]:
     """stat dumps: steps follow the files' order (names carry the dump time); detail dumps: forward_pass_id."""
     step0 = 0
     empty = [0]  # passes with no assignments (unused buffer slots), counted by _stat
     modes: set[str] = set()
     mapped = False
+    # per_token records by (forward pass, fingerprint) -> the first rank holding it; replicas[(rank, first)] = count.
+    # With tensor parallelism (no DP attention) every rank routes the same tokens: the loads count them once per
+    # rank. That is said, not undone: identical requests served on data-parallel ranks look the same.
+    first_rank: dict[tuple[int, bytes], int] = {}
+    replicas: dict[tuple[int, int], int] = {}
     for path in files:
         progress.file(path)
         obj = load_torch(path)
@@ -129,6 +144,9 @@ def read(files: list[Path], opts: ImportOptions, notes: list[str], progress: Pro
             elif "topk_ids_of_layer" in rec:
                 modes.add("per_token")
                 _per_token(rec, step, p2l, n, where, batch)
+                held = first_rank.setdefault((step, _fingerprint(rec, where)), rank)
+                if held != rank:
+                    replicas[(rank, held)] = replicas.get((rank, held), 0) + 1
             else:
                 raise TraceError(f"{where}: neither global_physical_count nor topk_ids_of_layer")
             progress.tick(f"{path}: record {i + 1}/{len(records)}")
@@ -142,6 +160,10 @@ def read(files: list[Path], opts: ImportOptions, notes: list[str], progress: Pro
                      "in time order); tokens per pass are not in the dump, only assignments")
     if empty[0]:
         notes.append(f"{empty[0]} buffered pass(es) with no assignments (unused buffer slots) left out")
+    for (rank, held), count in sorted(replicas.items()):
+        notes.append(f"rank {rank} routed the same tokens to the same experts as rank {held} in {count} forward "
+                     f"pass(es): with tensor parallelism (no DP attention) every rank routes the same tokens, and "
+                     f"the loads count them once per rank; import one rank's file to count each token once")
     if mapped:
         notes.append("physical expert slots summed onto logical experts with the dump's last "
                      "physical-to-logical map (a rebalance during recording is not in the dump)")

@@ -360,3 +360,26 @@ def test_batching_a_large_source_changes_no_count(tmp_path: Path, monkeypatch: p
     tr = moescope.open(tmp_path / "many")
     assert _q(tr, "SELECT count(*) FROM routing WHERE run = 'req'").iloc[0, 0] == 5 * 7 * 2
     assert sum(sum(v) for v in _loads(tmp_path / "many", "req").values()) == 5 * 7 * 2 * 2
+
+
+def test_sglang_tensor_parallel_replicas_are_named(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Two ranks whose per_token records hold the same tokens and experts (tensor parallelism): the import says
+    the loads count each token once per rank and how to count it once; a rank with other tokens is not named."""
+    p2l = np.array([[0, 1, 2], [0, 1, 2]])
+    ids = np.array([[[0, 1], [2, 1]], [[1, 0], [0, 2]]])  # [L=2, T=2, k=2]
+    src = tmp_path / "src"
+    src.mkdir()
+    for rank in (0, 1):  # TP: both ranks routed the same two tokens
+        sglang_detail(src / f"expert_distribution_recorder_1718000002.0_{rank}.pt",
+                      [sglang_per_token_record(3, rank, ids, input_ids=[7, 8], positions=[0, 1], extend_seq_lens=[2])],
+                      p2l)
+    sglang_detail(src / "expert_distribution_recorder_1718000002.0_2.pt",  # DP: other tokens
+                  [sglang_per_token_record(3, 2, ids, input_ids=[9, 8], positions=[0, 1], extend_seq_lens=[2])], p2l)
+    rc, out, _err = _cli(capsys, "import", "sglang", str(src), str(tmp_path / "tr"))
+    assert rc == 0
+    assert "rank 1 routed the same tokens to the same experts as rank 0 in 1 forward pass(es)" in out
+    assert "rank 2 routed" not in out
+    # said, not undone: identical requests on data-parallel ranks would look the same
+    tr = moescope.open(tmp_path / "tr")
+    assert _q(tr, "SELECT rank, sum(tokens) AS n FROM expert_load WHERE layer = 0 GROUP BY rank ORDER BY rank"
+              ).n.tolist() == [4, 4, 4]
