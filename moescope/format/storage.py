@@ -172,7 +172,16 @@ class RemotePath:
     def stat(self) -> _Stat:
         """Size and modification time; OSError (FileNotFoundError) when the object is missing."""
         try:
-            info = self.fs.info(self.key)
+            try:
+                info = self.fs.info(self.key)
+            except FileNotFoundError:
+                # fsspec answers from a cached listing of the folder, which another thread may have stored just
+                # before this object was written: ask the store itself before saying it is not there
+                try:
+                    info = self.fs.info(self.key, refresh=True)
+                except TypeError:  # a filesystem without `refresh`
+                    self.fs.invalidate_cache(self.key)
+                    info = self.fs.info(self.key)
         except FileNotFoundError:
             raise
         except Exception as e:  # noqa: BLE001 - network and permission errors surface as OSError like local ones

@@ -393,3 +393,16 @@ def test_an_unwritable_cache_is_one_line_naming_the_setting(s3: str, tmp_path: P
                        timeout=300)
     assert p.returncode not in (0, 1) and len(p.stderr.strip().splitlines()) == 1, p.stderr
     assert "MOESCOPE_CACHE_DIR" in p.stderr and f"{s3}/nocache/run-l" in p.stderr
+
+
+def test_an_object_written_after_a_cached_listing_is_found(s3: str) -> None:
+    """fsspec answers `info` from a folder listing it cached; a listing another thread stored just before a part's
+    PUT must not make that part "not found" to the writer's size check or a reader (it failed CI once)."""
+    folder = as_path(f"{s3}/race/run-m/routing")
+    assert isinstance(folder, RemotePath)
+    (folder / "part-0-000000.parquet").write_bytes(b"x")
+    list(folder.iterdir())
+    stale = list(folder.fs.dircache[folder.key])  # the listing before the next PUT
+    (folder / "part-0-000001.parquet").write_bytes(b"yy")
+    folder.fs.dircache[folder.key] = stale
+    assert (folder / "part-0-000001.parquet").stat().st_size == 2
