@@ -1,7 +1,7 @@
 """The capture hot path: what a router hook does, as a handful of tensor ops into buffers preallocated at start.
 
 A router hook reads no Python state that changes between steps and writes none: it adds one router call into
-the device buffer `HotPath.acc` [L + 1, W] (float64) through views made once at start, and copies token rows
+the device buffer `HotPath.acc` [L, W] (float64) through views made once at start, and copies token rows
 into the row buffers of the current forward's `Grid`. Step, tag and sequence sampling are decided on the host,
 outside the traced path: the recorder snapshots the buffer when the (step, tag) key changes (`set_step`, `tag`,
 or the model's entry) and reads every snapshot on the host at flush. So the same code runs eager, under
@@ -13,10 +13,11 @@ Per layer, a row of `acc` holds, for E experts (W = 3·E_max + 14):
     [0, E+2)      assignments (valid tokens only) by slot column: 0 = id < 0, 1 + e = expert e, E+1 = id >= E
     [E+2, 2E+4)   gate weight sums, same columns
     [2E+4, 3E+10) feature sums over valid finite tokens: prob (E), entropy, top-1 prob, top-2 prob, lse, finite, lse²
+                  (one `addmm_` of the validity row and the float64 feature matrix [T, E+7])
     3E+10         valid tokens (the feature matrix's last column, the validity mask itself: v·v = v)
     W-3           valid tokens of calls whose logits were not read: the logit statistics are unknown, not zero
     W-2           tokens the model dropped (one-hot dispatch with an empty row)
-    W-1           max logsumexp (max over valid finite tokens)
+    W-1           max logsumexp (max over valid finite tokens: one `scatter_reduce_` "amax" into the cell)
 
 The flight recorder (capture/flight.py) samples one call per layer and step: on that call `update` appends the
 ids, weights and logits to the feature matrix's columns and copies its first S rows into the ring's slot with one
