@@ -353,31 +353,38 @@ def _versions(folder: Path) -> list[Path]:
         return []
 
 
+def _cache_error(path: RemotePath, e: OSError) -> OSError:
+    return OSError(f"{path.url}: cannot copy into the cache {cache_root()} ({e.strerror or e}); "
+                   f"set {CACHE_ENV} to a writable folder")
+
+
 def local_copy(path: RemotePath) -> Path:
     """A local file with the object's bytes: downloaded (one streamed GET) unless this version is cached already."""
+    st = path.stat()  # the store's errors: FileNotFoundError, or an OSError naming the URL
+    folder = _cache_dir(path)
+    target = folder / f"{st.st_size}-{st.st_mtime_ns}"
+    if target.is_file() and target.stat().st_size == st.st_size:
+        return target
     try:
-        st = path.stat()
-        folder = _cache_dir(path)
-        target = folder / f"{st.st_size}-{st.st_mtime_ns}"
-        if target.is_file() and target.stat().st_size == st.st_size:
-            return target
         folder.mkdir(parents=True, exist_ok=True)
-        tmp = folder / f".{target.name}.{os.getpid()}.{threading.get_ident()}.tmp"
-        try:
-            path.fs.get_file(path.key, str(tmp))
-            if tmp.stat().st_size != st.st_size:  # replaced between the listing and the GET: name what was read
-                st = path.stat()
-                target = folder / f"{tmp.stat().st_size}-{st.st_mtime_ns}"
-            os.replace(tmp, target)
-        finally:
-            tmp.unlink(missing_ok=True)
-    except FileNotFoundError:
-        raise
     except OSError as e:
-        raise OSError(f"{path.url}: cannot copy into the cache {cache_root()} ({e.strerror or e}); "
-                      f"set {CACHE_ENV} to a writable folder") from None
-    except Exception as e:  # noqa: BLE001 - network and permission errors of the store surface as OSError
+        raise _cache_error(path, e) from None
+    tmp = folder / f".{target.name}.{os.getpid()}.{threading.get_ident()}.tmp"
+    try:
+        path.fs.get_file(path.key, str(tmp))
+        if tmp.stat().st_size != st.st_size:  # replaced between the listing and the GET: name what was read
+            target = folder / f"{tmp.stat().st_size}-{path.stat().st_mtime_ns}"
+        os.replace(tmp, target)
+    except OSError as e:
+        if str(getattr(e, "filename", "") or "").startswith(str(folder)):  # the local side: disk full, permissions
+            raise _cache_error(path, e) from None
+        if isinstance(e, FileNotFoundError):
+            raise
         raise OSError(f"{path.url}: {e}") from None
+    except Exception as e:  # noqa: BLE001 - the store's errors (botocore, aiohttp) surface as OSError
+        raise OSError(f"{path.url}: {e}") from None
+    finally:
+        tmp.unlink(missing_ok=True)
     for old in _versions(folder):  # an older version of the same object
         if old != target:
             old.unlink(missing_ok=True)

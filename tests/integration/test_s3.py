@@ -406,3 +406,22 @@ def test_an_object_written_after_a_cached_listing_is_found(s3: str) -> None:
     (folder / "part-0-000001.parquet").write_bytes(b"yy")
     folder.fs.dircache[folder.key] = stale
     assert (folder / "part-0-000001.parquet").stat().st_size == 2
+
+
+def test_a_store_error_while_copying_is_not_blamed_on_the_cache(s3: str, tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    from moescope.format.storage import CACHE_ENV, local_copy
+
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "cache"))
+    obj = as_path(f"{s3}/denied/part-0-000000.parquet")
+    assert isinstance(obj, RemotePath)
+    obj.write_bytes(b"abc")
+
+    def denied(rpath: str, lpath: str, **kw: object) -> None:
+        raise PermissionError("Access Denied")
+
+    monkeypatch.setattr(obj.fs, "get_file", denied)
+    with pytest.raises(OSError) as e:
+        local_copy(obj)
+    assert str(e.value) == f"{obj.url}: Access Denied"
+    assert not any(p.is_file() for p in (tmp_path / "cache").rglob("*"))  # no temporary left behind
