@@ -94,7 +94,11 @@ def check_part(path: str | os.PathLike[str], verify_pages: bool = True) -> list[
     if known is not None:
         return list(known.names)
     try:
-        pf = pq.ParquetFile(open_input(p), page_checksum_verification=verify_pages)
+        src = open_input(p)  # an object's cached copy: a store or cache failure stays an OSError naming itself
+    except FileNotFoundError as e:  # gone since the listing (a compaction removed it)
+        raise TraceError(f"{p}: cannot read ({e.strerror or e})") from None
+    try:
+        pf = pq.ParquetFile(src, page_checksum_verification=verify_pages)
         schema = pf.schema_arrow
     except Exception as e:  # pyarrow raises several types for broken files
         raise TraceError(f"{p}: corrupt or truncated Parquet file ({_first_line(e)})") from None

@@ -391,8 +391,9 @@ def test_an_unwritable_cache_is_one_line_naming_the_setting(s3: str, tmp_path: P
     p = subprocess.run([sys.executable, "-m", "moescope", "check", f"{s3}/nocache"], capture_output=True, text=True,
                        env={**os.environ, "PYTHONPATH": str(ROOT), "MOESCOPE_CACHE_DIR": str(blocker / "cache")},
                        timeout=300)
-    assert p.returncode not in (0, 1) and len(p.stderr.strip().splitlines()) == 1, p.stderr
-    assert "MOESCOPE_CACHE_DIR" in p.stderr and f"{s3}/nocache/run-l" in p.stderr
+    assert p.returncode == 3 and len(p.stderr.strip().splitlines()) == 1, p.stderr  # check: an unreadable trace
+    assert f"{s3}/nocache/run-l/" in p.stderr and "cannot copy into the cache" in p.stderr
+    assert "MOESCOPE_CACHE_DIR" in p.stderr and "corrupt" not in p.stderr
 
 
 def test_an_object_written_after_a_cached_listing_is_found(s3: str) -> None:
