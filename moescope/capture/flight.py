@@ -30,7 +30,7 @@ from torch import nn
 
 from ..format.schema import FLIGHT_DIR
 from . import adapters as A
-from .hotpath import feature_width, ring_width
+from .hotpath import ring_columns, ring_width
 
 #: Online rules whose alert dumps the ring (a router that went non-finite, collapsed, or left an expert dead).
 FLIGHT_RULES = ("nonfinite", "collapse", "dead_expert")
@@ -67,12 +67,10 @@ class _LayerRing:
 
     def column(self, name: str, slot: int) -> torch.Tensor:
         """One part of a slot's filled rows: "ids" [r, k] long, "weights" [r, k] or "logits" [r, E] float32."""
-        r, f0 = self.rows[slot], feature_width(self.e)
+        r = self.rows[slot]
         if name == "logits" and not self.has_logits[slot]:
             return torch.full((r, self.e), float("nan"))
-        lo, hi = {"ids": (f0, f0 + self.k), "weights": (f0 + self.k, f0 + 2 * self.k),
-                  "logits": (f0 + 2 * self.k, f0 + 2 * self.k + self.e)}[name]
-        t = self.f[slot, :r, lo:hi].cpu()
+        t = self.f[slot, :r, ring_columns(self.e, self.k)[name]].cpu()
         return t.long() if name == "ids" else t.float()
 
 
@@ -178,9 +176,11 @@ class FlightRing:
         dev = x.device
         xb = torch.zeros(n, s, x.shape[-1], dtype=x.dtype, device=dev)  # [slots, S, H]
         f = torch.full((n, s, ring_width(e, k)), math.nan, dtype=torch.float64, device=dev)  # [slots, S, C]
-        v = feature_width(e) - 1  # the valid column
+        col = ring_columns(e, k)
+        tail = slice(col["valid"].start, None)  # valid, ids, weights, logits
+        nolog = slice(col["valid"].start, col["weights"].stop)  # valid, ids, weights
         # views made once: the hook indexes nothing, it writes into them
-        views = [(xb[i], f[i], f[i, :, v:], f[i, :, v : v + 1 + 2 * k]) for i in range(n)]
+        views = [(xb[i], f[i], f[i, :, tail], f[i, :, nolog]) for i in range(n)]
         ring = _LayerRing(x=xb, f=f, e=e, k=k, x_dtype=x.dtype, logits_dtype=raw or torch.float32, views=views,
                           rows=[0] * n, seq_len=[0] * n, has_logits=[False] * n, tokens=[None] * n)
         self.layers[layer] = ring

@@ -74,6 +74,13 @@ def ring_width(e: int, k: int) -> int:
     return feature_width(e) + 2 * k + e
 
 
+def ring_columns(e: int, k: int) -> dict[str, slice]:
+    """Where each part of a flight ring row sits (the layout `update` writes: the module docstring's table)."""
+    f = feature_width(e)
+    return {"features": slice(0, f), "valid": slice(f - 1, f), "ids": slice(f, f + k),
+            "weights": slice(f + k, f + 2 * k), "logits": slice(f + 2 * k, f + 2 * k + e)}
+
+
 def in_backward() -> bool:
     """True while autograd runs a backward: an activation-checkpoint recompute, whose routing is already recorded."""
     if torch.compiler.is_compiling():
@@ -117,7 +124,8 @@ class Grid:
         self.v2d = v64.reshape(1, -1)  # [1, T]
         self.ntok = v64.sum()
         self.negpad = torch.where(valid > 0, 0.0, -math.inf).to(torch.float64)  # [T]
-        self.zidx = torch.zeros(valid.shape[0], dtype=torch.long, device=valid.device)  # [T]
+        if self.zidx is None or self.zidx.shape[0] != valid.shape[0] or self.zidx.device != valid.device:
+            self.zidx = torch.zeros(valid.shape[0], dtype=torch.long, device=valid.device)  # [T], never written
         self.active = True
 
 
@@ -304,5 +312,5 @@ def ops_in_forwards(router: torch.nn.Module, run: Callable[[], Any]) -> list[int
     return counts
 
 
-__all__ = ["STAT_NAMES", "Grid", "HotPath", "decode", "feature_width", "in_backward", "ops_in_forwards", "ops_per_call", "ring_width",
-           "width"]
+__all__ = ["STAT_NAMES", "Grid", "HotPath", "decode", "feature_width", "in_backward", "ops_in_forwards", "ops_per_call",
+           "ring_columns", "ring_width", "width"]
