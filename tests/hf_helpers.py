@@ -92,3 +92,18 @@ def padded_batches(b: int, s: int) -> list[tuple[Any, Any]]:
     mask[0, :2] = 0  # left padding
     mask[2, -3:] = 0  # right padding
     return [(x, mask), (torch.randint(3, 100, (b, s), generator=g), torch.ones(b, s, dtype=torch.long))]
+
+
+def assert_aux_loss(load: Any, out: Any, step: int, n_layers: int, n_valid: int) -> None:
+    """transformers' Mixtral-style aux loss (load_balancing_loss_func, masked) equals N·Σ_e f_e·P_e from the trace.
+
+    transformers concatenates every layer's logits and takes per-expert means over all (layer, token) pairs, so
+    f_e = Σ_l c_le / (L·T) (assignments per token, summing to k) and P_e = Σ_l prob_sum_le / (L·T).
+    """
+    import math
+
+    lo = load[load.step == step].groupby("expert")[["tokens", "prob_sum"]].sum().sort_index()
+    f = lo.tokens.to_numpy() / (n_layers * n_valid)
+    p = lo.prob_sum.to_numpy() / (n_layers * n_valid)
+    aux = len(lo) * float((f * p).sum())
+    assert math.isclose(aux, float(out.aux_loss), rel_tol=1e-5), (aux, float(out.aux_loss))

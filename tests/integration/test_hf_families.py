@@ -21,7 +21,7 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from hf_helpers import TINY_MOE, TRANSFORMERS_V5, padded_batches  # noqa: E402
+from hf_helpers import TINY_MOE, TRANSFORMERS_V5, assert_aux_loss, padded_batches  # noqa: E402
 
 if not TRANSFORMERS_V5:
     pytest.skip(
@@ -437,7 +437,7 @@ def check_trace(case: Case, run: Path, calls: dict[str, list[dict[str, Any]]], o
         if case.softmax_topk:
             _check_softmax_topk(case, layers, routing, outs[step], step, valid)
         if case.aux:
-            _check_aux(layers, load, outs[step], step, int(valid.sum()))
+            assert_aux_loss(load, outs[step], step, len(layers), int(valid.sum()))
 
 
 def _check_softmax_topk(case: Case, layers: dict[str, Any], routing: Any, out: Any, step: int, valid: Any) -> None:
@@ -462,21 +462,6 @@ def _check_differs(layers: dict[str, Any], routing: Any, calls: dict[str, Any], 
         got = torch.as_tensor(np.stack(rows.experts.to_numpy()).astype(np.int64)).sort(-1).values
         differ += int((got != ref).any(-1).sum())
     assert differ > 0, "biased router selected exactly softmax-top-k everywhere: the test proves nothing"
-
-
-def _check_aux(layers: dict[str, Any], load: Any, out: Any, step: int, n_valid: int) -> None:
-    """Mixtral-style aux loss from the trace equals the model's own (load_balancing_loss_func, masked).
-
-    transformers concatenates every layer's logits and takes per-expert means over all (layer, token) pairs, so
-    f_e = Σ_l c_le / (L·T) (assignments per token, summing to k) and P_e = Σ_l prob_sum_le / (L·T); loss = N·Σ f_e P_e.
-    """
-    n_layers = len(layers)
-    lo = load[load.step == step].groupby("expert")[["tokens", "prob_sum"]].sum().sort_index()
-    n_exp = len(lo)
-    f = lo.tokens.to_numpy() / (n_layers * n_valid)
-    p = lo.prob_sum.to_numpy() / (n_layers * n_valid)
-    aux = n_exp * float((f * p).sum())
-    assert math.isclose(aux, float(out.aux_loss), rel_tol=1e-5), (aux, float(out.aux_loss))
 
 
 @pytest.mark.parametrize("family", sorted(CASES))

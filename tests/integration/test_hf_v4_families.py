@@ -35,7 +35,7 @@ transformers = pytest.importorskip("transformers")
 pa = pytest.importorskip("pyarrow")
 pq = pytest.importorskip("pyarrow.parquet")
 
-from hf_helpers import TINY_MOE, TRANSFORMERS_V5, padded_batches  # noqa: E402
+from hf_helpers import TINY_MOE, TRANSFORMERS_V5, assert_aux_loss, padded_batches  # noqa: E402
 
 if TRANSFORMERS_V5:
     pytest.skip(
@@ -403,7 +403,7 @@ def check_trace(case: Case, run: Path, calls: dict[str, list[dict[str, Any]]], o
         if case.router_logits:
             _check_router_logits(case, layers, blocks, calls, routing, outs[step], step, valid)
         if case.aux:
-            _check_aux(layers, load, outs[step], step, int(valid.sum()))
+            assert_aux_loss(load, outs[step], step, len(layers), int(valid.sum()))
 
 
 def _check_router_logits(case: Case, layers: list[Any], blocks: list[str], calls: Any, routing: Any, out: Any,
@@ -418,15 +418,6 @@ def _check_router_logits(case: Case, layers: list[Any], blocks: list[str], calls
         rows = routing[(routing.step == step) & (routing.layer == entry["layer"])].sort_values(["seq", "pos"])
         # biased (Ernie): somewhere the block chose other than the softmax top-k — the ids are the block's own
         assert torch.equal(_stored(rows)[0], ref) != case.biased
-
-
-def _check_aux(layers: list[Any], load: Any, out: Any, step: int, n_valid: int) -> None:
-    """transformers' aux_loss (load_balancing_loss_func, masked) equals N·Σ_e f_e·P_e from the trace's load table."""
-    lo = load[load.step == step].groupby("expert")[["tokens", "prob_sum"]].sum().sort_index()
-    f = lo.tokens.to_numpy() / (len(layers) * n_valid)
-    p = lo.prob_sum.to_numpy() / (len(layers) * n_valid)
-    aux = len(lo) * float((f * p).sum())
-    assert math.isclose(aux, float(out.aux_loss), rel_tol=1e-5), (aux, float(out.aux_loss))
 
 
 @pytest.mark.parametrize("family", sorted(CASES))

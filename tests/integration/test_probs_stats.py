@@ -41,20 +41,25 @@ class Model(nn.Module):
         return h
 
 
-def test_probs_spec_leaves_z_loss_unknown(tmp_path: Path) -> None:
-    moescope.register_router(ProbRouter, logits_are="probs", n_experts="n_experts", top_k="top_k")
+def _record(path: Path, logits_are: str) -> tuple[moescope.Trace, tuple[torch.Tensor, ...]]:
+    """One forward of Model recorded with ProbRouter read as `logits_are`; the trace and the router's own output."""
+    moescope.register_router(ProbRouter, logits_are=logits_are, n_experts="n_experts", top_k="top_k")
     try:
         torch.manual_seed(0)
         m = Model().eval()
         x = torch.randint(0, 32, (4, 8))
-        with moescope.record(m, tmp_path / "r") as rec, torch.no_grad():
+        with moescope.record(m, path) as rec, torch.no_grad():
             rec.step = 0
             m(x)
         with torch.no_grad():
-            p = m.router(m.emb(x).reshape(-1, 8))[0]  # [T, E] the router's own probabilities (not recorded)
+            out = m.router(m.emb(x).reshape(-1, 8))  # (probs [T, E], weights, ids [T, k]): not recorded
     finally:
         moescope.unregister_router(ProbRouter)
-    tr = moescope.open(tmp_path / "r")
+    return moescope.open(path), out
+
+
+def test_probs_spec_leaves_z_loss_unknown(tmp_path: Path) -> None:
+    tr, (p, _w, _ids) = _record(tmp_path / "r", "probs")
     ent, lse_sq, lse_max = tr.sql("SELECT entropy_sum, lse_sq_sum, lse_max FROM router_stats").fetchall()[0]
     assert ent == pytest.approx(float(torch.special.entr(p).sum()), rel=1e-5)
     assert lse_sq is None or math.isnan(lse_sq)
@@ -67,19 +72,7 @@ def test_probs_spec_leaves_z_loss_unknown(tmp_path: Path) -> None:
 def test_spec_reading_no_logits_is_not_damage(tmp_path: Path) -> None:
     """A spec reading no logits (DeepSpeed, Megatron, lucidrains) stores NULL logit statistics: exact counts, no
     ERROR finding from the integrity check, and the rules on logits SKIP."""
-    moescope.register_router(ProbRouter, logits_are="none", n_experts="n_experts", top_k="top_k")
-    try:
-        torch.manual_seed(0)
-        m = Model().eval()
-        x = torch.randint(0, 32, (4, 8))
-        with moescope.record(m, tmp_path / "r") as rec, torch.no_grad():
-            rec.step = 0
-            m(x)
-        with torch.no_grad():
-            ids = m.router(m.emb(x).reshape(-1, 8))[2]  # [T, k] the router's own choice (not recorded)
-    finally:
-        moescope.unregister_router(ProbRouter)
-    tr = moescope.open(tmp_path / "r")
+    tr, (_p, _w, ids) = _record(tmp_path / "r", "none")
     got = dict(tr.sql("SELECT expert, tokens FROM expert_load").fetchall())
     want = torch.bincount(ids.reshape(-1), minlength=4)
     assert [got.get(e, 0) for e in range(4)] == want.tolist()
