@@ -107,3 +107,24 @@ def assert_aux_loss(load: Any, out: Any, step: int, n_layers: int, n_valid: int)
     p = lo.prob_sum.to_numpy() / (n_layers * n_valid)
     aux = len(lo) * float((f * p).sum())
     assert math.isclose(aux, float(out.aux_loss), rel_tol=1e-5), (aux, float(out.aux_loss))
+
+
+#: The flight ring's sample in the family tests: the first 7 tokens (batch-first) of each step, padding included.
+FLIGHT_ROWS = 7
+
+
+def flight_layers(run: Any, inputs: list[Any]) -> Any:
+    """The one flight dump of a two-step family recording, per layer: (its meta entry, {name: array [2, R, ...]})
+    for x, ids, weights, logits, after checking that it holds both steps' first FLIGHT_ROWS rows and, as token ids,
+    the first FLIGHT_ROWS of each step's `inputs` (input_ids [B, S])."""
+    from moescope.analysis.explain import read_dump
+
+    (path,) = (run / "flight").iterdir()
+    d = read_dump(path)
+    for info in d.meta["layers"]:
+        layer = info["layer"]
+        assert info["steps"] == [0, 1] and info["rows"] == 2 * FLIGHT_ROWS, (info["module"], info["steps"])
+        tok = d.layer(layer, "token_ids").reshape(2, FLIGHT_ROWS)
+        for step, x in enumerate(inputs):
+            assert (tok[step] == x.reshape(-1)[:FLIGHT_ROWS].numpy()).all(), f"{info['module']}: token ids"
+        yield info, {n: d.layer(layer, n).reshape(2, FLIGHT_ROWS, -1) for n in ("x", "ids", "weights", "logits")}

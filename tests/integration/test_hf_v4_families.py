@@ -35,7 +35,14 @@ transformers = pytest.importorskip("transformers")
 pa = pytest.importorskip("pyarrow")
 pq = pytest.importorskip("pyarrow.parquet")
 
-from hf_helpers import TINY_MOE, TRANSFORMERS_V5, assert_aux_loss, padded_batches  # noqa: E402
+from hf_helpers import (  # noqa: E402
+    FLIGHT_ROWS,
+    TINY_MOE,
+    TRANSFORMERS_V5,
+    assert_aux_loss,
+    flight_layers,
+    padded_batches,
+)
 
 if TRANSFORMERS_V5:
     pytest.skip(
@@ -329,33 +336,22 @@ def record_case(case: Case, tmp: Path) -> tuple[Any, Path, dict[str, list[dict[s
     return model, run, calls, outs
 
 
-FLIGHT_ROWS = 7  # the ring's sample: the first 7 tokens (batch-first) of each step, padding included
-
-
 def check_flight(run: Path, calls: dict[str, list[dict[str, Any]]]) -> None:
     """The flight dump holds, for the sampled tokens of both steps, the (expert, weight) pairs each block
-    dispatched, its gate's logits where the test reads them, and the input's token ids."""
-    from moescope.analysis.explain import read_dump
-
-    (path,) = (run / "flight").iterdir()
-    d = read_dump(path)
-    layers = sorted(json.loads((run / "manifest.json").read_text())["layers"], key=lambda e: e["layer"])
-    for entry, block in zip(layers, calls):
-        layer, n = entry["layer"], entry["n_experts"]
-        info = next(i for i in d.meta["layers"] if i["layer"] == layer)
-        assert info["steps"] == [0, 1] and info["rows"] == 2 * FLIGHT_ROWS, (block, info["steps"], info["rows"])
-        ids, w, logits = (d.layer(layer, name).reshape(2, FLIGHT_ROWS, -1) for name in ("ids", "weights", "logits"))
-        tok = d.layer(layer, "token_ids").reshape(2, FLIGHT_ROWS)
-        for step, (x, _mask) in enumerate(batches()):
+    dispatched and its gate's logits where the test reads them."""
+    by_layer = dict(zip(sorted(e["layer"] for e in json.loads((run / "manifest.json").read_text())["layers"]), calls))
+    for info, got in flight_layers(run, [x for x, _mask in batches()]):
+        block, n = by_layer[info["layer"]], info["n_experts"]
+        for step in (0, 1):
             truth = calls[block][step]
-            assert (tok[step] == x.reshape(-1)[:FLIGHT_ROWS].numpy()).all(), f"{block}: token ids"
             for t in range(FLIGHT_ROWS):
-                got = sorted((int(e), float(v)) for e, v in zip(ids[step, t], w[step, t]) if 0 <= e < n)
+                pairs = sorted((int(e), float(v)) for e, v in zip(got["ids"][step, t], got["weights"][step, t])
+                               if 0 <= e < n)
                 want = sorted(zip(truth["ids"][t].tolist(), truth["weights"][t].float().tolist()))
-                assert [e for e, _ in got] == [e for e, _ in want], f"{block} step {step} token {t}: ring ids"
-                np.testing.assert_allclose([v for _, v in got], [v for _, v in want], rtol=1e-5, atol=1e-7)
+                assert [e for e, _ in pairs] == [e for e, _ in want], f"{block} step {step} token {t}: ring ids"
+                np.testing.assert_allclose([v for _, v in pairs], [v for _, v in want], rtol=1e-5, atol=1e-7)
             if "logits" in truth:
-                assert (logits[step] == truth["logits"][:FLIGHT_ROWS].numpy()).all(), f"{block}: ring logits"
+                assert (got["logits"][step] == truth["logits"][:FLIGHT_ROWS].numpy()).all(), f"{block}: ring logits"
 
 
 def _stored(rows: Any) -> tuple[Any, Any]:
